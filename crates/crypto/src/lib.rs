@@ -1,0 +1,1 @@
+//! peercall crypto (placeholder until its module lands).

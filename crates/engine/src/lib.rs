@@ -1,0 +1,1 @@
+//! peercall engine (placeholder until its module lands).

@@ -1,0 +1,1 @@
+//! peercall media (placeholder until its module lands).

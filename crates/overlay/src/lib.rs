@@ -1,0 +1,1 @@
+//! peercall overlay (placeholder until its module lands).

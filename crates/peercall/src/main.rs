@@ -1,0 +1,2 @@
+//! peercall peercall (placeholder until its module lands).
+fn main() {}

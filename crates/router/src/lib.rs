@@ -1,0 +1,1 @@
+//! peercall router (placeholder until its module lands).

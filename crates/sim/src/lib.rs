@@ -1,0 +1,1 @@
+//! peercall sim (placeholder until its module lands).
