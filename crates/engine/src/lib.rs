@@ -1,1 +1,26 @@
-//! peercall engine (placeholder until its module lands).
+//! The sans-IO peercall node: one state machine that composes sessions, overlay,
+//! router and media.
+//!
+//! # Driving contract
+//!
+//! A [`Node`] never reads a clock, touches a socket or draws OS randomness. Its
+//! owner (the daemon, or the simulator) drives it:
+//!
+//! 1. Feed inputs, each with the current time: [`Node::handle_datagram`] for every
+//!    received datagram, [`Node::handle_timeout`] when the time returned by
+//!    [`Node::poll_timeout`] has come, and commands such as [`Node::connect`].
+//! 2. After **every** input, drain the outputs until they are empty:
+//!    [`Node::poll_transmit`] (datagrams to send), [`Node::poll_event`] (things the
+//!    owner may want to show or act on).
+//! 3. Ask [`Node::poll_timeout`] for the next deadline and sleep until then or until
+//!    the next datagram, whichever comes first.
+//!
+//! `now` must never go backwards. Everything random is drawn from a ChaCha RNG seeded
+//! by [`Config::rng_seed`], so the same inputs at the same times give the same
+//! outputs: simulations replay exactly from their seed.
+
+mod node;
+mod stats;
+
+pub use node::{Config, Contact, Event, Node, Role, SessionInfo, Status, Transmit};
+pub use stats::{DropReason, Stats};
