@@ -1,2 +1,5 @@
-//! peercall peercall (placeholder until its module lands).
+//! peercall daemon and CLI.
+mod config;
+mod contact;
+mod store;
 fn main() {}
