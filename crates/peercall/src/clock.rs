@@ -61,7 +61,10 @@ mod tests {
     #[test]
     fn now_is_wall_clock_and_monotonic() {
         let clock = Clock::start();
-        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         assert!(clock.now().as_secs().abs_diff(wall) <= 1);
         let mut last = clock.now();
         for _ in 0..1000 {
@@ -80,6 +83,7 @@ mod tests {
         assert_eq!(at.duration_since(clock.base), Duration::from_secs(5));
         // A deadline in the past is due at once (at the start instant or later).
         assert_eq!(clock.instant_at(Time::ZERO), Some(clock.base));
-        assert_eq!(clock.instant_at(Time::MAX), None);
+        // The far future neither panics nor lands in the past.
+        assert!(clock.instant_at(Time::MAX).is_none_or(|i| i > at));
     }
 }

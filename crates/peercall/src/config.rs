@@ -170,7 +170,7 @@ impl Settings {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum KeyError {
     /// Not a key peercall knows (a typo, or a key from another version).
-    #[error("unknown key (known keys: {})", KEYS.join(", "))]
+    #[error("unknown key; the known keys are {}", KEYS.join(", "))]
     Unknown,
     /// The value has the wrong type.
     #[error("expected {expected}, found {found}")]
@@ -200,7 +200,9 @@ pub enum KeyError {
         allowed: &'static str,
     },
     /// Not a whole number of seconds in range.
-    #[error("invalid value {text:?}: expected a whole number of seconds from 1 to {MAX_INTERVAL_SECS}")]
+    #[error(
+        "invalid value {text:?}: expected a whole number of seconds from 1 to {MAX_INTERVAL_SECS}"
+    )]
     Seconds {
         /// The value.
         text: String,
@@ -274,13 +276,18 @@ pub enum Origin {
 }
 
 impl Origin {
-    fn of(key: &str, value: Option<&str>) -> Origin {
+    /// The origin of `key` from the `config` crate's label; `file` is the config file
+    /// as the user named it (the crate's label is a path relative to the working
+    /// directory).
+    fn of(key: &str, value: Option<&str>, file: Option<&Path>) -> Origin {
         match value {
             None | Some(ORIGIN_DEFAULT) => Origin::Default,
             Some(ORIGIN_ENV) => Origin::Env(format!("{ENV_PREFIX}{}", key.to_uppercase())),
             Some(o) => match o.strip_prefix(ORIGIN_FLAG) {
                 Some(flag) => Origin::Flag(flag.to_owned()),
-                None => Origin::File(o.to_owned()),
+                None => {
+                    Origin::File(file.map_or_else(|| o.to_owned(), |f| f.display().to_string()))
+                }
             },
         }
     }
@@ -343,7 +350,10 @@ impl Sources {
 /// `$XDG_DATA_HOME/peercall`, else `$HOME/.local/share/peercall` (the XDG base
 /// directory default), else none. Relative or empty `XDG_DATA_HOME` is ignored, as
 /// the XDG specification requires.
-pub fn default_data_dir(xdg_data_home: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
+pub fn default_data_dir(
+    xdg_data_home: Option<OsString>,
+    home: Option<OsString>,
+) -> Option<PathBuf> {
     let absolute = |v: OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
     if let Some(xdg) = xdg_data_home.and_then(absolute) {
         return Some(xdg.join("peercall"));
@@ -461,21 +471,27 @@ pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
         .add_source(flag_layer(&sources.flags)?)
         .build()
         .map_err(ConfigError::Merge)?;
-    parse(merged.collect().map_err(ConfigError::Merge)?)
+    parse(
+        merged.collect().map_err(ConfigError::Merge)?,
+        sources.file.as_deref(),
+    )
 }
 
 /// Parses merged values into settings.
-fn parse(values: Map<String, Value>) -> Result<Settings, ConfigError> {
+fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, ConfigError> {
     // Sorted, so the error reported does not depend on hash order.
     let values: BTreeMap<String, Value> = values.into_iter().collect();
     if let Some((key, value)) = values.iter().find(|(k, _)| !KEYS.contains(&k.as_str())) {
         return Err(ConfigError::Key {
             key: key.clone(),
-            origin: Origin::of(key, value.origin()),
+            origin: Origin::of(key, value.origin(), file),
             error: KeyError::Unknown,
         });
     }
-    let p = Parser(&values);
+    let p = Parser {
+        values: &values,
+        file,
+    };
     let keepalive_secs = p.key("keepalive_secs", parse_secs)?;
     let session_timeout_secs = p.key("session_timeout_secs", |v| {
         let timeout = parse_secs(v)?;
@@ -491,7 +507,9 @@ fn parse(values: Map<String, Value>) -> Result<Settings, ConfigError> {
     Ok(Settings {
         data_dir: p.key("data_dir", parse_path)?,
         listen: p.key("listen", parse_socket_addr)?,
-        admin: p.key("admin", |v| parse_socket_addr(v).and_then(LoopbackAddr::new))?,
+        admin: p.key("admin", |v| {
+            parse_socket_addr(v).and_then(LoopbackAddr::new)
+        })?,
         role: p.key("role", parse_role)?,
         seeds: p.key("seeds", parse_seeds)?,
         keepalive_secs,
@@ -502,7 +520,10 @@ fn parse(values: Map<String, Value>) -> Result<Settings, ConfigError> {
 }
 
 /// Looks keys up and attaches the key and origin to errors.
-struct Parser<'a>(&'a BTreeMap<String, Value>);
+struct Parser<'a> {
+    values: &'a BTreeMap<String, Value>,
+    file: Option<&'a Path>,
+}
 
 impl Parser<'_> {
     fn key<T>(
@@ -510,14 +531,14 @@ impl Parser<'_> {
         key: &'static str,
         parse: impl FnOnce(&Value) -> Result<T, KeyError>,
     ) -> Result<T, ConfigError> {
-        let value = self.0.get(key).ok_or(ConfigError::Key {
+        let value = self.values.get(key).ok_or(ConfigError::Key {
             key: key.into(),
             origin: Origin::Default,
             error: KeyError::Missing,
         })?;
         parse(value).map_err(|error| ConfigError::Key {
             key: key.into(),
-            origin: Origin::of(key, value.origin()),
+            origin: Origin::of(key, value.origin(), self.file),
             error,
         })
     }
@@ -633,7 +654,10 @@ fn parse_seed(s: &str) -> Result<PeerSpec, KeyError> {
 fn parse_seeds(v: &Value) -> Result<Vec<PeerSpec>, KeyError> {
     const EXPECTED: &str = "a list of \"HOST:PORT\" or \"PEERKEY@HOST:PORT\" strings";
     match &v.kind {
-        ValueKind::Array(items) => items.iter().map(|i| parse_seed(text(i, EXPECTED)?)).collect(),
+        ValueKind::Array(items) => items
+            .iter()
+            .map(|i| parse_seed(text(i, EXPECTED)?))
+            .collect(),
         // A comma-separated list, as environment variables give it.
         ValueKind::String(s) => s
             .split(',')
@@ -665,7 +689,10 @@ mod tests {
 
     fn with_env(vars: &[(&str, &str)]) -> Sources {
         Sources {
-            env: vars.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            env: vars
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
             ..sources()
         }
     }
@@ -712,10 +739,8 @@ mod tests {
     #[test]
     fn default_interval_settings_match_the_engine() {
         use rand::rngs::OsRng;
-        let engine = peercall_engine::Config::new(
-            peercall_crypto::Identity::generate(&mut OsRng),
-            [0; 32],
-        );
+        let engine =
+            peercall_engine::Config::new(peercall_crypto::Identity::generate(&mut OsRng), [0; 32]);
         let ours = defaults_expected();
         assert_eq!(ours.keepalive(), engine.keepalive_interval);
         assert_eq!(ours.session_timeout(), engine.session_timeout);
@@ -741,11 +766,14 @@ mod tests {
                 // Its default depends on the environment: documented as a comment.
                 assert!(text.contains("\n# data_dir = "), "data_dir documented");
             } else {
-                assert!(table.contains_key(key), "{key} is set in configs/default.toml");
+                assert!(
+                    table.contains_key(key),
+                    "{key} is set in configs/default.toml"
+                );
                 assert!(text.contains(&format!("\n{key} = ")));
             }
         }
-        assert_eq!(parse(table).unwrap(), defaults_expected());
+        assert_eq!(parse(table, None).unwrap(), defaults_expected());
     }
 
     #[test]
@@ -760,12 +788,18 @@ mod tests {
         assert_eq!(s.seeds[0].key, Some(KEY.parse().unwrap()));
         assert_eq!(s.keepalive(), Duration::from_secs(5));
         assert_eq!(s.log_format, LogFormat::Json);
-        assert_eq!(s.admin.get(), DEFAULT_ADMIN.parse().unwrap(), "untouched keys keep defaults");
+        assert_eq!(
+            s.admin.get(),
+            DEFAULT_ADMIN.parse().unwrap(),
+            "untouched keys keep defaults"
+        );
     }
 
     #[test]
     fn env_overrides_file_and_flags_override_env() {
-        let f = toml_file("listen = \"127.0.0.1:9000\"\nlog_level = \"warn\"\nadmin = \"127.0.0.1:9001\"\n");
+        let f = toml_file(
+            "listen = \"127.0.0.1:9000\"\nlog_level = \"warn\"\nadmin = \"127.0.0.1:9001\"\n",
+        );
         let mut src = with_file(&f);
         src.env = vec![
             ("PEERCALL_LISTEN".into(), "127.0.0.1:9100".into()),
@@ -809,7 +843,7 @@ mod tests {
         let f = toml_file("lisen = \"127.0.0.1:1\"\n");
         let (key, origin, error) = key_error(&with_file(&f));
         assert_eq!((key.as_str(), error), ("lisen", KeyError::Unknown));
-        assert!(matches!(origin, Origin::File(p) if p.ends_with(".toml")));
+        assert_eq!(origin, Origin::File(f.path().display().to_string()));
 
         let f = toml_file("[listen_table]\nport = 1\n");
         assert_eq!(key_error(&with_file(&f)).0, "listen_table");
@@ -818,14 +852,24 @@ mod tests {
         assert_eq!(key, "bogus");
         assert_eq!(origin, Origin::Env("PEERCALL_BOGUS".into()));
         assert_eq!(error, KeyError::Unknown);
-        let msg = load(&with_env(&[("PEERCALL_BOGUS", "1")])).unwrap_err().to_string();
-        assert!(msg.starts_with("config key 'bogus': unknown key (known keys: data_dir, listen"), "{msg}");
-        assert!(msg.ends_with("(set by environment variable PEERCALL_BOGUS)"), "{msg}");
+        let msg = load(&with_env(&[("PEERCALL_BOGUS", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("config key 'bogus': unknown key; the known keys are data_dir, listen"),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with("(set by environment variable PEERCALL_BOGUS)"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn bad_socket_address_names_key_value_and_reason() {
-        let msg = load(&with_env(&[("PEERCALL_LISTEN", "x")])).unwrap_err().to_string();
+        let msg = load(&with_env(&[("PEERCALL_LISTEN", "x")]))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             msg,
             "config key 'listen': invalid socket address \"x\": invalid socket address syntax \
@@ -840,10 +884,16 @@ mod tests {
         let (key, origin, error) = key_error(&src);
         assert_eq!(key, "admin");
         assert_eq!(origin, Origin::Flag("admin".into()));
-        assert_eq!(error, KeyError::NotLoopback("0.0.0.0:7601".parse().unwrap()));
+        assert_eq!(
+            error,
+            KeyError::NotLoopback("0.0.0.0:7601".parse().unwrap())
+        );
 
         let f = toml_file("admin = \"192.168.1.2:7601\"\n");
-        assert!(matches!(key_error(&with_file(&f)).2, KeyError::NotLoopback(_)));
+        assert!(matches!(
+            key_error(&with_file(&f)).2,
+            KeyError::NotLoopback(_)
+        ));
         let s = load(&with_env(&[("PEERCALL_ADMIN", "127.0.0.5:1")])).unwrap();
         assert_eq!(s.admin.get(), "127.0.0.5:1".parse().unwrap());
     }
@@ -853,14 +903,32 @@ mod tests {
         let f = toml_file("listen = 7600\n");
         let (key, _, error) = key_error(&with_file(&f));
         assert_eq!(key, "listen");
-        assert!(matches!(error, KeyError::Type { found: "an integer", .. }));
+        assert!(matches!(
+            error,
+            KeyError::Type {
+                found: "an integer",
+                ..
+            }
+        ));
 
         let f = toml_file("keepalive_secs = 1.5\n");
         let (_, _, error) = key_error(&with_file(&f));
-        assert!(matches!(error, KeyError::Type { found: "a float", .. }));
+        assert!(matches!(
+            error,
+            KeyError::Type {
+                found: "a float",
+                ..
+            }
+        ));
 
         let f = toml_file("seeds = [1]\n");
-        assert!(matches!(key_error(&with_file(&f)).2, KeyError::Type { found: "an integer", .. }));
+        assert!(matches!(
+            key_error(&with_file(&f)).2,
+            KeyError::Type {
+                found: "an integer",
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -874,8 +942,14 @@ mod tests {
                 allowed: "auto, ordinary, supernode"
             }
         );
-        assert_eq!(key_error(&with_env(&[("PEERCALL_LOG_FORMAT", "xml")])).0, "log_format");
-        assert_eq!(key_error(&with_env(&[("PEERCALL_LOG_LEVEL", "loud")])).0, "log_level");
+        assert_eq!(
+            key_error(&with_env(&[("PEERCALL_LOG_FORMAT", "xml")])).0,
+            "log_format"
+        );
+        assert_eq!(
+            key_error(&with_env(&[("PEERCALL_LOG_LEVEL", "loud")])).0,
+            "log_level"
+        );
         let s = load(&with_env(&[("PEERCALL_ROLE", "ordinary")])).unwrap();
         assert_eq!(s.role, Role::Ordinary);
     }
@@ -911,9 +985,18 @@ mod tests {
         let f = toml_file("seeds = [\"10.0.0.1:7600\", \"nope\"]\n");
         let (key, _, error) = key_error(&with_file(&f));
         assert_eq!(key, "seeds");
-        assert!(matches!(error, KeyError::Seed { ref text, .. } if text == "nope"), "{error}");
+        assert!(
+            matches!(error, KeyError::Seed { ref text, .. } if text == "nope"),
+            "{error}"
+        );
         let (_, _, error) = key_error(&with_env(&[("PEERCALL_SEEDS", "xyz@1.2.3.4:5")]));
-        assert!(matches!(error, KeyError::Seed { error: PeerSpecError::BadKey(_), .. }));
+        assert!(matches!(
+            error,
+            KeyError::Seed {
+                error: PeerSpecError::BadKey(_),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -942,7 +1025,10 @@ mod tests {
     fn non_unicode_env_value_is_named() {
         use std::os::unix::ffi::OsStringExt;
         let mut src = sources();
-        src.env = vec![("PEERCALL_LISTEN".into(), OsString::from_vec(vec![0xff, 0xfe]))];
+        src.env = vec![(
+            "PEERCALL_LISTEN".into(),
+            OsString::from_vec(vec![0xff, 0xfe]),
+        )];
         let (key, origin, error) = key_error(&src);
         assert_eq!(key, "listen");
         assert_eq!(origin, Origin::Env("PEERCALL_LISTEN".into()));
@@ -955,7 +1041,10 @@ mod tests {
         src.file = Some("/nonexistent/peercall.toml".into());
         let err = load(&src).unwrap_err();
         assert!(matches!(err, ConfigError::File { .. }), "{err}");
-        assert!(err.to_string().contains("/nonexistent/peercall.toml"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/peercall.toml"),
+            "{err}"
+        );
 
         let f = toml_file("listen = \n");
         let err = load(&with_file(&f)).unwrap_err();

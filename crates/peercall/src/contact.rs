@@ -133,13 +133,14 @@ impl PeerSpec {
         let addr = match &self.host {
             Host::Ip(ip) => SocketAddr::new(*ip, self.port.get()),
             Host::Name(name) => {
-                let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), self.port.get()))
-                    .await
-                    .map_err(|source| ResolveError::Lookup {
-                        host: name.clone(),
-                        source,
-                    })?
-                    .collect();
+                let addrs: Vec<SocketAddr> =
+                    tokio::net::lookup_host((name.as_str(), self.port.get()))
+                        .await
+                        .map_err(|source| ResolveError::Lookup {
+                            host: name.clone(),
+                            source,
+                        })?
+                        .collect();
                 addrs
                     .iter()
                     .find(|a| a.is_ipv4() == local.is_ipv4())
@@ -196,9 +197,19 @@ mod tests {
     #[tokio::test]
     async fn resolves_literals_and_names() {
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let c = "127.0.0.1:5".parse::<PeerSpec>().unwrap().resolve(local).await.unwrap();
+        let c = "127.0.0.1:5"
+            .parse::<PeerSpec>()
+            .unwrap()
+            .resolve(local)
+            .await
+            .unwrap();
         assert_eq!(c.addr, "127.0.0.1:5".parse().unwrap());
-        let c = "localhost:5".parse::<PeerSpec>().unwrap().resolve(local).await.unwrap();
+        let c = "localhost:5"
+            .parse::<PeerSpec>()
+            .unwrap()
+            .resolve(local)
+            .await
+            .unwrap();
         assert!(c.addr.ip().is_loopback() && c.addr.is_ipv4(), "{c:?}");
     }
 }

@@ -285,11 +285,12 @@ impl DataDir {
         rng: &mut impl CryptoRngCore,
     ) -> Result<(Identity, bool), StoreError> {
         if let Some(bytes) = self.read_private(IDENTITY_FILE, KEY_FILE_LEN)? {
-            let identity =
-                Identity::from_file_bytes(&bytes).map_err(|source| StoreError::CorruptIdentity {
+            let identity = Identity::from_file_bytes(&bytes).map_err(|source| {
+                StoreError::CorruptIdentity {
                     path: self.file(IDENTITY_FILE),
                     source,
-                })?;
+                }
+            })?;
             return Ok((identity, false));
         }
         let identity = Identity::generate(rng);
@@ -338,17 +339,27 @@ mod tests {
             let err = dir.load_or_create_identity(&mut OsRng).unwrap_err();
             assert!(matches!(err, StoreError::FilePermissions { mode, .. } if mode == bad));
             let msg = err.to_string();
-            assert!(msg.contains(&format!("chmod 600 {}", key.display())), "{msg}");
+            assert!(
+                msg.contains(&format!("chmod 600 {}", key.display())),
+                "{msg}"
+            );
         }
         fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
-        assert!(dir.load_or_create_identity(&mut OsRng).is_ok(), "owner-only read is fine");
+        assert!(
+            dir.load_or_create_identity(&mut OsRng).is_ok(),
+            "owner-only read is fine"
+        );
     }
 
     #[test]
     fn corrupt_key_file_is_reported_and_left_untouched() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::open(tmp.path()).unwrap();
-        for junk in [&b"not a key"[..], &[0u8; KEY_FILE_LEN][..], &[b'P'; 4 * KEY_FILE_LEN][..]] {
+        for junk in [
+            &b"not a key"[..],
+            &[0u8; KEY_FILE_LEN][..],
+            &[b'P'; 4 * KEY_FILE_LEN][..],
+        ] {
             dir.write(IDENTITY_FILE, junk).unwrap();
             let err = dir.load_or_create_identity(&mut OsRng).unwrap_err();
             assert!(matches!(err, StoreError::CorruptIdentity { .. }), "{err}");
@@ -381,7 +392,10 @@ mod tests {
     fn one_node_per_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let first = DataDir::open(tmp.path()).unwrap();
-        assert!(matches!(DataDir::open(tmp.path()), Err(StoreError::InUse { .. })));
+        assert!(matches!(
+            DataDir::open(tmp.path()),
+            Err(StoreError::InUse { .. })
+        ));
         drop(first);
         DataDir::open(tmp.path()).unwrap();
     }
@@ -394,11 +408,18 @@ mod tests {
         fs::write(tmp.path().join(".hosts.tmp"), b"half").unwrap();
         dir.write("hosts", b"one").unwrap();
         dir.write("hosts", b"two, longer").unwrap();
-        assert_eq!(dir.read_private("hosts", 100).unwrap().unwrap(), b"two, longer");
+        assert_eq!(
+            dir.read_private("hosts", 100).unwrap().unwrap(),
+            b"two, longer"
+        );
         assert_eq!(mode(&dir.file("hosts")), 0o600);
         assert!(!tmp.path().join(".hosts.tmp").exists());
         assert_eq!(dir.read_private("missing", 10).unwrap(), None);
-        assert_eq!(dir.read_private("hosts", 3).unwrap().unwrap().len(), 4, "cut at max+1");
+        assert_eq!(
+            dir.read_private("hosts", 3).unwrap().unwrap().len(),
+            4,
+            "cut at max+1"
+        );
         dir.remove("hosts").unwrap();
         dir.remove("hosts").unwrap();
         assert_eq!(dir.read_private("hosts", 10).unwrap(), None);
