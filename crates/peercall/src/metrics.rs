@@ -15,8 +15,11 @@ use prometheus::{
     Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+/// Reads one counter out of a stats snapshot.
+type Getter = fn(&Stats) -> u64;
+
 /// The engine's counters: metric name, help text, and where the value lives.
-const ENGINE_COUNTERS: [(&str, &str, fn(&Stats) -> u64); 9] = [
+const ENGINE_COUNTERS: [(&str, &str, Getter); 9] = [
     (
         "peercall_datagrams_received_total",
         "UDP datagrams received and handed to the engine.",
@@ -68,7 +71,7 @@ const ENGINE_COUNTERS: [(&str, &str, fn(&Stats) -> u64); 9] = [
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    engine_counters: Vec<(IntCounter, fn(&Stats) -> u64)>,
+    engine_counters: Vec<(IntCounter, Getter)>,
     sessions: IntGauge,
     drops: IntCounterVec,
     uptime: Gauge,
