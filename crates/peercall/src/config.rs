@@ -232,7 +232,9 @@ pub enum KeyError {
     #[error("value is not valid UTF-8")]
     NotUnicode,
     /// The key has no default here and was not given.
-    #[error("not set, and there is no default (neither XDG_DATA_HOME nor HOME is set)")]
+    #[error(
+        "not set, and there is no default (XDG_DATA_HOME and HOME are unset, relative or not UTF-8)"
+    )]
     Missing,
 }
 
@@ -391,8 +393,10 @@ impl Source for Layer {
 fn defaults(data_dir: Option<&Path>) -> Layer {
     let mut l = Layer::new();
     let o = ORIGIN_DEFAULT;
-    if let Some(dir) = data_dir {
-        l.set("data_dir", o, dir.to_string_lossy().into_owned());
+    // A non-UTF-8 default cannot be carried as a config string; it then counts as
+    // no default, and `data_dir` must be given.
+    if let Some(dir) = data_dir.and_then(Path::to_str) {
+        l.set("data_dir", o, dir);
     }
     l.set("listen", o, DEFAULT_LISTEN);
     l.set("admin", o, DEFAULT_ADMIN);
