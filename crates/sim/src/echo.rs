@@ -202,7 +202,10 @@ mod tests {
         n.handle_datagram(t, from, &encode(EchoKind::Ping, 7, Time::from_secs(4), 40));
         let reply = n.poll_transmit().expect("pong");
         assert_eq!(reply.dest, from);
-        assert_eq!(decode(&reply.bytes), Some((EchoKind::Pong, 7, Time::from_secs(4))));
+        assert_eq!(
+            decode(&reply.bytes),
+            Some((EchoKind::Pong, 7, Time::from_secs(4)))
+        );
         assert_eq!(reply.bytes.len(), 40);
         assert_eq!(n.poll_event().map(|e| e.seq), Some(7));
         for bad in [&[][..], &[1u8; 16][..], &[9u8; 17][..]] {

@@ -288,12 +288,21 @@ mod tests {
         let mut l = LinkConfig::new(Duration::from_millis(5));
         assert!(l.validate().is_ok());
         l.loss = 1.5;
-        assert!(matches!(l.validate(), Err(SimError::Invalid { what: "LinkConfig::loss", .. })));
+        assert!(matches!(
+            l.validate(),
+            Err(SimError::Invalid {
+                what: "LinkConfig::loss",
+                ..
+            })
+        ));
         l.loss = 0.0;
         l.reorder = 0.1;
         assert!(matches!(
             l.validate(),
-            Err(SimError::Invalid { what: "LinkConfig::reorder_delay", .. })
+            Err(SimError::Invalid {
+                what: "LinkConfig::reorder_delay",
+                ..
+            })
         ));
         l.duplicate = f64::NAN;
         assert!(l.validate().is_err());

@@ -288,10 +288,16 @@ mod tests {
             (NatType::Symmetric, false, false),
         ] {
             let mut n = nat(t);
-            let public = n.outbound(now, HOST, INSIDE, ep(1, 80), &mut rng).expect("port");
+            let public = n
+                .outbound(now, HOST, INSIDE, ep(1, 80), &mut rng)
+                .expect("port");
             let p = public.port();
             assert_eq!(n.inbound(now, ep(1, 80), p), Some((HOST, INSIDE)), "{t:?}");
-            assert_eq!(n.inbound(now, ep(1, 81), p).is_some(), same_ip_other_port, "{t:?}");
+            assert_eq!(
+                n.inbound(now, ep(1, 81), p).is_some(),
+                same_ip_other_port,
+                "{t:?}"
+            );
             assert_eq!(n.inbound(now, ep(2, 80), p).is_some(), other_ip, "{t:?}");
         }
     }
@@ -300,11 +306,21 @@ mod tests {
     fn mapping_per_destination_only_when_symmetric() {
         let mut rng = ChaCha20Rng::seed_from_u64(2);
         let now = Time::from_secs(1);
-        for t in [NatType::FullCone, NatType::PortRestricted, NatType::Symmetric] {
+        for t in [
+            NatType::FullCone,
+            NatType::PortRestricted,
+            NatType::Symmetric,
+        ] {
             let mut n = nat(t);
-            let a = n.outbound(now, HOST, INSIDE, ep(1, 80), &mut rng).expect("port");
-            let b = n.outbound(now, HOST, INSIDE, ep(2, 80), &mut rng).expect("port");
-            let a2 = n.outbound(now, HOST, INSIDE, ep(1, 80), &mut rng).expect("port");
+            let a = n
+                .outbound(now, HOST, INSIDE, ep(1, 80), &mut rng)
+                .expect("port");
+            let b = n
+                .outbound(now, HOST, INSIDE, ep(2, 80), &mut rng)
+                .expect("port");
+            let a2 = n
+                .outbound(now, HOST, INSIDE, ep(1, 80), &mut rng)
+                .expect("port");
             assert_eq!(a, a2, "{t:?}: the same destination reuses its mapping");
             assert_eq!(a == b, t != NatType::Symmetric, "{t:?}");
         }
@@ -315,18 +331,34 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(3);
         let mut n = nat(NatType::PortRestricted);
         let t0 = Time::from_secs(1000);
-        let p = n.outbound(t0, HOST, INSIDE, ep(1, 80), &mut rng).expect("port").port();
+        let p = n
+            .outbound(t0, HOST, INSIDE, ep(1, 80), &mut rng)
+            .expect("port")
+            .port();
         // Inbound traffic does not refresh.
         let almost = t0 + DEFAULT_MAPPING_TIMEOUT - Duration::from_micros(1);
         assert!(n.inbound(almost, ep(1, 80), p).is_some());
-        assert!(n.inbound(t0 + DEFAULT_MAPPING_TIMEOUT, ep(1, 80), p).is_none());
+        assert!(
+            n.inbound(t0 + DEFAULT_MAPPING_TIMEOUT, ep(1, 80), p)
+                .is_none()
+        );
         assert_eq!(n.live_mappings(t0 + DEFAULT_MAPPING_TIMEOUT), 0);
         // Outbound does refresh.
         let t1 = t0 + Duration::from_secs(100);
-        let p = n.outbound(t1, HOST, INSIDE, ep(1, 80), &mut rng).expect("port").port();
+        let p = n
+            .outbound(t1, HOST, INSIDE, ep(1, 80), &mut rng)
+            .expect("port")
+            .port();
         let t2 = t1 + Duration::from_secs(20);
-        assert_eq!(n.outbound(t2, HOST, INSIDE, ep(1, 80), &mut rng).map(|a| a.port()), Some(p));
-        assert!(n.inbound(t2 + Duration::from_secs(29), ep(1, 80), p).is_some());
+        assert_eq!(
+            n.outbound(t2, HOST, INSIDE, ep(1, 80), &mut rng)
+                .map(|a| a.port()),
+            Some(p)
+        );
+        assert!(
+            n.inbound(t2 + Duration::from_secs(29), ep(1, 80), p)
+                .is_some()
+        );
     }
 
     #[test]
@@ -334,12 +366,19 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(4);
         let mut n = nat(NatType::PortRestricted);
         let t0 = Time::from_secs(1000);
-        let p = n.outbound(t0, HOST, INSIDE, ep(1, 80), &mut rng).expect("port").port();
+        let p = n
+            .outbound(t0, HOST, INSIDE, ep(1, 80), &mut rng)
+            .expect("port")
+            .port();
         let t1 = t0 + Duration::from_secs(20);
-        n.outbound(t1, HOST, INSIDE, ep(2, 80), &mut rng).expect("port");
+        n.outbound(t1, HOST, INSIDE, ep(2, 80), &mut rng)
+            .expect("port");
         let t2 = t0 + Duration::from_secs(40);
         assert!(n.inbound(t2, ep(2, 80), p).is_some(), "refreshed 20 s ago");
-        assert!(n.inbound(t2, ep(1, 80), p).is_none(), "not sent to for 40 s");
+        assert!(
+            n.inbound(t2, ep(1, 80), p).is_none(),
+            "not sent to for 40 s"
+        );
     }
 
     #[test]
@@ -349,14 +388,18 @@ mod tests {
         let t0 = Time::from_secs(10);
         let mut seen = std::collections::BTreeSet::new();
         for i in 0..5000u16 {
-            let a = n.outbound(t0, HOST, INSIDE, ep(1, 1000 + i), &mut rng).expect("port");
+            let a = n
+                .outbound(t0, HOST, INSIDE, ep(1, 1000 + i), &mut rng)
+                .expect("port");
             assert!(a.port() >= FIRST_PORT);
             assert!(seen.insert(a.port()), "port handed out twice");
         }
         let later = t0 + Duration::from_secs(3600);
-        n.outbound(later, HOST, INSIDE, ep(3, 1), &mut rng).expect("port");
+        n.outbound(later, HOST, INSIDE, ep(3, 1), &mut rng)
+            .expect("port");
         for i in 0..4000u16 {
-            n.outbound(later, HOST, INSIDE, ep(4, i), &mut rng).expect("port");
+            n.outbound(later, HOST, INSIDE, ep(4, i), &mut rng)
+                .expect("port");
         }
         // The table doubled past 8192 entries once, and the sweep then dropped the
         // 5000 expired mappings.

@@ -97,7 +97,11 @@ struct HostSet(Vec<u64>);
 
 impl HostSet {
     fn new(hosts: &[HostId]) -> HostSet {
-        let words = hosts.iter().map(|h| h.0 as usize / 64 + 1).max().unwrap_or(0);
+        let words = hosts
+            .iter()
+            .map(|h| h.0 as usize / 64 + 1)
+            .max()
+            .unwrap_or(0);
         let mut bits = vec![0u64; words];
         for h in hosts {
             bits[h.0 as usize / 64] |= 1 << (h.0 % 64);
@@ -168,7 +172,9 @@ impl Network {
     }
 
     fn host_mut(&mut self, h: HostId) -> Result<&mut Host, SimError> {
-        self.hosts.get_mut(h.0 as usize).ok_or(SimError::UnknownHost(h))
+        self.hosts
+            .get_mut(h.0 as usize)
+            .ok_or(SimError::UnknownHost(h))
     }
 
     /// A host that may carry links, access delays and uplinks.
@@ -184,10 +190,12 @@ impl Network {
         if self.by_ip.contains_key(&ip.to_bits()) {
             return Err(SimError::AddressTaken(ip));
         }
-        let id = HostId(u32::try_from(self.hosts.len()).map_err(|_| SimError::Invalid {
-            what: "host count",
-            reason: "more than 2^32 hosts".into(),
-        })?);
+        let id = HostId(
+            u32::try_from(self.hosts.len()).map_err(|_| SimError::Invalid {
+                what: "host count",
+                reason: "more than 2^32 hosts".into(),
+            })?,
+        );
         self.hosts.push(Host {
             ip,
             kind,
@@ -211,7 +219,11 @@ impl Network {
         Ok(id)
     }
 
-    pub(crate) fn add_private_host(&mut self, nat: HostId, ip: Ipv4Addr) -> Result<HostId, SimError> {
+    pub(crate) fn add_private_host(
+        &mut self,
+        nat: HostId,
+        ip: Ipv4Addr,
+    ) -> Result<HostId, SimError> {
         match self.host(nat)?.kind {
             HostKind::Nat(index) => self.add_host(ip, HostKind::Private { nat, index }),
             _ => Err(SimError::NotANat(nat)),
@@ -219,7 +231,12 @@ impl Network {
     }
 
     /// Binds `port` on `host` to `node`; returns the bound address.
-    pub(crate) fn bind(&mut self, host: HostId, port: u16, node: NodeId) -> Result<SocketAddrV4, SimError> {
+    pub(crate) fn bind(
+        &mut self,
+        host: HostId,
+        port: u16,
+        node: NodeId,
+    ) -> Result<SocketAddrV4, SimError> {
         let h = self.host_mut(host)?;
         if matches!(h.kind, HostKind::Nat(_)) {
             return Err(SimError::IsANat(host));
@@ -238,7 +255,12 @@ impl Network {
         Ok(())
     }
 
-    pub(crate) fn set_link(&mut self, from: HostId, to: HostId, config: LinkConfig) -> Result<(), SimError> {
+    pub(crate) fn set_link(
+        &mut self,
+        from: HostId,
+        to: HostId,
+        config: LinkConfig,
+    ) -> Result<(), SimError> {
         config.validate()?;
         self.public_host_mut(from)?;
         self.public_host_mut(to)?;
@@ -246,12 +268,20 @@ impl Network {
         Ok(())
     }
 
-    pub(crate) fn set_access_delay(&mut self, host: HostId, delay: Duration) -> Result<(), SimError> {
+    pub(crate) fn set_access_delay(
+        &mut self,
+        host: HostId,
+        delay: Duration,
+    ) -> Result<(), SimError> {
         self.public_host_mut(host)?.access_delay = micros(delay);
         Ok(())
     }
 
-    pub(crate) fn set_uplink(&mut self, host: HostId, uplink: Option<Uplink>) -> Result<(), SimError> {
+    pub(crate) fn set_uplink(
+        &mut self,
+        host: HostId,
+        uplink: Option<Uplink>,
+    ) -> Result<(), SimError> {
         if let Some(u) = &uplink {
             u.validate()?;
         }
@@ -266,7 +296,12 @@ impl Network {
         }
     }
 
-    pub(crate) fn add_cut(&mut self, from: &[HostId], to: &[HostId], both_ways: bool) -> Result<u32, SimError> {
+    pub(crate) fn add_cut(
+        &mut self,
+        from: &[HostId],
+        to: &[HostId],
+        both_ways: bool,
+    ) -> Result<u32, SimError> {
         for &h in from.iter().chain(to) {
             self.host(h)?;
         }
@@ -350,11 +385,12 @@ impl Network {
         // Route: the source on the wire and the two ends of the link it crosses
         // (equal ends mean it stays inside one site and crosses no internet link).
         let (src, link_from, link_to) = match (sender.kind, self.hosts[to.0 as usize].kind) {
-            (HostKind::Private { nat: inside_nat, .. }, HostKind::Private { nat, .. })
-                if inside_nat == nat =>
-            {
-                (inside, nat, nat)
-            }
+            (
+                HostKind::Private {
+                    nat: inside_nat, ..
+                },
+                HostKind::Private { nat, .. },
+            ) if inside_nat == nat => (inside, nat, nat),
             (_, HostKind::Private { .. }) | (HostKind::Nat(_), _) => {
                 self.stats.unroutable += 1;
                 return;
@@ -372,7 +408,11 @@ impl Network {
                     self.stats.filtered_by_nat += 1;
                     return;
                 };
-                if hairpin { (public, nat, nat) } else { (public, nat, to) }
+                if hairpin {
+                    (public, nat, nat)
+                } else {
+                    (public, nat, to)
+                }
             }
         };
 
@@ -390,7 +430,8 @@ impl Network {
                     self.stats.queue_dropped += 1;
                     return;
                 }
-                site.busy_until = Time::from_micros(start.as_micros() + up.serialise_micros(bytes.len()));
+                site.busy_until =
+                    Time::from_micros(start.as_micros() + up.serialise_micros(bytes.len()));
                 depart = site.busy_until;
             }
         }
@@ -420,11 +461,12 @@ impl Network {
         for copy in 0..copies {
             let (delay, held) = config.draw_delay(&mut self.rng);
             let mut at = Time::from_micros(depart.as_micros().saturating_add(delay + access));
-            if config.fifo && !held {
-                if let Some(st) = state.as_deref_mut() {
-                    at = at.max(st.tail);
-                    st.tail = at;
-                }
+            if config.fifo
+                && !held
+                && let Some(st) = state.as_deref_mut()
+            {
+                at = at.max(st.tail);
+                st.tail = at;
             }
             let payload = if copy + 1 == copies {
                 bytes.take().unwrap_or_default()

@@ -126,7 +126,12 @@ mod tests {
         let order: Vec<_> = std::iter::from_fn(|| q.pop()).map(|(_, d)| d).collect();
         assert_eq!(
             order,
-            [Due::Action(1), Due::Action(3), Due::Action(0), Due::Action(2)]
+            [
+                Due::Action(1),
+                Due::Action(3),
+                Due::Action(0),
+                Due::Action(2)
+            ]
         );
     }
 

@@ -8,12 +8,12 @@ use peercall_engine::Transmit;
 use peercall_wire::Time;
 use serde::Serialize;
 
+use crate::SimError;
 use crate::link::{LinkConfig, Uplink};
 use crate::nat::NatConfig;
 use crate::net::{HostKind, NetStats, Network};
 use crate::queue::{Due, Queue, Slab};
 use crate::seed::Seeds;
-use crate::SimError;
 
 /// Where every simulation's clock starts: 2023-11-14 22:13:20 UTC. A plausible
 /// wall-clock time, so that logic which judges wall-clock values (record expiry,
@@ -207,7 +207,12 @@ impl<N: Drivable> Sim<N> {
     /// Sets the link from `from` to `to` (one direction; call twice for both). The
     /// ends are public hosts or NATs; traffic of hosts behind a NAT uses its NAT's
     /// links, and traffic that stays behind one NAT uses the NAT's link to itself.
-    pub fn set_link(&mut self, from: HostId, to: HostId, config: LinkConfig) -> Result<(), SimError> {
+    pub fn set_link(
+        &mut self,
+        from: HostId,
+        to: HostId,
+        config: LinkConfig,
+    ) -> Result<(), SimError> {
         self.net.set_link(from, to, config)
     }
 
@@ -241,7 +246,12 @@ impl<N: Drivable> Sim<N> {
 
     /// Cuts traffic from hosts in `from` to hosts in `to` only (a one-way link
     /// failure), from time `at` until healed.
-    pub fn cut_one_way(&mut self, at: Time, from: &[HostId], to: &[HostId]) -> Result<CutId, SimError> {
+    pub fn cut_one_way(
+        &mut self,
+        at: Time,
+        from: &[HostId],
+        to: &[HostId],
+    ) -> Result<CutId, SimError> {
         let id = self.net.add_cut(from, to, false)?;
         self.schedule_cut(at, id, true);
         Ok(CutId(id))
@@ -268,10 +278,12 @@ impl<N: Drivable> Sim<N> {
     /// Adds `node`, bound to `port` on `host`, online. Its outputs are drained and its
     /// first timer armed at once.
     pub fn add_node(&mut self, host: HostId, port: u16, node: N) -> Result<NodeId, SimError> {
-        let id = NodeId(u32::try_from(self.nodes.len()).map_err(|_| SimError::Invalid {
-            what: "node count",
-            reason: "more than 2^32 nodes".into(),
-        })?);
+        let id = NodeId(
+            u32::try_from(self.nodes.len()).map_err(|_| SimError::Invalid {
+                what: "node count",
+                reason: "more than 2^32 nodes".into(),
+            })?,
+        );
         let addr = self.net.bind(host, port, id)?;
         self.nodes.push(Slot {
             node,
@@ -407,7 +419,7 @@ impl<N: Drivable> Sim<N> {
             if done(self) {
                 return true;
             }
-            if !self.queue.peek_time().is_some_and(|at| at <= deadline) {
+            if self.queue.peek_time().is_none_or(|at| at > deadline) {
                 self.now = self.now.max(deadline);
                 return done(self);
             }

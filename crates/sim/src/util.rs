@@ -108,6 +108,9 @@ mod tests {
             h.write_u64(i << 40);
             buckets[(h.finish() & 15) as usize] += 1;
         }
-        assert!(buckets.iter().all(|&b| (50..150).contains(&b)), "{buckets:?}");
+        assert!(
+            buckets.iter().all(|&b| (50..150).contains(&b)),
+            "{buckets:?}"
+        );
     }
 }

@@ -19,11 +19,15 @@ fn fixed_delay_is_exact() {
     assert!(got.iter().all(|r| delay_ms(r) == 37.0));
     // The reverse direction has no link of its own: the default applies.
     let back = p.sim.addr(p.a);
-    p.sim.with_node(p.b, |n, now| n.send(now, back, EchoKind::Data, 0, 20));
+    p.sim
+        .with_node(p.b, |n, now| n.send(now, back, EchoKind::Data, 0, 20));
     p.sim.run_for(Duration::from_secs(1));
     let r = received(&p.sim, p.a);
     assert_eq!(r.len(), 1);
-    assert_eq!(delay_ms(r[0]), peercall_sim::DEFAULT_DELAY.as_millis() as f64);
+    assert_eq!(
+        delay_ms(r[0]),
+        peercall_sim::DEFAULT_DELAY.as_millis() as f64
+    );
 }
 
 #[test]
@@ -60,10 +64,13 @@ fn jitter_reorders_unless_fifo() {
     assert_eq!(got.len(), 5_000);
     assert!(inversions(&got) > 1_000, "{}", inversions(&got));
 
-    let mut p = pair(3, LinkConfig {
-        fifo: true,
-        ..jittery
-    });
+    let mut p = pair(
+        3,
+        LinkConfig {
+            fifo: true,
+            ..jittery
+        },
+    );
     stream(&mut p.sim, p.a, p.b, ms(1), 5_000);
     p.sim.run_for(Duration::from_secs(10));
     let got = received(&p.sim, p.b);
@@ -72,7 +79,10 @@ fn jitter_reorders_unless_fifo() {
     let delays: Vec<f64> = got.iter().map(|r| delay_ms(r)).collect();
     let (mean, sd) = mean_sd(&delays);
     assert!(delays.iter().all(|&d| (30.0..=70.0).contains(&d)));
-    assert!(mean >= 50.0 && sd > 1.0, "still jittered: mean {mean} sd {sd}");
+    assert!(
+        mean >= 50.0 && sd > 1.0,
+        "still jittered: mean {mean} sd {sd}"
+    );
 }
 
 #[test]
@@ -180,16 +190,23 @@ fn partition_cuts_and_heals() {
     let cut = sim
         .cut(t0 + Duration::from_secs(2), &[p.ha], &[p.hb])
         .expect("hosts exist");
-    sim.heal(t0 + Duration::from_secs(5), cut).expect("cut exists");
+    sim.heal(t0 + Duration::from_secs(5), cut)
+        .expect("cut exists");
     stream(sim, p.a, p.b, ms(10), 1_000);
     stream(sim, p.b, p.a, ms(10), 1_000);
     sim.run_for(Duration::from_secs(12));
     let window = t0 + Duration::from_secs(2)..t0 + Duration::from_secs(5);
     for node in [p.a, p.b] {
         let got = received(sim, node);
-        assert!(got.iter().all(|r| !window.contains(&r.at)), "nothing crosses the cut");
+        assert!(
+            got.iter().all(|r| !window.contains(&r.at)),
+            "nothing crosses the cut"
+        );
         assert!(got.iter().any(|r| r.at < window.start));
-        assert!(got.iter().any(|r| r.at >= window.end), "traffic resumes after healing");
+        assert!(
+            got.iter().any(|r| r.at >= window.end),
+            "traffic resumes after healing"
+        );
         assert_eq!(got.len(), 700);
     }
     assert_eq!(sim.stats().partitioned, 600);
@@ -258,15 +275,20 @@ fn unroutable_destinations_are_counted() {
     let mut p = pair(12, link(5));
     let nat = p
         .sim
-        .add_nat(ip(203, 0, 113, 9), peercall_sim::NatConfig::new(peercall_sim::NatType::FullCone))
+        .add_nat(
+            ip(203, 0, 113, 9),
+            peercall_sim::NatConfig::new(peercall_sim::NatType::FullCone),
+        )
         .expect("nat");
     let inside = p.sim.add_private_host(nat, ip(10, 0, 0, 2)).expect("host");
-    p.sim.add_node(inside, 4000, peercall_sim::echo::EchoNode::new()).expect("node");
+    p.sim
+        .add_node(inside, 4000, peercall_sim::echo::EchoNode::new())
+        .expect("node");
     let dests = [
-        "192.0.2.77:4000",       // nobody has this address
-        "198.51.100.2:4999",     // nobody bound this port
-        "10.0.0.2:4000",         // private, from outside its NAT
-        "[2001:db8::1]:4000",    // IPv6
+        "192.0.2.77:4000",    // nobody has this address
+        "198.51.100.2:4999",  // nobody bound this port
+        "10.0.0.2:4000",      // private, from outside its NAT
+        "[2001:db8::1]:4000", // IPv6
     ];
     p.sim.with_node(p.a, |n, now| {
         for d in dests {
@@ -286,7 +308,11 @@ fn offline_nodes_drop_traffic_and_resume() {
     p.sim.set_online(p.b, false);
     p.sim.set_online(p.a, false);
     p.sim.run_for(Duration::from_secs(1));
-    assert_eq!(received(&p.sim, p.b).len(), 10, "a's timers paused while offline");
+    assert_eq!(
+        received(&p.sim, p.b).len(),
+        10,
+        "a's timers paused while offline"
+    );
     p.sim.set_online(p.a, true);
     p.sim.run_for(ms(500));
     assert_eq!(received(&p.sim, p.b).len(), 10, "b is still offline");
@@ -302,10 +328,14 @@ fn bad_configuration_is_rejected_with_the_field_named() {
     let mut p = pair(14, link(5));
     let err = p
         .sim
-        .set_link(p.ha, p.hb, LinkConfig {
-            duplicate: 2.0,
-            ..link(5)
-        })
+        .set_link(
+            p.ha,
+            p.hb,
+            LinkConfig {
+                duplicate: 2.0,
+                ..link(5)
+            },
+        )
         .expect_err("not a probability");
     assert!(err.to_string().contains("LinkConfig::duplicate"), "{err}");
     assert_eq!(
@@ -313,7 +343,8 @@ fn bad_configuration_is_rejected_with_the_field_named() {
         Err(SimError::AddressTaken(ip(198, 51, 100, 1)))
     );
     assert!(matches!(
-        p.sim.add_node(p.ha, 4000, peercall_sim::echo::EchoNode::new()),
+        p.sim
+            .add_node(p.ha, 4000, peercall_sim::echo::EchoNode::new()),
         Err(SimError::PortTaken(_))
     ));
     assert!(matches!(
@@ -322,7 +353,13 @@ fn bad_configuration_is_rejected_with_the_field_named() {
     ));
     assert!(
         p.sim
-            .set_uplink(p.ha, Some(Uplink { bits_per_sec: 0, queue_bytes: 1 }))
+            .set_uplink(
+                p.ha,
+                Some(Uplink {
+                    bits_per_sec: 0,
+                    queue_bytes: 1
+                })
+            )
             .is_err()
     );
 }
@@ -334,11 +371,15 @@ fn run_until_pred_stops_when_the_condition_holds() {
     let b = p.b;
     let deadline = after(&p.sim, Duration::from_secs(10));
     let start = p.sim.now();
-    let held = p
-        .sim
-        .run_until_pred(deadline, |s| s.events().iter().filter(|r| r.node == b).count() == 3);
+    let held = p.sim.run_until_pred(deadline, |s| {
+        s.events().iter().filter(|r| r.node == b).count() == 3
+    });
     assert!(held);
-    assert_eq!(p.sim.now(), start + ms(45), "the third datagram arrives at 20 + 25 ms");
+    assert_eq!(
+        p.sim.now(),
+        start + ms(45),
+        "the third datagram arrives at 20 + 25 ms"
+    );
     let never = p.sim.run_until_pred(deadline, |_| false);
     assert!(!never);
     assert_eq!(p.sim.now(), deadline);
