@@ -92,12 +92,12 @@ impl LinkConfig {
         let mut delay = if jitter == 0 {
             base
         } else {
-            let offset = crate::util::below(rng, 2 * jitter + 1);
-            (base + offset).saturating_sub(jitter)
+            let offset = crate::util::below(rng, jitter.saturating_mul(2).saturating_add(1));
+            base.saturating_add(offset).saturating_sub(jitter)
         };
         let held = chance(rng, self.reorder);
         if held {
-            delay += micros(self.reorder_delay);
+            delay = delay.saturating_add(micros(self.reorder_delay));
         }
         (delay, held)
     }

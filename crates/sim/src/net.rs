@@ -421,23 +421,32 @@ impl Network {
         let mut access = 0;
         if !local {
             let (sender_site, receiver_site) = (link_from.0 as usize, link_to.0 as usize);
-            access = self.hosts[sender_site].access_delay + self.hosts[receiver_site].access_delay;
+            access = self.hosts[sender_site]
+                .access_delay
+                .saturating_add(self.hosts[receiver_site].access_delay);
             let site = &mut self.hosts[sender_site];
             if let Some(up) = site.uplink {
                 let start = site.busy_until.max(now);
                 let backlog = start.as_micros() - now.as_micros();
-                if backlog > 0 && up.backlog_bytes(backlog) + len > up.queue_bytes {
+                if backlog > 0 && up.backlog_bytes(backlog).saturating_add(len) > up.queue_bytes {
                     self.stats.queue_dropped += 1;
                     return;
                 }
-                site.busy_until =
-                    Time::from_micros(start.as_micros() + up.serialise_micros(bytes.len()));
+                let done = start
+                    .as_micros()
+                    .saturating_add(up.serialise_micros(bytes.len()));
+                site.busy_until = Time::from_micros(done);
                 depart = site.busy_until;
             }
         }
 
         let key = link_key(link_from, link_to);
-        let config = self.links.get(&key).unwrap_or(&self.default_link);
+        // Most large simulations set no per-pair links: skip the lookup then.
+        let config = if self.links.is_empty() {
+            &self.default_link
+        } else {
+            self.links.get(&key).unwrap_or(&self.default_link)
+        };
         let mut state = if config.is_stateful() {
             Some(self.link_state.entry(key).or_default())
         } else {
@@ -460,7 +469,11 @@ impl Network {
         let mut bytes = Some(bytes);
         for copy in 0..copies {
             let (delay, held) = config.draw_delay(&mut self.rng);
-            let mut at = Time::from_micros(depart.as_micros().saturating_add(delay + access));
+            let mut at = Time::from_micros(
+                depart
+                    .as_micros()
+                    .saturating_add(delay.saturating_add(access)),
+            );
             if config.fifo
                 && !held
                 && let Some(st) = state.as_deref_mut()

@@ -107,9 +107,9 @@ struct Slot<N> {
     /// The node's latest `poll_timeout`.
     want: Option<Time>,
     /// The time of the node's live timer entry in the queue; `Time::MAX` for none.
+    /// Entries for a node are only ever queued earlier than the live one, so any
+    /// other entry popped for the node is stale and skipped.
     armed: Time,
-    /// Only the queue entry with this generation is live; older ones are skipped.
-    generation: u32,
     traffic: Traffic,
 }
 
@@ -292,7 +292,6 @@ impl<N: Drivable> Sim<N> {
             online: true,
             want: None,
             armed: Time::MAX,
-            generation: 0,
             traffic: Traffic::default(),
         });
         self.after_input(id);
@@ -342,7 +341,10 @@ impl<N: Drivable> Sim<N> {
     /// Runs a command on the node at time `at` (now, if `at` has passed, once the
     /// simulation next steps).
     pub fn schedule(&mut self, at: Time, id: NodeId, f: impl FnOnce(&mut N, Time) + 'static) {
-        let _ = &self.nodes[id.index()];
+        assert!(
+            id.index() < self.nodes.len(),
+            "{id:?} is not a node of this simulation"
+        );
         let action = self.actions.insert(Action::Command(id, Box::new(f)));
         self.queue.push(at.max(self.now), Due::Action(action));
     }
@@ -365,7 +367,6 @@ impl<N: Drivable> Sim<N> {
     pub fn replace_node(&mut self, id: NodeId, node: N) -> N {
         let slot = &mut self.nodes[id.index()];
         let old = std::mem::replace(&mut slot.node, node);
-        slot.generation = slot.generation.wrapping_add(1);
         slot.armed = Time::MAX;
         slot.want = None;
         self.after_input(id);
@@ -384,7 +385,7 @@ impl<N: Drivable> Sim<N> {
         self.processed += 1;
         match due {
             Due::Deliver(slot) => self.deliver(slot),
-            Due::Timer { node, generation } => self.fire(NodeId(node), generation),
+            Due::Timer(node) => self.fire(NodeId(node), at),
             Due::Action(action) => match self.actions.take(action) {
                 Some(Action::Cut(id, active)) => self.net.set_cut_active(id, active),
                 Some(Action::Command(id, f)) => {
@@ -482,9 +483,9 @@ impl<N: Drivable> Sim<N> {
         self.after_input(id);
     }
 
-    fn fire(&mut self, id: NodeId, generation: u32) {
+    fn fire(&mut self, id: NodeId, at: Time) {
         let s = &mut self.nodes[id.index()];
-        if generation != s.generation {
+        if at != s.armed {
             return;
         }
         s.armed = Time::MAX;
@@ -543,15 +544,8 @@ impl<N: Drivable> Sim<N> {
         }
         let at = want.max(self.now);
         if at < s.armed {
-            s.generation = s.generation.wrapping_add(1);
             s.armed = at;
-            self.queue.push(
-                at,
-                Due::Timer {
-                    node: id.0,
-                    generation: s.generation,
-                },
-            );
+            self.queue.push(at, Due::Timer(id.0));
         }
     }
 }
