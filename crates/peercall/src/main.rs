@@ -1,2 +1,50 @@
-//! peercall peercall (placeholder until its module lands).
-fn main() {}
+//! `peercall`: the peer-to-peer voice node and its command-line tools.
+//!
+//! This crate is the only one that does IO (sockets, tasks, the clock, OS
+//! randomness); the protocol lives in the sans-IO `peercall_engine::Node`, which
+//! [`runtime`] drives. `main` only dispatches: each subcommand is its own module with
+//! an `Args` struct and a `run` function.
+
+mod admin;
+mod clock;
+mod config;
+mod contact;
+mod logging;
+mod metrics;
+mod node;
+mod runtime;
+mod store;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// peercall: a peer-to-peer voice network node.
+#[derive(Debug, Parser)]
+#[command(name = "peercall", version)]
+struct Cli {
+    #[command(flatten)]
+    log: logging::LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node: UDP peer traffic plus the loopback admin API, until SIGINT/SIGTERM.
+    Node(node::NodeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Node(args) => node::run(&cli.log, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("peercall: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
