@@ -400,6 +400,8 @@ pub struct Endpoint {
     deadlines: BTreeSet<(Time, u32)>,
     /// Pending XX responders in order of expiry, for eviction.
     responding: BTreeSet<(Time, u32)>,
+    /// Responder sessions no packet has confirmed yet, oldest first, for eviction.
+    unconfirmed: BTreeSet<(Time, u32)>,
     peers: BTreeMap<PeerKey, Keys>,
     pending_initiations: usize,
     sessions: usize,
@@ -449,6 +451,7 @@ impl Endpoint {
             slots: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             responding: BTreeSet::new(),
+            unconfirmed: BTreeSet::new(),
             peers: BTreeMap::new(),
             pending_initiations: 0,
             sessions: 0,
@@ -911,7 +914,11 @@ impl Endpoint {
         };
         let len = session.decrypt(now, &self.limits, t.counter, t.ciphertext, out)?;
         let peer = *session.peer();
-        self.confirm(&peer, t.receiver);
+        let created = session.created();
+        if session.confirm() {
+            self.unconfirmed.remove(&(created, t.receiver));
+            self.confirm(&peer, t.receiver);
+        }
         Ok(Received::Data { peer, len })
     }
 
@@ -937,6 +944,9 @@ impl Endpoint {
     fn install_session(&mut self, index: u32, session: Session) {
         let peer = *session.peer();
         let initiator = session.is_initiator();
+        if !initiator {
+            self.unconfirmed.insert((session.created(), index));
+        }
         self.insert_slot(index, Slot::Session(Box::new(session)));
         let keys = self.peers.entry(peer).or_default();
         let dropped = if initiator {
@@ -989,6 +999,7 @@ impl Endpoint {
             }
             Slot::Session(s) => {
                 self.sessions -= 1;
+                self.unconfirmed.remove(&(s.created(), index));
                 Some(*s.peer())
             }
         };
@@ -1002,14 +1013,25 @@ impl Endpoint {
         }
     }
 
+    /// Makes room for one more session: expired ones go first, then the oldest
+    /// session no packet has confirmed (its initiator, if genuine, will retry; a flood
+    /// of handshakes that never send data cannot crowd out working sessions). When
+    /// every session is confirmed and live, the new one is refused.
     fn make_room_for_session(&mut self, now: Time) -> Result<(), Reject> {
-        if self.sessions >= self.config.max_sessions.get() {
-            self.handle_timeout(now);
+        if self.sessions < self.config.max_sessions.get() {
+            return Ok(());
         }
-        if self.sessions >= self.config.max_sessions.get() {
-            return Err(Reject::RateLimited);
+        self.handle_timeout(now);
+        if self.sessions < self.config.max_sessions.get() {
+            return Ok(());
         }
-        Ok(())
+        match self.unconfirmed.first() {
+            Some(&(_, oldest)) => {
+                self.remove_slot(oldest);
+                Ok(())
+            }
+            None => Err(Reject::RateLimited),
+        }
     }
 
     fn check_timestamp(&self, peer: &PeerKey, t: InitPayload) -> Result<(), Reject> {

@@ -81,6 +81,9 @@ pub struct Session {
     /// The index the peer put in its handshake message; goes into our packets.
     remote_index: u32,
     initiator: bool,
+    /// Whether a packet from the peer has arrived on it (always true for the
+    /// initiator, who received the handshake response).
+    confirmed: bool,
     created: Time,
     next_send: u64,
     replay: ReplayWindow,
@@ -111,6 +114,7 @@ impl Session {
             peer,
             remote_index,
             initiator,
+            confirmed: initiator,
             created,
             next_send: 0,
             replay: ReplayWindow::new(),
@@ -202,6 +206,12 @@ impl Session {
             .map_err(|_| ReceiveError::Decrypt)?;
         self.replay.commit(counter);
         Ok(n)
+    }
+
+    /// Records that an authentic packet arrived; true the first time for a
+    /// responder's session (key confirmation).
+    pub fn confirm(&mut self) -> bool {
+        !std::mem::replace(&mut self.confirmed, true)
     }
 
     #[cfg(test)]

@@ -770,6 +770,63 @@ fn responses_out_of_place_are_refused() {
 }
 
 #[test]
+fn a_full_session_table_evicts_unconfirmed_sessions_only() {
+    let config = EndpointConfig {
+        max_sessions: NonZeroUsize::new(2).expect("non-zero"),
+        ..EndpointConfig::default()
+    };
+    let mut b = node(2, "198.51.100.2:2000", config);
+    let mut a = node(1, "192.0.2.1:1000", EndpointConfig::default());
+    let mut c = node(3, "192.0.2.3:3000", EndpointConfig::default());
+    let mut d = node(4, "192.0.2.4:4000", EndpointConfig::default());
+    let mut e = node(5, "192.0.2.5:5000", EndpointConfig::default());
+    // a's session at b is confirmed, c's is not.
+    ik(at(0), &mut a, &mut b);
+    let mut out = buf();
+    let n =
+        c.ep.initiate(at(1), b.addr, Some(b.key), &mut out)
+            .expect("initiates");
+    let (r, reply) = deliver(at(1), &c, &mut b, &out[..n]);
+    let Ok(Received::Established { reply: len, .. }) = r else {
+        panic!("{r:?}")
+    };
+    assert!(matches!(
+        deliver(at(1), &b, &mut c, &reply[..len]).0,
+        Ok(Received::Established { .. })
+    ));
+    // d's handshake pushes out c's unconfirmed session, not a's.
+    let n =
+        d.ep.initiate(at(2), b.addr, Some(b.key), &mut out)
+            .expect("initiates");
+    let (r, reply) = deliver(at(2), &d, &mut b, &out[..n]);
+    let Ok(Received::Established { reply: len, .. }) = r else {
+        panic!("{r:?}")
+    };
+    assert!(matches!(
+        deliver(at(2), &b, &mut d, &reply[..len]).0,
+        Ok(Received::Established { .. })
+    ));
+    let from_c = seal(at(2), &mut c, &b.key, b"c");
+    assert_eq!(
+        deliver(at(2), &c, &mut b, &from_c).0,
+        Err(Reject::UnknownSession)
+    );
+    let from_a = seal(at(2), &mut a, &b.key, b"a");
+    assert_eq!(open(at(2), &a, &mut b, &from_a), Ok(b"a".to_vec()));
+    let from_d = seal(at(2), &mut d, &b.key, b"d");
+    assert_eq!(open(at(2), &d, &mut b, &from_d), Ok(b"d".to_vec()));
+    // Both remaining sessions are confirmed: a new handshake is refused.
+    let n =
+        e.ep.initiate(at(3), b.addr, Some(b.key), &mut out)
+            .expect("initiates");
+    assert_eq!(
+        deliver(at(3), &e, &mut b, &out[..n]).0,
+        Err(Reject::RateLimited)
+    );
+    assert_eq!(b.ep.stats().sessions, 2);
+}
+
+#[test]
 fn remove_peer_forgets_sessions_but_not_timestamps() {
     let (mut a, mut b) = pair();
     let mut out = buf();
