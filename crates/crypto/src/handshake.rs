@@ -46,6 +46,9 @@ pub enum HandshakeError {
     /// The payload did not parse.
     #[error("handshake payload: {0}")]
     Payload(#[from] peercall_wire::WireError),
+    /// A message that carries the initiator's timestamp was written without one.
+    #[error("this handshake message needs the initiator's timestamp")]
+    MissingTimestamp,
     /// The peer's static key was not learned (cannot happen once a pattern finishes).
     #[error("the peer's static key is unknown")]
     NoRemoteKey,
@@ -232,7 +235,9 @@ impl Handshake {
         }
         let bytes;
         let payload: &[u8] = if carries {
-            bytes = timestamp.ok_or(HandshakeError::Length)?.to_bytes();
+            bytes = timestamp
+                .ok_or(HandshakeError::MissingTimestamp)?
+                .to_bytes();
             &bytes
         } else {
             &[]
@@ -284,5 +289,84 @@ impl Handshake {
     pub fn into_transport(self) -> Result<(StatelessTransportState, PeerKey), HandshakeError> {
         let peer = self.remote_static().ok_or(HandshakeError::NoRemoteKey)?;
         Ok((self.state.into_stateless_transport_mode()?, peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(pattern: Pattern) -> (Handshake, Handshake, Identity, Identity) {
+        let p = Protocols::new();
+        let a = Identity::from_seed([1; 32]);
+        let b = Identity::from_seed([2; 32]);
+        let remote = (pattern == Pattern::Ik).then(|| b.peer_key());
+        let init = Handshake::initiator(&p, &a, remote.as_ref(), [3; 32]).expect("builds");
+        let resp = Handshake::responder(&p, &b, pattern, [4; 32]).expect("builds");
+        (init, resp, a, b)
+    }
+
+    #[test]
+    fn ik_messages_have_the_wire_lengths() {
+        let (mut i, mut r, a, b) = pair(Pattern::Ik);
+        let ts = InitPayload { timestamp: 42 };
+        let mut m1 = [0u8; NOISE_IK_INIT_LEN];
+        assert!(matches!(
+            i.write(None, &mut m1),
+            Err(HandshakeError::MissingTimestamp)
+        ));
+        assert_eq!(
+            i.write(Some(ts), &mut m1).expect("writes"),
+            NOISE_IK_INIT_LEN
+        );
+        assert!(r.read(&m1[..NOISE_IK_INIT_LEN - 1]).is_err());
+        assert_eq!(r.read(&m1).expect("reads"), Some(ts));
+        assert_eq!(r.remote_static(), Some(a.peer_key()));
+        let mut m2 = [0u8; NOISE_IK_RESP_LEN];
+        assert_eq!(r.write(None, &mut m2).expect("writes"), NOISE_IK_RESP_LEN);
+        assert_eq!(i.read(&m2).expect("reads"), None);
+        assert!(i.is_finished() && r.is_finished());
+        let (ti, peer_of_i) = i.into_transport().expect("transport");
+        let (tr, peer_of_r) = r.into_transport().expect("transport");
+        assert_eq!((peer_of_i, peer_of_r), (b.peer_key(), a.peer_key()));
+        let mut ct = [0u8; 32];
+        let mut pt = [0u8; 32];
+        let n = ti.write_message(7, b"hi", &mut ct).expect("encrypts");
+        assert_eq!(tr.read_message(7, &ct[..n], &mut pt).expect("decrypts"), 2);
+        assert!(tr.read_message(8, &ct[..n], &mut pt).is_err());
+    }
+
+    #[test]
+    fn xx_messages_have_the_wire_lengths() {
+        let (mut i, mut r, a, b) = pair(Pattern::Xx);
+        let mut m1 = [0u8; NOISE_XX_INIT_LEN];
+        assert_eq!(i.write(None, &mut m1).expect("writes"), NOISE_XX_INIT_LEN);
+        assert_eq!(r.read(&m1).expect("reads"), None);
+        let mut m2 = [0u8; NOISE_XX_RESP_LEN];
+        assert_eq!(r.write(None, &mut m2).expect("writes"), NOISE_XX_RESP_LEN);
+        assert_eq!(i.read(&m2).expect("reads"), None);
+        assert_eq!(i.remote_static(), Some(b.peer_key()));
+        let ts = InitPayload { timestamp: 9 };
+        let mut m3 = [0u8; NOISE_XX_FINISH_LEN];
+        assert_eq!(
+            i.write(Some(ts), &mut m3).expect("writes"),
+            NOISE_XX_FINISH_LEN
+        );
+        assert_eq!(r.read(&m3).expect("reads"), Some(ts));
+        assert_eq!(r.remote_static(), Some(a.peer_key()));
+    }
+
+    #[test]
+    fn the_seed_fixes_the_ephemeral_key() {
+        let first = |seed| {
+            let p = Protocols::new();
+            let mut hs = Handshake::initiator(&p, &Identity::from_seed([1; 32]), None, seed)
+                .expect("builds");
+            let mut m = [0u8; NOISE_XX_INIT_LEN];
+            hs.write(None, &mut m).expect("writes");
+            m
+        };
+        assert_eq!(first([5; 32]), first([5; 32]));
+        assert_ne!(first([5; 32]), first([6; 32]));
     }
 }
