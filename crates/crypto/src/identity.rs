@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use blake2::{Blake2s256, Digest};
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use rand_core::CryptoRngCore;
+use rand_core::{CryptoRngCore, SeedableRng};
 use snow::params::DHChoice;
 use snow::resolvers::{CryptoResolver, DefaultResolver};
 use thiserror::Error;
@@ -76,6 +76,13 @@ impl Identity {
         rng.fill_bytes(&mut ed);
         rng.fill_bytes(&mut x);
         Identity::from_secrets(ed, x)
+    }
+
+    /// The identity whose keys are drawn from a ChaCha20 RNG seeded with `seed`: the
+    /// seed is the whole secret. For simulations, tests and fuzzing, where nodes must
+    /// be reproducible; real nodes use [`Identity::generate`] with OS randomness.
+    pub fn from_seed(seed: [u8; 32]) -> Identity {
+        Identity::generate(&mut rand_chacha::ChaCha20Rng::from_seed(seed))
     }
 
     fn from_secrets(ed: [u8; 32], x: [u8; 32]) -> Identity {
