@@ -27,6 +27,9 @@ pub const MAX_IDS: usize = 38;
 pub const MAX_GOSSIP: usize = 8;
 /// Members in one membership page.
 pub const MAX_MEMBERS: usize = 20;
+/// Records in one `Store` message (small records batch; the byte bound still
+/// applies).
+pub const MAX_STORE_BATCH: usize = 16;
 /// Endpoints a candidate may report.
 pub const MAX_CANDIDATE_ADDRS: usize = 4;
 
@@ -213,10 +216,10 @@ pub enum Msg {
     },
 
     // ---- home ↔ storer ----
-    /// Store this record (publish, read repair, re-replication, hand-off).
+    /// Store these records (publish, read repair, re-replication, hand-off).
     Store {
-        /// Signed record bytes.
-        record: Vec<u8>,
+        /// Signed record bytes, one or more.
+        records: Vec<Vec<u8>>,
     },
     /// Read a record (home → storer).
     Fetch {
@@ -395,8 +398,14 @@ impl Msg {
         match self {
             Msg::Attach { record: r }
             | Msg::Publish { record: r }
-            | Msg::Presence { record: r }
-            | Msg::Store { record: r } => record(r),
+            | Msg::Presence { record: r } => record(r),
+            Msg::Store { records } => {
+                bound(
+                    !records.is_empty() && records.len() <= MAX_STORE_BATCH,
+                    "records",
+                )?;
+                records.iter().try_for_each(record)
+            }
             Msg::LookupReply { record: r, .. } | Msg::FetchReply { record: r, .. } => {
                 r.as_ref().map_or(Ok(()), record)
             }
@@ -562,7 +571,7 @@ mod tests {
             assert_eq!(Msg::decode(&raw), Err(MsgError::Bound("users")));
         }
         let big = Msg::Store {
-            record: vec![0; MAX_RECORD_LEN + 1],
+            records: vec![vec![0; MAX_RECORD_LEN + 1]],
         };
         assert_eq!(big.encode(), Err(MsgError::Bound("record")));
     }

@@ -288,6 +288,7 @@ impl Store {
 
     /// Removes every record expired at `now`, appending their users to `gone`.
     /// `O(slots)`: run it every few seconds, not per packet.
+    #[allow(clippy::needless_range_loop)] // `gone` is read while `self` is changed.
     pub fn purge_expired(&mut self, now: Time, gone: &mut Vec<UserId>) {
         let start = gone.len();
         for e in &self.entries {
