@@ -22,5 +22,10 @@
 mod node;
 mod stats;
 
-pub use node::{Config, Contact, Event, Node, Role, SessionInfo, Status, Transmit};
+pub use node::{
+    Config, Contact, DEFAULT_IDLE_TIMEOUT, Event, Node, Role, SessionInfo, Status, Transmit,
+};
+pub use peercall_overlay::{
+    CachedHost, Found, Lookup, LookupError, OverlayConfig, OverlayEvent, OverlayStats, RequestId,
+};
 pub use stats::{DropReason, Stats};

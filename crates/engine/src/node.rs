@@ -1,37 +1,21 @@
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use peercall_crypto::endpoint::{Endpoint, EndpointConfig, Received, Reject};
-use peercall_crypto::{Identity, PeerKey, UserId};
+use peercall_crypto::{Handle, Identity, PeerKey, UserId};
+pub use peercall_overlay::Role;
+use peercall_overlay::util::{Map, TokenBucket, map};
+use peercall_overlay::{
+    Bootstrap, CachedHost, Lookup, Output, Overlay, OverlayConfig, OverlayEvent, RequestId, stun,
+};
 use peercall_wire::frame::CloseReason;
 use peercall_wire::{Frame, MAX_DATAGRAM, Protocol, Time, classify};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::stats::{DropReason, Stats};
-
-/// What a node is in the overlay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// May be promoted by the supernode tier (the default).
-    Auto,
-    /// Refuses promotion.
-    Ordinary,
-    /// Pinned supernode (a seed); never demoted.
-    Supernode,
-}
-
-impl Role {
-    /// The config and status spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Auto => "auto",
-            Role::Ordinary => "ordinary",
-            Role::Supernode => "supernode",
-        }
-    }
-}
 
 /// A peer to reach: its address and, when known, its static key (IK) or not (XX).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +41,11 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// A session with no authenticated packet for this long is dead.
     pub session_timeout: Duration,
+    /// A session this node opened on demand for overlay messages is closed after
+    /// this long without any (unless the overlay keeps it: homes, clients).
+    pub idle_timeout: Duration,
+    /// Overlay settings (host cache, handle, capacity, election).
+    pub overlay: OverlayConfig,
 }
 
 impl Config {
@@ -69,6 +58,8 @@ impl Config {
             seeds: Vec::new(),
             keepalive_interval: Duration::from_secs(10),
             session_timeout: Duration::from_secs(35),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            overlay: OverlayConfig::default(),
         }
     }
 }
@@ -99,6 +90,8 @@ pub enum Event {
         /// Why, for logs.
         reason: &'static str,
     },
+    /// Something the overlay reports: lookups done, presence, role and home changes.
+    Overlay(OverlayEvent),
 }
 
 /// One established session, for `/status`.
@@ -127,6 +120,18 @@ pub struct Status {
     pub sessions: Vec<SessionInfo>,
     /// When the node started.
     pub started: Time,
+    /// Whether the node is a supernode now.
+    pub supernode: bool,
+    /// Home supernodes (ordinary nodes).
+    pub homes: Vec<(PeerKey, SocketAddr)>,
+    /// Attached clients (supernodes).
+    pub clients: u64,
+    /// Live supernodes known, this one included (supernodes).
+    pub members: u64,
+    /// Directory records stored (supernodes).
+    pub records: u64,
+    /// The reflexive address STUN reported.
+    pub reflexive: Option<SocketAddr>,
 }
 
 /// How long to wait before re-sending an unanswered handshake initiation; doubles
@@ -134,6 +139,22 @@ pub struct Status {
 const HANDSHAKE_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The back-off cap, so a seed that comes back is found within half a minute.
 const HANDSHAKE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Handshake attempts for a session opened on demand before the peer is reported
+/// unreachable (at 0, 1 and 3 s; given up at 7 s): the overlay then tries another.
+const ON_DEMAND_ATTEMPTS: u32 = 3;
+/// Control messages queued for one peer while its session is being set up; more are
+/// dropped (and counted). Re-replication batches and member pages fit.
+const MAX_QUEUED: usize = 64;
+/// Default of [`Config::idle_timeout`]: long enough that a supernode's sessions with
+/// other supernodes it probes or reads from every few seconds stay up, short enough
+/// that sessions with thousands of storers over time do not accumulate.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// A supernode also closes sessions others opened to it that carried overlay
+/// messages but none for this long (the opener normally closes first).
+const INBOUND_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// STUN Binding answers per second, and burst: a bound on what the node will reflect
+/// to unverified sources.
+const STUN_ANSWER_RATE: (u32, u32) = (200, 400);
 
 /// An established session with a peer.
 #[derive(Debug, Clone)]
@@ -144,6 +165,12 @@ struct Peer {
     last_sent: Time,
     /// When to next ask the crypto layer whether this session needs new keys.
     next_rekey_check: Time,
+    /// When the session last carried an overlay message; `None` if never.
+    last_control: Option<Time>,
+    /// This node opened the session to send overlay messages.
+    on_demand: bool,
+    /// The time of this peer's live entry in the timer heap (`Time::MAX`: none).
+    armed: Time,
 }
 
 /// A handshake this node is trying to complete.
@@ -152,6 +179,8 @@ struct Dial {
     contact: Contact,
     attempts: u32,
     next_attempt: Time,
+    /// Opened for overlay messages: given up after [`ON_DEMAND_ATTEMPTS`].
+    on_demand: bool,
 }
 
 /// The sans-IO node. See the crate documentation for the driving contract.
@@ -159,11 +188,19 @@ pub struct Node {
     config: Config,
     started: Time,
     endpoint: Endpoint,
-    peers: HashMap<PeerKey, Peer>,
+    overlay: Overlay,
+    peers: Map<PeerKey, Peer>,
+    /// Per-peer deadlines (keepalive, timeout, rekey, idle): `(time, peer)` entries,
+    /// live only when equal to the peer's `armed` time, so `poll_timeout` is O(1)
+    /// however many sessions a supernode holds.
+    timers: BinaryHeap<Reverse<(Time, PeerKey)>>,
     /// Dials by address: for XX the peer key is not known until the handshake ends.
-    dials: HashMap<SocketAddr, Dial>,
+    dials: Map<SocketAddr, Dial>,
     /// Static keys learned from XX handshakes, by address, for IK re-dials.
-    learned: HashMap<SocketAddr, PeerKey>,
+    learned: Map<SocketAddr, PeerKey>,
+    /// Overlay messages waiting for a session with their peer.
+    pending: Map<PeerKey, VecDeque<Vec<u8>>>,
+    stun_bucket: TokenBucket,
     closing: bool,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -189,33 +226,53 @@ impl Node {
         let mut rng = ChaCha20Rng::from_seed(config.rng_seed);
         let mut endpoint_seed = [0u8; 32];
         rng.fill_bytes(&mut endpoint_seed);
+        let mut overlay_seed = [0u8; 32];
+        rng.fill_bytes(&mut overlay_seed);
         let endpoint = Endpoint::new(&config.identity, EndpointConfig::default(), endpoint_seed)
             .expect("the default endpoint configuration is valid");
-        let dials = config
+        let bootstrap = config
             .seeds
             .iter()
-            .map(|&contact| {
-                let dial = Dial {
-                    contact,
-                    attempts: 0,
-                    next_attempt: now,
-                };
-                (contact.addr, dial)
+            .map(|c| Bootstrap {
+                addr: c.addr,
+                key: c.key,
             })
             .collect();
+        let overlay = Overlay::new(
+            config.identity.clone(),
+            config.role,
+            bootstrap,
+            config.overlay.clone(),
+            overlay_seed,
+            now,
+        );
+        let mut dials = map(&mut rng);
+        for &contact in &config.seeds {
+            let dial = Dial {
+                contact,
+                attempts: 0,
+                next_attempt: now,
+                on_demand: false,
+            };
+            dials.insert(contact.addr, dial);
+        }
         Node {
-            config,
             started: now,
             endpoint,
-            peers: HashMap::new(),
+            overlay,
+            peers: map(&mut rng),
+            timers: BinaryHeap::new(),
             dials,
-            learned: HashMap::new(),
+            learned: map(&mut rng),
+            pending: map(&mut rng),
+            stun_bucket: TokenBucket::new(STUN_ANSWER_RATE.0, STUN_ANSWER_RATE.1, now),
             closing: false,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
             buf: Box::new([0; MAX_DATAGRAM]),
             frame_buf: Box::new([0; MAX_DATAGRAM]),
+            config,
         }
     }
 
@@ -225,7 +282,28 @@ impl Node {
         self.stats.bytes_in += datagram.len() as u64;
         match classify(datagram) {
             Protocol::Peercall(_) => self.handle_peercall(now, from, datagram),
+            Protocol::Stun => self.handle_stun(now, from, datagram),
             _ => self.stats.drop(DropReason::UnknownProtocol),
+        }
+        self.drain_overlay(now);
+    }
+
+    fn handle_stun(&mut self, now: Time, from: SocketAddr, datagram: &[u8]) {
+        match stun::parse(datagram) {
+            Some(stun::StunMessage::Request { txid, fingerprint }) => {
+                if self.closing || !self.stun_bucket.take(now) {
+                    self.stats.drop(DropReason::RateLimited);
+                    return;
+                }
+                if let Some(bytes) = stun::response(txid, from, fingerprint) {
+                    self.stats.stun_answered += 1;
+                    self.transmits.push_back(Transmit { dest: from, bytes });
+                }
+            }
+            Some(stun::StunMessage::Response { txid, mapped }) => {
+                self.overlay.handle_stun_response(now, from, txid, mapped);
+            }
+            None => self.stats.drop(DropReason::Malformed),
         }
     }
 
@@ -255,7 +333,7 @@ impl Node {
 
     fn established(&mut self, now: Time, key: PeerKey, from: SocketAddr, initiator: bool) {
         self.stats.handshakes_completed += 1;
-        self.dials.remove(&from);
+        let on_demand = self.dials.remove(&from).is_some_and(|d| d.on_demand);
         self.learned.insert(from, key);
         let fresh = !self.peers.contains_key(&key);
         let peer = self.peers.entry(key).or_insert(Peer {
@@ -264,6 +342,9 @@ impl Node {
             last_received: now,
             last_sent: now,
             next_rekey_check: now,
+            last_control: None,
+            on_demand,
+            armed: Time::MAX,
         });
         peer.addr = from;
         peer.established = now;
@@ -281,6 +362,15 @@ impl Node {
             self.send_frame(now, key, &Frame::Keepalive);
             self.stats.keepalives_sent += 1;
         }
+        if fresh {
+            self.overlay.handle_peer_up(now, key, from);
+        }
+        if let Some(queued) = self.pending.remove(&key) {
+            for msg in queued {
+                self.send_control_now(now, key, &msg);
+            }
+        }
+        self.arm_peer(key);
     }
 
     fn handle_data(&mut self, now: Time, key: PeerKey, from: SocketAddr, len: usize) {
@@ -297,7 +387,8 @@ impl Node {
             return;
         };
         peer.last_received = now;
-        if peer.addr != from {
+        let roamed = peer.addr != from;
+        if roamed {
             // The peer roamed (new NAT mapping); follow its authenticated packets.
             peer.addr = from;
             self.events.push_back(Event::PeerUp {
@@ -307,30 +398,93 @@ impl Node {
         }
         match frame {
             Frame::Keepalive => self.stats.keepalives_received += 1,
-            Frame::Close(_) => self.peer_down(key, "closed by peer"),
+            Frame::Close(_) => self.peer_down(now, key, "closed by peer"),
+            Frame::Control(body) => {
+                peer.last_control = Some(now);
+                self.stats.control_in += 1;
+                if roamed {
+                    self.overlay.handle_peer_up(now, key, from);
+                }
+                // The body borrows the scratch buffer the overlay never touches.
+                let body = body.to_vec();
+                self.overlay.handle_message(now, key, from, &body);
+            }
             _ => self.stats.drop(DropReason::Unexpected),
         }
     }
 
-    fn peer_down(&mut self, key: PeerKey, reason: &'static str) {
+    fn peer_down(&mut self, now: Time, key: PeerKey, reason: &'static str) {
         let Some(peer) = self.peers.remove(&key) else {
             return;
         };
         self.endpoint.remove_peer(&key);
         self.events.push_back(Event::PeerDown { peer: key, reason });
-        // Seeds are kept connected: dial again right away (with back-off).
-        if let Some(contact) = self
-            .config
-            .seeds
-            .iter()
-            .find(|c| c.addr == peer.addr || c.key == Some(key))
+        self.overlay.handle_peer_down(now, key);
+        // Seeds are kept connected while the overlay needs them (not attached or
+        // joined yet): dial again right away (with back-off).
+        if self.overlay.wants_seeds()
+            && !self.closing
+            && let Some(contact) = self
+                .config
+                .seeds
+                .iter()
+                .find(|c| c.addr == peer.addr || c.key == Some(key))
         {
             let contact = *contact;
             self.dials.entry(contact.addr).or_insert(Dial {
                 contact,
                 attempts: 0,
                 next_attempt: peer.last_received,
+                on_demand: false,
             });
+        }
+    }
+
+    fn is_seed(&self, key: &PeerKey, addr: &SocketAddr) -> bool {
+        self.config
+            .seeds
+            .iter()
+            .any(|c| c.key == Some(*key) || c.addr == *addr)
+    }
+
+    /// Whether an idle session with `key` may be closed at `now`, and when it may be.
+    fn reap_at(&self, key: &PeerKey, peer: &Peer) -> Option<Time> {
+        if self.overlay.keeps_session(key) {
+            return None;
+        }
+        let last = peer.last_control?;
+        if peer.on_demand {
+            return Some(last + self.config.idle_timeout);
+        }
+        if self.is_seed(key, &peer.addr) {
+            return (!self.overlay.wants_seeds()).then(|| last + self.config.idle_timeout);
+        }
+        self.overlay
+            .is_supernode()
+            .then(|| last + INBOUND_IDLE_TIMEOUT)
+    }
+
+    fn peer_deadline(&self, key: &PeerKey, p: &Peer) -> Time {
+        let mut t = (p.last_sent + self.config.keepalive_interval)
+            .min(p.last_received + self.config.session_timeout)
+            .min(p.next_rekey_check);
+        if let Some(r) = self.reap_at(key, p) {
+            t = t.min(r);
+        }
+        t
+    }
+
+    /// Makes sure the peer's timer fires no later than its next deadline.
+    fn arm_peer(&mut self, key: PeerKey) {
+        let Some(p) = self.peers.get(&key) else {
+            return;
+        };
+        let at = self.peer_deadline(&key, p);
+        if at < p.armed {
+            self.timers.push(Reverse((at, key)));
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.armed = at;
+            }
         }
     }
 
@@ -340,52 +494,74 @@ impl Node {
         if self.closing {
             return;
         }
-        // Dead sessions.
-        let dead: Vec<PeerKey> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| now.saturating_since(p.last_received) >= self.config.session_timeout)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in dead {
-            self.peer_down(key, "timed out");
-        }
-        // Keepalives and rekeys.
-        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
-        for key in keys {
-            let Some(peer) = self.peers.get_mut(&key) else {
+        while let Some(&Reverse((at, key))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(p) = self.peers.get_mut(&key) else {
                 continue;
             };
-            if peer.next_rekey_check <= now {
-                peer.next_rekey_check = now + REKEY_RECHECK;
-                if self.endpoint.needs_rekey(now, &key) {
-                    let addr = peer.addr;
-                    self.dials.entry(addr).or_insert(Dial {
-                        contact: Contact {
-                            addr,
-                            key: Some(key),
-                        },
-                        attempts: 0,
-                        next_attempt: now,
-                    });
-                }
+            if p.armed != at {
+                continue;
             }
-            if now.saturating_since(peer.last_sent) >= self.config.keepalive_interval {
-                // Counted as sent even if encryption fails, so the timer moves on.
-                peer.last_sent = now;
-                self.send_frame(now, key, &Frame::Keepalive);
-                self.stats.keepalives_sent += 1;
-            }
+            p.armed = Time::MAX;
+            self.peer_timer(now, key);
+            self.arm_peer(key);
         }
         // Handshakes due.
-        let due: Vec<SocketAddr> = self
+        let mut due: Vec<SocketAddr> = self
             .dials
             .iter()
             .filter(|(_, d)| d.next_attempt <= now)
             .map(|(a, _)| *a)
             .collect();
+        due.sort_unstable();
         for addr in due {
             self.attempt(now, addr);
+        }
+        self.overlay.handle_timeout(now);
+        self.drain_overlay(now);
+    }
+
+    fn peer_timer(&mut self, now: Time, key: PeerKey) {
+        let Some(peer) = self.peers.get(&key).cloned() else {
+            return;
+        };
+        if now.saturating_since(peer.last_received) >= self.config.session_timeout {
+            self.peer_down(now, key, "timed out");
+            return;
+        }
+        if self.reap_at(&key, &peer).is_some_and(|t| t <= now) {
+            self.stats.sessions_reaped += 1;
+            self.send_frame(now, key, &Frame::Close(CloseReason::SHUTDOWN));
+            self.peer_down(now, key, "idle");
+            return;
+        }
+        if peer.next_rekey_check <= now {
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.next_rekey_check = now + REKEY_RECHECK;
+            }
+            if self.endpoint.needs_rekey(now, &key) {
+                let addr = peer.addr;
+                self.dials.entry(addr).or_insert(Dial {
+                    contact: Contact {
+                        addr,
+                        key: Some(key),
+                    },
+                    attempts: 0,
+                    next_attempt: now,
+                    on_demand: false,
+                });
+            }
+        }
+        if now.saturating_since(peer.last_sent) >= self.config.keepalive_interval {
+            // Counted as sent even if encryption fails, so the timer moves on.
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.last_sent = now;
+            }
+            self.send_frame(now, key, &Frame::Keepalive);
+            self.stats.keepalives_sent += 1;
         }
     }
 
@@ -393,6 +569,23 @@ impl Node {
         let Some(dial) = self.dials.get_mut(&addr) else {
             return;
         };
+        if dial.on_demand && dial.attempts >= ON_DEMAND_ATTEMPTS {
+            let dial = self.dials.remove(&addr).expect("just found");
+            self.stats.dials_failed += 1;
+            if let Some(key) = dial.contact.key {
+                if let Some(q) = self.pending.remove(&key) {
+                    self.stats.control_dropped += q.len() as u64;
+                }
+                if !self.peers.contains_key(&key) {
+                    self.events.push_back(Event::PeerDown {
+                        peer: key,
+                        reason: "unreachable",
+                    });
+                    self.overlay.handle_peer_down(now, key);
+                }
+            }
+            return;
+        }
         let key = dial
             .contact
             .key
@@ -424,16 +617,125 @@ impl Node {
                 contact,
                 attempts: 0,
                 next_attempt: now,
+                on_demand: false,
             },
         );
         self.attempt(now, contact.addr);
     }
 
-    /// Graceful shutdown: tells every peer the session is closing and stops dialing.
+    // ---- overlay ---------------------------------------------------------------------
+
+    /// Hands the overlay's outputs on: messages onto sessions (dialing when needed),
+    /// STUN requests onto the wire, events to the owner.
+    fn drain_overlay(&mut self, now: Time) {
+        while let Some(out) = self.overlay.poll_output() {
+            match out {
+                Output::Send { to, addr, msg } => self.send_control(now, to, addr, msg),
+                Output::Stun { to, txid } => {
+                    self.transmits.push_back(Transmit {
+                        dest: to,
+                        bytes: stun::request(txid),
+                    });
+                }
+                Output::Event(e) => self.events.push_back(Event::Overlay(e)),
+            }
+        }
+    }
+
+    fn send_control(&mut self, now: Time, to: PeerKey, addr: SocketAddr, msg: Vec<u8>) {
+        if self.peers.contains_key(&to) {
+            self.send_control_now(now, to, &msg);
+            return;
+        }
+        if self.closing {
+            self.stats.control_dropped += 1;
+            return;
+        }
+        let q = self.pending.entry(to).or_default();
+        if q.len() >= MAX_QUEUED {
+            q.pop_front();
+            self.stats.control_dropped += 1;
+        }
+        q.push_back(msg);
+        if !self.dials.contains_key(&addr) {
+            self.dials.insert(
+                addr,
+                Dial {
+                    contact: Contact {
+                        addr,
+                        key: Some(to),
+                    },
+                    attempts: 0,
+                    next_attempt: now,
+                    on_demand: true,
+                },
+            );
+            self.attempt(now, addr);
+        }
+    }
+
+    fn send_control_now(&mut self, now: Time, to: PeerKey, msg: &[u8]) {
+        self.stats.control_out += 1;
+        self.send_frame(now, to, &Frame::Control(msg));
+        if let Some(p) = self.peers.get_mut(&to) {
+            p.last_control = Some(now);
+        }
+    }
+
+    /// Looks a user up by id or handle; the answer comes as
+    /// [`Event::Overlay`]`(`[`OverlayEvent::LookupDone`]`)` with the returned id.
+    pub fn lookup(&mut self, now: Time, what: Lookup) -> RequestId {
+        let id = self.overlay.lookup(now, what);
+        self.drain_overlay(now);
+        id
+    }
+
+    /// Follows these contacts' presence; changes come as
+    /// [`OverlayEvent::Presence`] events.
+    pub fn subscribe(&mut self, now: Time, users: &[UserId]) {
+        self.overlay.subscribe(now, users);
+        self.drain_overlay(now);
+    }
+
+    /// Stops following these contacts.
+    pub fn unsubscribe(&mut self, now: Time, users: &[UserId]) {
+        self.overlay.unsubscribe(now, users);
+        self.drain_overlay(now);
+    }
+
+    /// Claims `handle` (or none) in the directory record and re-publishes.
+    pub fn set_handle(&mut self, now: Time, handle: Option<Handle>) {
+        self.overlay.set_handle(now, handle);
+        self.drain_overlay(now);
+    }
+
+    /// Re-publishes the directory record now.
+    pub fn publish(&mut self, now: Time) {
+        self.overlay.publish_now(now);
+        self.overlay.handle_timeout(now);
+        self.drain_overlay(now);
+    }
+
+    /// The overlay state machine, for inspection.
+    pub fn overlay(&self) -> &Overlay {
+        &self.overlay
+    }
+
+    /// The host cache (known supernodes), for the shell to persist.
+    pub fn host_cache(&self) -> &[CachedHost] {
+        self.overlay.host_cache()
+    }
+
+    /// Graceful shutdown: the overlay says goodbye (offline record, hand-off), then
+    /// every peer is told the session is closing and dialing stops.
     pub fn close(&mut self, now: Time) {
+        self.overlay.close(now);
         self.closing = true;
+        self.drain_overlay(now);
         self.dials.clear();
-        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        self.pending.clear();
+        let mut keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        keys.sort_unstable();
         for key in keys {
             self.send_frame(now, key, &Frame::Close(CloseReason::SHUTDOWN));
             self.endpoint.remove_peer(&key);
@@ -481,18 +783,21 @@ impl Node {
         self.events.pop_front()
     }
 
-    /// When [`Node::handle_timeout`] must next be called.
+    /// When [`Node::handle_timeout`] must next be called. Cheap: the earliest of a
+    /// heap top, the crypto layer's next deadline, the (few) dials in progress and
+    /// the overlay's next timer.
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut next = self.endpoint.poll_timeout();
         let mut consider = |t: Time| next = Some(next.map_or(t, |n: Time| n.min(t)));
         if !self.closing {
-            for p in self.peers.values() {
-                consider(p.last_sent + self.config.keepalive_interval);
-                consider(p.last_received + self.config.session_timeout);
-                consider(p.next_rekey_check);
+            if let Some(Reverse((at, _))) = self.timers.peek() {
+                consider(*at);
             }
             for d in self.dials.values() {
                 consider(d.next_attempt);
+            }
+            if let Some(t) = self.overlay.poll_timeout() {
+                consider(t);
             }
         }
         next
@@ -502,6 +807,7 @@ impl Node {
     pub fn stats(&self) -> Stats {
         let mut stats = self.stats.clone();
         stats.sessions = self.peers.len() as u64;
+        stats.overlay = self.overlay.stats();
         stats
     }
 
@@ -518,12 +824,19 @@ impl Node {
             })
             .collect();
         sessions.sort_by_key(|s| s.peer);
+        let o = self.overlay.stats();
         Status {
             user_id: self.config.identity.user_id(),
             peer_key: self.config.identity.peer_key(),
             role: self.config.role,
             sessions,
             started: self.started,
+            supernode: o.supernode,
+            homes: self.overlay.homes(),
+            clients: o.clients,
+            members: o.members,
+            records: o.records,
+            reflexive: self.overlay.reflexive(),
         }
     }
 }

@@ -84,6 +84,20 @@ pub struct Stats {
     pub sessions: u64,
     /// Dropped datagrams by reason, indexed like [`DropReason::ALL`].
     pub drops: [u64; DropReason::ALL.len()],
+    /// STUN Binding requests answered.
+    pub stun_answered: u64,
+    /// Overlay control frames received.
+    pub control_in: u64,
+    /// Overlay control frames sent.
+    pub control_out: u64,
+    /// Overlay messages dropped: queue full while dialing, or the peer unreachable.
+    pub control_dropped: u64,
+    /// Sessions opened on demand that could not be set up.
+    pub dials_failed: u64,
+    /// Idle sessions closed.
+    pub sessions_reaped: u64,
+    /// The overlay's counters and gauges.
+    pub overlay: peercall_overlay::OverlayStats,
 }
 
 impl Stats {

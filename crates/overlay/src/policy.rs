@@ -65,7 +65,10 @@ mod tests {
         let mut no_reflexive = caps(7200, 9_000, 90);
         no_reflexive.reflexive = None;
         assert!(!p.eligible(&no_reflexive, &cfg));
-        assert_eq!(p.score(&caps(24 * 3600, 0, 0)), p.score(&caps(0, 24_000, 0)));
+        assert_eq!(
+            p.score(&caps(24 * 3600, 0, 0)),
+            p.score(&caps(0, 24_000, 0))
+        );
         assert!(p.score(&caps(7200, 20_000, 80)) > p.score(&caps(7200, 10_000, 80)));
         assert_eq!(p.score(&caps(u32::MAX, u32::MAX, 255)), 720 + 1000 + 500);
     }

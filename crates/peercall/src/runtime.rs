@@ -168,6 +168,7 @@ fn log_event(event: &Event) {
         Event::PeerDown { peer, reason } => {
             info!(peer = %short_key(peer), reason, "session down");
         }
+        Event::Overlay(e) => debug!(event = ?e, "overlay"),
     }
 }
 
