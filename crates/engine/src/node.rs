@@ -74,6 +74,8 @@ pub struct Transmit {
 }
 
 /// Something the owner may show or act on.
+// Events live for one drain; boxing overlay events would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A session with `peer` came up (or was re-keyed onto a new address).
@@ -452,12 +454,15 @@ impl Node {
         if self.overlay.keeps_session(key) {
             return None;
         }
+        if self.is_seed(key, &peer.addr) {
+            // Seeds bootstrap the overlay; once attached (or joined) the node lets
+            // idle seed sessions go, so seeds do not hold every node's session.
+            let last = peer.last_control.unwrap_or(peer.established);
+            return (!self.overlay.wants_seeds()).then(|| last + self.config.idle_timeout);
+        }
         let last = peer.last_control?;
         if peer.on_demand {
             return Some(last + self.config.idle_timeout);
-        }
-        if self.is_seed(key, &peer.addr) {
-            return (!self.overlay.wants_seeds()).then(|| last + self.config.idle_timeout);
         }
         self.overlay
             .is_supernode()
@@ -657,19 +662,16 @@ impl Node {
             self.stats.control_dropped += 1;
         }
         q.push_back(msg);
-        if !self.dials.contains_key(&addr) {
-            self.dials.insert(
-                addr,
-                Dial {
-                    contact: Contact {
-                        addr,
-                        key: Some(to),
-                    },
-                    attempts: 0,
-                    next_attempt: now,
-                    on_demand: true,
+        if let std::collections::hash_map::Entry::Vacant(e) = self.dials.entry(addr) {
+            e.insert(Dial {
+                contact: Contact {
+                    addr,
+                    key: Some(to),
                 },
-            );
+                attempts: 0,
+                next_attempt: now,
+                on_demand: true,
+            });
             self.attempt(now, addr);
         }
     }

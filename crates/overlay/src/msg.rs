@@ -32,6 +32,8 @@ pub const MAX_MEMBERS: usize = 20;
 pub const MAX_STORE_BATCH: usize = 16;
 /// Endpoints a candidate may report.
 pub const MAX_CANDIDATE_ADDRS: usize = 4;
+/// Recently contacted peers a candidate may report.
+pub const MAX_CANDIDATE_RECENT: usize = 16;
 
 /// A 32-byte key or id on the wire (a `PeerKey` or a `UserId`).
 pub type Id = [u8; 32];
@@ -127,6 +129,9 @@ pub struct Capabilities {
     pub local: Vec<SocketAddr>,
     /// Its reflexive address, as STUN told it.
     pub reflexive: Option<SocketAddr>,
+    /// Peers it had sessions with recently (their NAT mappings may still be open),
+    /// which therefore cannot dial it back meaningfully.
+    pub recent: Vec<Id>,
 }
 
 /// One overlay message.
@@ -426,7 +431,10 @@ impl Msg {
             Msg::Ping { gossip, .. } | Msg::Ack { gossip, .. } => {
                 bound(gossip.len() <= MAX_GOSSIP, "gossip")
             }
-            Msg::Candidate(c) => bound(c.local.len() <= MAX_CANDIDATE_ADDRS, "local"),
+            Msg::Candidate(c) => {
+                bound(c.local.len() <= MAX_CANDIDATE_ADDRS, "local")?;
+                bound(c.recent.len() <= MAX_CANDIDATE_RECENT, "recent")
+            }
             _ => Ok(()),
         }
     }
@@ -522,6 +530,7 @@ mod tests {
                 cpu_headroom_pct: 80,
                 local: vec![addr()],
                 reflexive: Some(addr()),
+                recent: vec![[1; 32]; MAX_CANDIDATE_RECENT],
             }),
             Msg::DialbackRequest {
                 nonce: [9; 12],

@@ -117,6 +117,10 @@ pub const MAX_STUN_PENDING: usize = 8;
 pub const STUN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Seeds re-send `Join` this often while the node knows no other supernode.
 pub const REJOIN_INTERVAL: Duration = Duration::from_secs(10);
+/// A peer a node had a session with this recently may still have a NAT mapping
+/// open towards it (consumer NATs keep idle UDP mappings 30 s to a few minutes), so
+/// it cannot dial the node back as a stranger.
+pub const RECENT_CONTACT: Duration = Duration::from_secs(180);
 /// Readers remember the highest sequence number seen for this many users, to
 /// refuse rolled-back records.
 pub const MAX_SEEN: usize = 4_096;
@@ -294,6 +298,8 @@ pub struct Overlay {
     presence: Map<UserId, PresenceState>,
     seen: Map<UserId, u64>,
     last_candidacy: Time,
+    /// Peers with a session now (`Time::MAX`) or until when (its end).
+    contacted: Map<PeerKey, Time>,
     sn: Option<Box<Super>>,
 }
 
@@ -385,6 +391,7 @@ impl Overlay {
             presence: map(&mut rng),
             seen: map(&mut rng),
             last_candidacy: now,
+            contacted: map(&mut rng),
             sn: None,
             cfg,
             rng,
@@ -497,6 +504,9 @@ impl Overlay {
 
     /// A session with `peer` came up (or moved to `addr`).
     pub fn handle_peer_up(&mut self, now: Time, peer: PeerKey, addr: SocketAddr) {
+        if self.sn.is_none() {
+            self.contacted.insert(peer, Time::MAX);
+        }
         let mut learned = false;
         for b in &mut self.bootstrap {
             if b.key.is_none() && b.addr == addr {
@@ -529,6 +539,9 @@ impl Overlay {
 
     /// A session with `peer` ended (closed, timed out, or could not be set up).
     pub fn handle_peer_down(&mut self, now: Time, peer: PeerKey) {
+        if let Some(t) = self.contacted.get_mut(&peer) {
+            *t = now;
+        }
         if let Some(i) = self.homes.iter().position(|h| h.key == peer) {
             self.lose_home(now, i, &[]);
         }
@@ -933,6 +946,13 @@ impl Overlay {
                 .take(crate::msg::MAX_CANDIDATE_ADDRS)
                 .collect(),
             reflexive: self.reflexive,
+            recent: self
+                .contacted
+                .iter()
+                .filter(|(_, t)| **t == Time::MAX || now.saturating_since(**t) < RECENT_CONTACT)
+                .map(|(k, _)| k.0)
+                .take(crate::msg::MAX_CANDIDATE_RECENT)
+                .collect(),
         }
     }
 
@@ -1274,6 +1294,8 @@ impl Overlay {
         if self.role != Role::Auto || self.sn.is_some() || self.homes.is_empty() {
             return;
         }
+        self.contacted
+            .retain(|_, t| *t == Time::MAX || now.saturating_since(*t) < RECENT_CONTACT);
         let caps = self.capabilities(now);
         if !self.policy.eligible(&caps, &self.cfg.election) {
             return;
@@ -2729,12 +2751,24 @@ impl Overlay {
         // A dialer on another IP than this home and the candidate, which the
         // candidate has never contacted (it is not one of its homes).
         let my_ip = sn.members.my_addr().map(|a| a.ip());
+        // The supernodes the candidate talks to (its homes, from its signed record)
+        // have NAT mappings open towards them: they cannot judge reachability.
+        let contacted: Vec<PeerKey> = sn
+            .clients
+            .get(&from)
+            .and_then(|c| sn.cache.get(&c.user))
+            .and_then(|(b, _)| Record::verify(b).ok())
+            .map(|r| r.body.supernodes.iter().map(|h| h.key).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(caps.recent.iter().map(|k| PeerKey(*k)))
+            .collect();
         let dialers: Vec<(PeerKey, SocketAddr)> = sn
             .members
             .live()
             .filter(|m| m.state == crate::msg::MemberState::Alive)
             .filter(|m| Some(m.addr.ip()) != my_ip && m.addr.ip() != addr.ip())
-            .filter(|m| !self.homes.iter().any(|h| h.key == m.key))
+            .filter(|m| !contacted.contains(&m.key))
             .map(|m| (m.key, m.addr))
             .collect();
         if dialers.is_empty() {

@@ -51,6 +51,7 @@ mod tests {
             cpu_headroom_pct: cpu,
             local: vec![],
             reflexive: Some("198.51.100.1:1".parse().expect("addr")),
+            recent: vec![],
         }
     }
 

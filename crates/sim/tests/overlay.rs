@@ -1,0 +1,547 @@
+//! The overlay on the simulator: real engine nodes (Noise sessions, STUN, NATs)
+//! attaching to supernodes, publishing and looking up records, following presence,
+//! electing and demoting supernodes, and riding out storms.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use peercall_crypto::{Handle, Identity, UserId};
+use peercall_engine::{
+    Config, Contact, Event, Lookup, LookupError, Node, OverlayEvent, RequestId, Role,
+};
+use peercall_overlay::{Capacity, ElectionConfig, OverlayConfig, Resources};
+use peercall_sim::{HostId, LinkConfig, NatConfig, NatType, NodeId, Sim, seed_from_env};
+use peercall_wire::Time;
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[derive(Clone, Copy)]
+struct Spec {
+    seeds: usize,
+    nodes: usize,
+    /// Every `public_every`-th ordinary node is on a public address (0: none).
+    public_every: usize,
+    capacity: u32,
+    role: Role,
+    resources: Resources,
+    election: ElectionConfig,
+}
+
+impl Spec {
+    fn new(seeds: usize, nodes: usize) -> Spec {
+        Spec {
+            seeds,
+            nodes,
+            public_every: 0,
+            capacity: 100,
+            role: Role::Auto,
+            resources: Resources::default(),
+            election: ElectionConfig::default(),
+        }
+    }
+}
+
+struct World {
+    sim: Sim<Node>,
+    ids: Vec<Identity>,
+    nodes: Vec<NodeId>,
+    hosts: Vec<HostId>,
+    seeds: Vec<Contact>,
+    spec: Spec,
+}
+
+const PORT: u16 = 7600;
+
+impl World {
+    /// `spec.seeds` pinned supernodes on public hosts, then `spec.nodes` ordinary
+    /// nodes, most behind port-restricted NATs. One-way delays are 20-80 ms: a 10 ms
+    /// core plus 5-35 ms of access delay at each end.
+    fn new(seed: u64, spec: Spec) -> World {
+        let mut sim: Sim<Node> =
+            Sim::new(seed_from_env(seed).expect("PEERCALL_SIM_SEED must be a u64"));
+        sim.set_default_link(LinkConfig::new(Duration::from_millis(10)))
+            .expect("link");
+        let total = spec.seeds + spec.nodes;
+        let ids: Vec<Identity> = (0..total)
+            .map(|i| Identity::from_seed(sim.derive_seed(i as u64)))
+            .collect();
+        let seeds: Vec<Contact> = (0..spec.seeds)
+            .map(|i| Contact {
+                addr: SocketAddr::from((Ipv4Addr::new(198, 51, 100, i as u8 + 1), PORT)),
+                key: Some(ids[i].peer_key()),
+            })
+            .collect();
+        let mut w = World {
+            sim,
+            ids,
+            nodes: Vec::new(),
+            hosts: Vec::new(),
+            seeds,
+            spec,
+        };
+        for i in 0..total {
+            let host = w.add_host(i);
+            w.hosts.push(host);
+            let node = w.make_node(i);
+            let id = w.sim.add_node(host, PORT, node).expect("node");
+            w.nodes.push(id);
+        }
+        w
+    }
+
+    fn add_host(&mut self, i: usize) -> HostId {
+        let spec = self.spec;
+        let access =
+            Duration::from_millis(5 + (self.sim.derive_seed(10_000 + i as u64)[0] as u64 % 31));
+        let host = if i < spec.seeds {
+            let h = self
+                .sim
+                .add_host(Ipv4Addr::new(198, 51, 100, i as u8 + 1))
+                .expect("host");
+            self.sim.set_access_delay(h, access).expect("delay");
+            h
+        } else {
+            let j = i - spec.seeds;
+            let public = spec.public_every > 0 && j % spec.public_every == 0;
+            let ip = Ipv4Addr::new(203, 0, (j / 250) as u8 + 1, (j % 250) as u8 + 1);
+            if public {
+                let h = self.sim.add_host(ip).expect("host");
+                self.sim.set_access_delay(h, access).expect("delay");
+                h
+            } else {
+                let nat = self
+                    .sim
+                    .add_nat(ip, NatConfig::new(NatType::PortRestricted))
+                    .expect("nat");
+                self.sim.set_access_delay(nat, access).expect("delay");
+                self.sim
+                    .add_private_host(nat, Ipv4Addr::new(10, (j / 250) as u8, (j % 250) as u8, 2))
+                    .expect("host")
+            }
+        };
+        host
+    }
+
+    fn make_node(&self, i: usize) -> Node {
+        let spec = self.spec;
+        let mut config = Config::new(
+            self.ids[i].clone(),
+            self.sim
+                .derive_seed(50_000 + i as u64 + 7919 * self.sim.now().as_secs()),
+        );
+        config.seeds = self.seeds.clone();
+        config.role = if i < spec.seeds {
+            Role::Supernode
+        } else {
+            spec.role
+        };
+        config.overlay = OverlayConfig {
+            handle: Some(Handle::new(&format!("user{i}")).expect("handle")),
+            capacity: Capacity {
+                max_clients: spec.capacity,
+                attach_rate: spec.capacity.div_ceil(5).max(2),
+                attach_burst: spec.capacity.div_ceil(3).max(2),
+            },
+            resources: spec.resources,
+            election: spec.election,
+            ..OverlayConfig::default()
+        };
+        Node::new(config, self.sim.now())
+    }
+
+    fn node(&self, i: usize) -> &Node {
+        self.sim.node(self.nodes[i])
+    }
+
+    fn user(&self, i: usize) -> UserId {
+        self.ids[i].user_id()
+    }
+
+    fn run(&mut self, d: Duration) {
+        self.sim.run_for(d);
+    }
+
+    fn lookup(&mut self, from: usize, what: Lookup) -> RequestId {
+        self.sim
+            .with_node(self.nodes[from], |n, now| n.lookup(now, what))
+    }
+
+    /// The result of lookup `id` by node `from`, and how long it took.
+    fn lookup_result(
+        &self,
+        from: usize,
+        id: RequestId,
+    ) -> Option<(Time, Result<peercall_engine::Found, LookupError>)> {
+        self.sim.events().iter().find_map(|r| match &r.event {
+            Event::Overlay(OverlayEvent::LookupDone { id: got, result })
+                if r.node == self.nodes[from] && *got == id =>
+            {
+                Some((r.at, result.clone()))
+            }
+            _ => None,
+        })
+    }
+
+    fn ordinary(&self) -> std::ops::Range<usize> {
+        self.spec.seeds..self.spec.seeds + self.spec.nodes
+    }
+
+    fn supernodes(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.sim.is_online(self.nodes[i]) && self.node(i).overlay().is_supernode())
+            .collect()
+    }
+}
+
+fn percentile(xs: &mut [f64], p: f64) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
+    xs[i]
+}
+
+/// Looks up `count` random users from random nodes, `gap` apart, and returns the
+/// latencies (ms) of the successes and the number of failures.
+fn lookup_round(w: &mut World, count: usize, gap: Duration, salt: u64) -> (Vec<f64>, usize) {
+    let ord: Vec<usize> = w
+        .ordinary()
+        .filter(|&i| w.sim.is_online(w.nodes[i]))
+        .collect();
+    let mut asked = Vec::new();
+    for k in 0..count {
+        let r = w.sim.derive_seed(900_000 + salt * 10_000 + k as u64);
+        let from = ord[r[0] as usize % ord.len()];
+        let to = ord[(r[1] as usize * 256 + r[2] as usize) % ord.len()];
+        let by_handle = r[3] % 2 == 0;
+        let what = if by_handle {
+            Lookup::Handle(Handle::new(&format!("user{to}")).expect("handle"))
+        } else {
+            Lookup::User(w.user(to))
+        };
+        let started = w.sim.now();
+        let id = w.lookup(from, what);
+        asked.push((from, to, id, started));
+        w.run(gap);
+    }
+    w.run(secs(5));
+    let mut ms = Vec::new();
+    let mut failures = 0;
+    for (from, to, id, started) in asked {
+        match w.lookup_result(from, id) {
+            Some((at, Ok(found))) if found.record.user_id() == w.user(to) => {
+                ms.push(at.saturating_since(started).as_micros() as f64 / 1000.0)
+            }
+            _ => failures += 1,
+        }
+    }
+    (ms, failures)
+}
+
+#[test]
+fn nodes_attach_discover_their_address_and_find_each_other() {
+    let mut w = World::new(31, Spec::new(3, 24));
+    w.run(secs(20));
+    for i in w.ordinary() {
+        let st = w.node(i).status();
+        assert_eq!(st.homes.len(), 2, "node {i} has two homes: {st:?}");
+        let host_ip = match w.sim.addr(w.nodes[i]) {
+            SocketAddr::V4(a) => *a.ip(),
+            SocketAddr::V6(_) => unreachable!(),
+        };
+        let reflexive = st.reflexive.expect("STUN answered");
+        assert_ne!(
+            reflexive.ip(),
+            std::net::IpAddr::V4(host_ip),
+            "the NAT's address, not the private one"
+        );
+    }
+    // Every record is stored by the three seeds (the whole tier here).
+    for i in w.ordinary() {
+        for s in 0..3 {
+            assert!(
+                w.node(s).overlay().stores(&w.user(i)),
+                "seed {s} stores node {i}"
+            );
+        }
+    }
+    let (mut ms, failures) = lookup_round(&mut w, 40, Duration::from_millis(100), 1);
+    assert_eq!(failures, 0, "every lookup succeeds");
+    let p50 = percentile(&mut ms, 0.5);
+    let p99 = percentile(&mut ms, 0.99);
+    eprintln!("lookups: p50 {p50:.0} ms, p99 {p99:.0} ms");
+    assert!(p99 < 1000.0, "one hop beyond the home: {p99} ms");
+    // The record carries the node's reflexive endpoint and its homes.
+    let id = w.lookup(w.spec.seeds, Lookup::User(w.user(w.spec.seeds + 1)));
+    w.run(secs(3));
+    let (_, r) = w.lookup_result(w.spec.seeds, id).expect("answered");
+    let found = r.expect("found");
+    let target = w.node(w.spec.seeds + 1).status();
+    assert!(found.online);
+    assert_eq!(
+        found.record.body.endpoints,
+        vec![target.reflexive.expect("reflexive")]
+    );
+    assert_eq!(found.record.body.supernodes.len(), 2);
+}
+
+#[test]
+fn unknown_users_and_handles_are_not_found() {
+    let mut w = World::new(32, Spec::new(3, 4));
+    w.run(secs(10));
+    let stranger = Identity::from_seed([99; 32]).user_id();
+    let a = w.lookup(3, Lookup::User(stranger));
+    let b = w.lookup(3, Lookup::Handle(Handle::new("nobody").expect("handle")));
+    w.run(secs(5));
+    assert_eq!(
+        w.lookup_result(3, a).map(|x| x.1),
+        Some(Err(LookupError::NotFound))
+    );
+    assert_eq!(
+        w.lookup_result(3, b).map(|x| x.1),
+        Some(Err(LookupError::NotFound))
+    );
+}
+
+#[test]
+fn full_supernodes_redirect_and_never_exceed_capacity() {
+    let mut spec = Spec::new(4, 30);
+    spec.capacity = 18; // 72 slots for 60 attachments
+    let mut w = World::new(33, spec);
+    let mut peak = 0u64;
+    for _ in 0..60 {
+        w.run(Duration::from_millis(500));
+        for s in 0..4 {
+            peak = peak.max(w.node(s).stats().overlay.clients);
+        }
+    }
+    assert!(peak <= 18, "peak {peak} clients over capacity");
+    let redirected: u64 = (0..4)
+        .map(|s| w.node(s).stats().overlay.attaches_redirected)
+        .sum();
+    assert!(redirected > 0, "admission redirected some attaches");
+    let attached = w
+        .ordinary()
+        .filter(|&i| w.node(i).status().homes.len() == 2)
+        .count();
+    assert!(
+        attached >= 28,
+        "nearly all nodes found two homes: {attached}"
+    );
+}
+
+#[test]
+fn nodes_reattach_when_a_home_dies() {
+    let mut w = World::new(34, Spec::new(4, 16));
+    w.run(secs(20));
+    let victim = 0;
+    let clients_of_victim: Vec<usize> = w
+        .ordinary()
+        .filter(|&i| {
+            w.node(i)
+                .status()
+                .homes
+                .iter()
+                .any(|h| h.0 == w.ids[victim].peer_key())
+        })
+        .collect();
+    assert!(!clients_of_victim.is_empty());
+    let died = w.sim.now();
+    w.sim.set_online(w.nodes[victim], false);
+    w.run(secs(20));
+    for &i in &clients_of_victim {
+        let st = w.node(i).status();
+        assert_eq!(st.homes.len(), 2, "node {i} re-attached: {st:?}");
+        assert!(st.homes.iter().all(|h| h.0 != w.ids[victim].peer_key()));
+        // Re-attached within seconds of the death.
+        let back = w
+            .sim
+            .events()
+            .iter()
+            .filter(|r| r.node == w.nodes[i] && r.at > died)
+            .find_map(|r| match &r.event {
+                Event::Overlay(OverlayEvent::HomesChanged { homes }) if homes.len() == 2 => {
+                    Some(r.at)
+                }
+                _ => None,
+            })
+            .expect("homes restored");
+        assert!(
+            back.saturating_since(died) < secs(16),
+            "took {:?}",
+            back.saturating_since(died)
+        );
+    }
+    // Their new records (with the new homes) are found.
+    let i = clients_of_victim[0];
+    let id = w.lookup(
+        w.spec.seeds + (i + 1 - w.spec.seeds) % 16,
+        Lookup::User(w.user(i)),
+    );
+    w.run(secs(3));
+    let found = w
+        .lookup_result(w.spec.seeds + (i + 1 - w.spec.seeds) % 16, id)
+        .expect("answered")
+        .1
+        .expect("found");
+    assert!(
+        found
+            .record
+            .body
+            .supernodes
+            .iter()
+            .all(|h| h.key != w.ids[victim].peer_key())
+    );
+}
+
+#[test]
+fn presence_follows_graceful_exit_and_return() {
+    let mut w = World::new(35, Spec::new(3, 8));
+    w.run(secs(15));
+    let (watcher, target) = (3, 7);
+    let t_user = w.user(target);
+    w.sim
+        .with_node(w.nodes[watcher], |n, now| n.subscribe(now, &[t_user]));
+    w.run(secs(3));
+    let presence = |w: &World, after: Time| -> Vec<(Time, bool)> {
+        w.sim
+            .events()
+            .iter()
+            .filter(|r| r.node == w.nodes[watcher] && r.at >= after)
+            .filter_map(|r| match &r.event {
+                Event::Overlay(OverlayEvent::Presence { user, online, .. }) if *user == t_user => {
+                    Some((r.at, *online))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let start = peercall_sim::START;
+    assert_eq!(
+        presence(&w, start).last().map(|p| p.1),
+        Some(true),
+        "initial state: online"
+    );
+    let left = w.sim.now();
+    w.sim.with_node(w.nodes[target], |n, now| n.close(now));
+    w.run(secs(5));
+    let off = presence(&w, left);
+    assert_eq!(
+        off.last().map(|p| p.1),
+        Some(false),
+        "offline pushed: {off:?}"
+    );
+    let delay = off[0].0.saturating_since(left);
+    eprintln!("graceful offline pushed in {delay:?}");
+    assert!(delay < secs(2), "within 2 s: {delay:?}");
+    // Back online: a new process with the same identity.
+    let back = w.sim.now();
+    let node = w.make_node(target);
+    w.sim.replace_node(w.nodes[target], node);
+    w.run(secs(10));
+    let on = presence(&w, back);
+    assert_eq!(on.last().map(|p| p.1), Some(true), "online again: {on:?}");
+}
+
+#[test]
+fn records_expire_after_a_crash() {
+    let mut w = World::new(36, Spec::new(3, 6));
+    w.run(secs(15));
+    let (watcher, target) = (3, 8);
+    let t_user = w.user(target);
+    w.sim
+        .with_node(w.nodes[watcher], |n, now| n.subscribe(now, &[t_user]));
+    w.run(secs(3));
+    let crashed = w.sim.now();
+    w.sim.set_online(w.nodes[target], false);
+    // TTL 120 s + one refresh interval 60 s + the 5 s sweep.
+    w.run(secs(190));
+    for s in 0..3 {
+        assert!(
+            !w.node(s).overlay().stores(&t_user),
+            "seed {s} purged the record"
+        );
+    }
+    let id = w.lookup(watcher, Lookup::User(t_user));
+    w.run(secs(3));
+    assert_eq!(
+        w.lookup_result(watcher, id).map(|x| x.1),
+        Some(Err(LookupError::NotFound))
+    );
+    let offline = w.sim.events().iter().find_map(|r| match &r.event {
+        Event::Overlay(OverlayEvent::Presence {
+            user,
+            online: false,
+            ..
+        }) if r.node == w.nodes[watcher] && *user == t_user && r.at > crashed => Some(r.at),
+        _ => None,
+    });
+    let at = offline.expect("expiry pushed as offline");
+    assert!(at.saturating_since(crashed) <= secs(185));
+}
+
+/// Candidates on public addresses pass the dial-back and are promoted when the tier
+/// is loaded; candidates behind NATs are not.
+fn election_world(seed: u64, public_every: usize) -> World {
+    let mut spec = Spec::new(5, 20);
+    spec.capacity = 9; // 40 attachments over 45 slots: load 0.89 > 0.7
+    spec.public_every = public_every;
+    spec.resources = Resources {
+        bandwidth_kbps: 20_000,
+        cpu_headroom_pct: 80,
+    };
+    spec.election.min_uptime = secs(200);
+    World::new(seed, spec)
+}
+
+#[test]
+fn loaded_tier_promotes_dialed_back_candidates() {
+    let mut w = election_world(37, 1);
+    // Candidates qualify at 200 s of uptime, once their bootstrap sessions with the
+    // seeds are long closed (their NAT mappings could fake reachability).
+    w.run(secs(300));
+    let supers = w.supernodes();
+    let promoted: Vec<usize> = supers.iter().copied().filter(|&i| i >= 5).collect();
+    assert!(
+        !promoted.is_empty(),
+        "some candidates were promoted: {supers:?}"
+    );
+    let total: u64 = (0..5).map(|s| w.node(s).stats().overlay.promotions).sum();
+    assert!(total as usize >= promoted.len());
+    let ok: u64 = (0..5).map(|s| w.node(s).stats().overlay.dialbacks_ok).sum();
+    assert!(ok > 0, "promotion came after a successful dial-back");
+    // Every supernode knows the whole tier.
+    for &s in &supers {
+        assert_eq!(
+            w.node(s).stats().overlay.members as usize,
+            supers.len(),
+            "node {s}"
+        );
+    }
+    // Promotions per minute are capped.
+    let per_min = w.spec.election.max_promotions_per_min as usize;
+    assert!(promoted.len() <= per_min * 3);
+    // Lookups work across old and new supernodes.
+    let (_, failures) = lookup_round(&mut w, 20, Duration::from_millis(200), 2);
+    assert_eq!(failures, 0);
+}
+
+#[test]
+fn candidates_behind_nats_fail_the_dial_back() {
+    let mut w = election_world(38, 0);
+    w.run(secs(300));
+    assert_eq!(
+        w.supernodes(),
+        vec![0, 1, 2, 3, 4],
+        "no NATed node was promoted"
+    );
+    let failed: u64 = (0..5)
+        .map(|s| w.node(s).stats().overlay.dialbacks_failed)
+        .sum();
+    assert!(failed > 0, "dial-backs were tried and failed");
+    let ok: u64 = (0..5).map(|s| w.node(s).stats().overlay.dialbacks_ok).sum();
+    assert_eq!(ok, 0);
+}
