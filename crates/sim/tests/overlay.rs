@@ -95,7 +95,7 @@ impl World {
         let spec = self.spec;
         let access =
             Duration::from_millis(5 + (self.sim.derive_seed(10_000 + i as u64)[0] as u64 % 31));
-        let host = if i < spec.seeds {
+        if i < spec.seeds {
             let h = self
                 .sim
                 .add_host(Ipv4Addr::new(198, 51, 100, i as u8 + 1))
@@ -104,7 +104,7 @@ impl World {
             h
         } else {
             let j = i - spec.seeds;
-            let public = spec.public_every > 0 && j % spec.public_every == 0;
+            let public = spec.public_every > 0 && j.is_multiple_of(spec.public_every);
             let ip = Ipv4Addr::new(203, 0, (j / 250) as u8 + 1, (j % 250) as u8 + 1);
             if public {
                 let h = self.sim.add_host(ip).expect("host");
@@ -120,8 +120,7 @@ impl World {
                     .add_private_host(nat, Ipv4Addr::new(10, (j / 250) as u8, (j % 250) as u8, 2))
                     .expect("host")
             }
-        };
-        host
+        }
     }
 
     fn make_node(&self, i: usize) -> Node {
@@ -216,7 +215,7 @@ fn lookup_round(w: &mut World, count: usize, gap: Duration, salt: u64) -> (Vec<f
         let r = w.sim.derive_seed(900_000 + salt * 10_000 + k as u64);
         let from = ord[r[0] as usize % ord.len()];
         let to = ord[(r[1] as usize * 256 + r[2] as usize) % ord.len()];
-        let by_handle = r[3] % 2 == 0;
+        let by_handle = r[3].is_multiple_of(2);
         let what = if by_handle {
             Lookup::Handle(Handle::new(&format!("user{to}")).expect("handle"))
         } else {
