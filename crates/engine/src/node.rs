@@ -74,8 +74,6 @@ pub struct Transmit {
 }
 
 /// Something the owner may show or act on.
-// Events live for one drain; boxing overlay events would cost an allocation each.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A session with `peer` came up (or was re-keyed onto a new address).

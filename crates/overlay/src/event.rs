@@ -23,8 +23,8 @@ pub enum Lookup {
 /// A record a lookup found, verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
-    /// The verified record.
-    pub record: Record,
+    /// The verified record (boxed: events stay small in queues).
+    pub record: Box<Record>,
     /// Whether it lists endpoints (a record without is a signed "offline").
     pub online: bool,
 }
@@ -60,7 +60,7 @@ pub enum OverlayEvent {
         /// Online now.
         online: bool,
         /// The record behind the change (`None` when it expired).
-        record: Option<Record>,
+        record: Option<Box<Record>>,
     },
     /// This node became a supernode (`true`) or an ordinary node again.
     RoleChanged {
@@ -85,8 +85,6 @@ pub enum OverlayEvent {
 }
 
 /// What the owner must do, drained with `Overlay::poll_output` after every input.
-// Outputs live for one drain; boxing the event would cost an allocation per event.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     /// Send `msg` as a `Frame::Control` body to `to` (at `addr`), dialing first when

@@ -691,7 +691,13 @@ impl Overlay {
                 }
                 self.note_seen(user, r.seq);
                 let online = !r.body.endpoints.is_empty();
-                self.finish_lookup(req, Ok(Found { record: r, online }));
+                self.finish_lookup(
+                    req,
+                    Ok(Found {
+                        record: Box::new(r),
+                        online,
+                    }),
+                );
             }
             _ => self.stats.forged_records += 1,
         }
@@ -1475,7 +1481,7 @@ impl Overlay {
         self.event(OverlayEvent::Presence {
             user,
             online,
-            record: Some(r),
+            record: Some(Box::new(r)),
         });
     }
 
