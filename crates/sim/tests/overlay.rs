@@ -544,3 +544,267 @@ fn candidates_behind_nats_fail_the_dial_back() {
     let ok: u64 = (0..5).map(|s| w.node(s).stats().overlay.dialbacks_ok).sum();
     assert_eq!(ok, 0);
 }
+
+#[test]
+fn records_move_to_a_joining_storer_and_away_from_a_dead_one() {
+    let mut spec = Spec::new(6, 30);
+    spec.capacity = 100;
+    let mut w = World::new(39, spec);
+    // Seed 5 starts late: offline until t = 20 s.
+    w.sim.set_online(w.nodes[5], false);
+    w.run(secs(20));
+    let fresh = w.make_node(5);
+    w.sim.replace_node(w.nodes[5], fresh);
+    w.sim.set_online(w.nodes[5], true);
+    w.run(secs(15));
+    let users: Vec<UserId> = w.ordinary().map(|i| w.user(i)).collect();
+    let expected_on_5: Vec<&UserId> = users
+        .iter()
+        .filter(|u| {
+            w.node(0)
+                .overlay()
+                .storers_of(u)
+                .contains(&w.ids[5].peer_key())
+        })
+        .collect();
+    assert!(!expected_on_5.is_empty());
+    for u in &expected_on_5 {
+        assert!(
+            w.node(5).overlay().stores(u),
+            "re-replicated to the new storer"
+        );
+    }
+    let replicated: u64 = (0..5).map(|s| w.node(s).stats().overlay.replicated).sum();
+    assert!(replicated > 0);
+    // Now a storer dies: its records reach their next storers once it is declared dead.
+    w.sim.set_online(w.nodes[1], false);
+    w.run(secs(25));
+    for u in &users {
+        let storers = w.node(0).overlay().storers_of(u);
+        assert!(
+            !storers.contains(&w.ids[1].peer_key()),
+            "the dead seed left the view"
+        );
+        for s in storers {
+            let i = w
+                .ids
+                .iter()
+                .position(|id| id.peer_key() == s)
+                .expect("a seed");
+            assert!(w.node(i).overlay().stores(u), "seed {i} holds its share");
+        }
+    }
+}
+
+#[test]
+fn underloaded_tier_demotes_with_a_hand_off() {
+    let mut w = election_world(40, 1);
+    w.run(secs(300));
+    let promoted: Vec<usize> = w.supernodes().into_iter().filter(|&i| i >= 5).collect();
+    assert!(!promoted.is_empty(), "a promotion first");
+    // Most ordinary nodes leave: the tier is now far below the low watermark.
+    let leavers: Vec<usize> = w
+        .ordinary()
+        .filter(|i| !promoted.contains(i))
+        .skip(4)
+        .collect();
+    for &i in &leavers {
+        w.sim.with_node(w.nodes[i], |n, now| n.close(now));
+    }
+    w.run(secs(120));
+    let demotions: u64 = (0..w.nodes.len())
+        .map(|i| w.node(i).stats().overlay.demotions)
+        .sum();
+    assert!(demotions > 0, "the coordinator demoted someone");
+    let still: Vec<usize> = w.supernodes().into_iter().filter(|&i| i >= 5).collect();
+    assert!(
+        still.len() < promoted.len(),
+        "a promoted node went back: {still:?}"
+    );
+    // Seeds are pinned.
+    for s in 0..5 {
+        assert!(w.node(s).overlay().is_supernode());
+    }
+    // The remaining nodes are attached and findable.
+    let remaining: Vec<usize> = w
+        .ordinary()
+        .filter(|i| !leavers.contains(i) && !still.contains(i))
+        .collect();
+    for &i in &remaining {
+        assert_eq!(
+            w.node(i).status().homes.len(),
+            2,
+            "node {i} re-attached after the hand-off"
+        );
+    }
+    let from = remaining[0];
+    for &i in &remaining[1..] {
+        let id = w.lookup(from, Lookup::User(w.user(i)));
+        w.run(secs(2));
+        assert!(
+            matches!(w.lookup_result(from, id).map(|x| x.1), Some(Ok(_))),
+            "node {i} findable"
+        );
+    }
+}
+
+fn peak_load(w: &World) -> f64 {
+    w.supernodes()
+        .iter()
+        .map(|&s| {
+            let st = w.node(s).stats().overlay;
+            st.clients as f64 / st.capacity.max(1) as f64
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn restart_storm_of_half_the_nodes_stays_within_capacity() {
+    let mut spec = Spec::new(6, 60);
+    spec.capacity = 30; // 120 attachments over 180 slots
+    spec.role = Role::Ordinary;
+    let mut w = World::new(41, spec);
+    w.run(secs(30));
+    let (_, failures) = lookup_round(&mut w, 20, Duration::from_millis(50), 3);
+    assert_eq!(failures, 0);
+    // Half the nodes restart at the same instant (Skype 2007), keeping their host
+    // caches as a persisted cache would.
+    let storm = w.sim.now();
+    let restarting: Vec<usize> = w.ordinary().step_by(2).collect();
+    for &i in &restarting {
+        let cache = w.node(i).host_cache().to_vec();
+        let mut node_cfg = w.make_node(i);
+        let _ = &mut node_cfg;
+        let mut config = Config::new(w.ids[i].clone(), w.sim.derive_seed(77_000 + i as u64));
+        config.seeds = w.seeds.clone();
+        config.role = Role::Ordinary;
+        config.overlay = OverlayConfig {
+            host_cache: cache,
+            handle: Some(Handle::new(&format!("user{i}")).expect("handle")),
+            capacity: Capacity {
+                max_clients: 30,
+                attach_rate: 6,
+                attach_burst: 10,
+            },
+            ..OverlayConfig::default()
+        };
+        let node = Node::new(config, storm);
+        w.sim.replace_node(w.nodes[i], node);
+    }
+    let mut peak: f64 = 0.0;
+    for _ in 0..40 {
+        w.run(Duration::from_millis(500));
+        peak = peak.max(peak_load(&w));
+    }
+    eprintln!("restart storm: peak supernode load {peak:.2}");
+    assert!(peak <= 1.0, "no supernode past capacity: {peak}");
+    let attached = restarting
+        .iter()
+        .filter(|&&i| w.node(i).status().homes.len() == 2)
+        .count();
+    assert!(
+        attached * 10 >= restarting.len() * 9,
+        "{attached} of {} back",
+        restarting.len()
+    );
+    let (_, failures) = lookup_round(&mut w, 40, Duration::from_millis(50), 4);
+    eprintln!("restart storm: {failures} of 40 lookups failed after 20 s");
+    assert!(failures <= 1);
+}
+
+#[test]
+fn losing_30_percent_of_supernodes_causes_no_cascade() {
+    let mut spec = Spec::new(10, 60);
+    spec.capacity = 24; // 120 attachments over 240 slots; over 168 after the loss
+    spec.role = Role::Ordinary;
+    let mut w = World::new(42, spec);
+    w.run(secs(30));
+    let killed = [1usize, 4, 7];
+    let at = w.sim.now();
+    for &k in &killed {
+        w.sim.set_online(w.nodes[k], false);
+    }
+    let mut peak: f64 = 0.0;
+    let mut first_ok = None;
+    for step in 0..60 {
+        w.run(Duration::from_millis(500));
+        peak = peak.max(peak_load(&w));
+        if step % 4 == 3 && first_ok.is_none() {
+            let (_, failures) = lookup_round(&mut w, 20, Duration::from_millis(20), 100 + step);
+            if failures == 0 {
+                first_ok = Some(w.sim.now().saturating_since(at));
+            }
+        }
+    }
+    eprintln!(
+        "30% supernodes lost: peak load {peak:.2}, lookups all succeed again after {first_ok:?}"
+    );
+    assert!(peak <= 1.0, "no survivor past capacity: {peak}");
+    for s in (0..10).filter(|s| !killed.contains(s)) {
+        assert!(w.sim.is_online(w.nodes[s]) && w.node(s).overlay().is_supernode());
+        assert_eq!(
+            w.node(s).stats().overlay.members,
+            7,
+            "seed {s} sees 7 live supernodes"
+        );
+    }
+    let (_, failures) = lookup_round(&mut w, 40, Duration::from_millis(50), 5);
+    assert!(failures == 0, "{failures} lookups failed after recovery");
+    assert!(first_ok.is_some());
+}
+
+#[test]
+fn lookup_latency_with_a_few_hundred_nodes() {
+    let mut spec = Spec::new(12, 240);
+    spec.capacity = 60;
+    spec.role = Role::Ordinary;
+    spec.public_every = 5;
+    let mut w = World::new(43, spec);
+    w.run(secs(40));
+    let (mut ms, failures) = lookup_round(&mut w, 300, Duration::from_millis(20), 6);
+    let n = ms.len() + failures;
+    let p50 = percentile(&mut ms, 0.5);
+    let p99 = percentile(&mut ms, 0.99);
+    eprintln!(
+        "252 nodes, 20-80 ms links: {n} lookups, success {:.1}%, p50 {p50:.0} ms, p99 {p99:.0} ms",
+        100.0 * ms.len() as f64 / n as f64
+    );
+    assert!(failures * 1000 <= n, "success ≥ 99.9%: {failures} failures");
+    assert!(p50 <= 400.0 && p99 <= 1000.0, "p50 {p50} p99 {p99}");
+    // Presence: 30 watchers follow 30 others, who leave gracefully.
+    let watchers: Vec<usize> = w.ordinary().take(30).collect();
+    let targets: Vec<usize> = w.ordinary().skip(30).take(30).collect();
+    for (a, b) in watchers.iter().zip(&targets) {
+        let u = w.user(*b);
+        w.sim
+            .with_node(w.nodes[*a], |n, now| n.subscribe(now, &[u]));
+    }
+    w.run(secs(5));
+    let left = w.sim.now();
+    for &b in &targets {
+        w.sim.with_node(w.nodes[b], |n, now| n.close(now));
+    }
+    w.run(secs(10));
+    let mut delays: Vec<f64> = watchers
+        .iter()
+        .zip(&targets)
+        .filter_map(|(a, b)| {
+            let u = w.user(*b);
+            w.sim.events().iter().find_map(|r| match &r.event {
+                Event::Overlay(OverlayEvent::Presence {
+                    user,
+                    online: false,
+                    ..
+                }) if r.node == w.nodes[*a] && *user == u && r.at >= left => {
+                    Some(r.at.saturating_since(left).as_micros() as f64 / 1000.0)
+                }
+                _ => None,
+            })
+        })
+        .collect();
+    let got = delays.len();
+    let p95 = percentile(&mut delays, 0.95);
+    eprintln!("presence: {got} of 30 offline pushes, p95 {p95:.0} ms");
+    assert_eq!(got, 30);
+    assert!(p95 <= 2000.0);
+}
