@@ -2110,7 +2110,25 @@ impl Overlay {
                 );
             }
         }
-        self.cache_put(now, user, bytes);
+        self.home_update(now, user, &bytes);
+    }
+
+    /// As home: a newer record of `user` (verified) is cached and pushed to the
+    /// clients following the user.
+    fn home_update(&mut self, now: Time, user: UserId, bytes: &[u8]) {
+        let Some(sn) = self.sn.as_ref() else { return };
+        if sn
+            .cache
+            .get(&user)
+            .is_some_and(|(b, _)| view::seq(b) >= view::seq(bytes))
+        {
+            return;
+        }
+        let subs = sn.watching.get(&user).cloned().unwrap_or_default();
+        self.cache_put(now, user, bytes.to_vec());
+        for s in subs {
+            self.deliver_presence(now, s, user, Some(bytes));
+        }
     }
 
     fn cache_put(&mut self, now: Time, user: UserId, bytes: Vec<u8>) {
@@ -2597,13 +2615,11 @@ impl Overlay {
         let Some(user) = claimed_user(bytes) else {
             return false;
         };
-        let Some(subs) = sn.watching.get(&user).cloned() else {
-            return true;
-        };
-        if sn
-            .cache
-            .get(&user)
-            .is_some_and(|(b, _)| view::seq(b) >= view::seq(bytes))
+        if !sn.watching.contains_key(&user)
+            || sn
+                .cache
+                .get(&user)
+                .is_some_and(|(b, _)| view::seq(b) >= view::seq(bytes))
         {
             return true;
         }
@@ -2611,10 +2627,7 @@ impl Overlay {
             self.stats.forged_records += 1;
             return true;
         }
-        self.cache_put(now, user, bytes.to_vec());
-        for s in subs {
-            self.deliver_presence(now, s, user, Some(bytes));
-        }
+        self.home_update(now, user, bytes);
         true
     }
 

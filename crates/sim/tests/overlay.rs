@@ -167,13 +167,14 @@ impl World {
             .with_node(self.nodes[from], |n, now| n.lookup(now, what))
     }
 
-    /// The result of lookup `id` by node `from`, and how long it took.
+    /// The result of lookup `id` by node `from`, and how long it took (ids restart
+    /// with a restarted node, so only the latest matching answer counts).
     fn lookup_result(
         &self,
         from: usize,
         id: RequestId,
     ) -> Option<(Time, Result<peercall_engine::Found, LookupError>)> {
-        self.sim.events().iter().find_map(|r| match &r.event {
+        self.sim.events().iter().rev().find_map(|r| match &r.event {
             Event::Overlay(OverlayEvent::LookupDone { id: got, result })
                 if r.node == self.nodes[from] && *got == id =>
             {
@@ -234,7 +235,17 @@ fn lookup_round(w: &mut World, count: usize, gap: Duration, salt: u64) -> (Vec<f
             Some((at, Ok(found))) if found.record.user_id() == w.user(to) => {
                 ms.push(at.saturating_since(started).as_micros() as f64 / 1000.0)
             }
-            _ => failures += 1,
+            other => {
+                failures += 1;
+                if std::env::var("OVERLAY_DEBUG").is_ok() {
+                    eprintln!(
+                        "lookup {from} -> {to} failed: {:?}; from homes {:?}, to homes {:?}",
+                        other.map(|x| x.1.err()),
+                        w.node(from).status().homes.len(),
+                        w.node(to).status().homes.len()
+                    );
+                }
+            }
         }
     }
     (ms, failures)
@@ -673,8 +684,6 @@ fn restart_storm_of_half_the_nodes_stays_within_capacity() {
     let restarting: Vec<usize> = w.ordinary().step_by(2).collect();
     for &i in &restarting {
         let cache = w.node(i).host_cache().to_vec();
-        let mut node_cfg = w.make_node(i);
-        let _ = &mut node_cfg;
         let mut config = Config::new(w.ids[i].clone(), w.sim.derive_seed(77_000 + i as u64));
         config.seeds = w.seeds.clone();
         config.role = Role::Ordinary;
@@ -803,6 +812,40 @@ fn lookup_latency_with_a_few_hundred_nodes() {
         })
         .collect();
     let got = delays.len();
+    if std::env::var("OVERLAY_DEBUG").is_ok() {
+        for (a, b) in watchers.iter().zip(&targets) {
+            let u = w.user(*b);
+            let evs: Vec<(Time, bool)> = w
+                .sim
+                .events()
+                .iter()
+                .filter(|r| r.node == w.nodes[*a])
+                .filter_map(|r| match &r.event {
+                    Event::Overlay(OverlayEvent::Presence { user, online, .. }) if *user == u => {
+                        Some((r.at, *online))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if evs.len() < 2 {
+                let st = w.node(*b).status();
+                eprintln!(
+                    "watcher {a} -> {b}: {evs:?}; target homes {:?}; watcher homes {:?}",
+                    st.homes,
+                    w.node(*a).status().homes
+                );
+                for s in 0..12 {
+                    eprintln!(
+                        "  seed {s} {:?} stores: {} stats {:?}",
+                        w.ids[s].peer_key(),
+                        w.node(s).overlay().stores(&u),
+                        w.node(s).stats().overlay.stale_records
+                    );
+                }
+                eprintln!("  storers {:?}", w.node(0).overlay().storers_of(&u));
+            }
+        }
+    }
     let p95 = percentile(&mut delays, 0.95);
     eprintln!("presence: {got} of 30 offline pushes, p95 {p95:.0} ms");
     assert_eq!(got, 30);
