@@ -134,7 +134,9 @@ fn sessions_survive_rekeys_without_drops() {
         assert_eq!(s.sessions, 1);
         assert_eq!(s.dropped(DropReason::ExpiredKey), 0, "{s:?}");
         assert_eq!(s.dropped(DropReason::Decrypt), 0, "{s:?}");
-        assert!(s.keepalives_received >= 40, "{s:?}");
+        // Idle sessions carry a keepalive every 10 s; overlay control frames (the
+        // dialer's attach attempts) stand in for some of them.
+        assert!(s.keepalives_received + s.control_in >= 40, "{s:?}");
     }
     // 500 s at one rekey per 120 s: the initial handshake and at least three rekeys.
     let total: u64 = net
