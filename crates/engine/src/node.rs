@@ -303,7 +303,14 @@ impl Node {
             Some(stun::StunMessage::Response { txid, mapped }) => {
                 self.overlay.handle_stun_response(now, from, txid, mapped);
             }
-            None => self.stats.drop(DropReason::Malformed),
+            None => match stun::classic_response(datagram, from) {
+                Some(bytes) if !self.closing && self.stun_bucket.take(now) => {
+                    self.stats.stun_answered += 1;
+                    self.transmits.push_back(Transmit { dest: from, bytes });
+                }
+                Some(_) => self.stats.drop(DropReason::RateLimited),
+                None => self.stats.drop(DropReason::Malformed),
+            },
         }
     }
 

@@ -44,10 +44,18 @@ pub enum StunMessage {
     },
 }
 
+/// The CHANGE-REQUEST attribute (RFC 5780 §7.2, from RFC 3489).
+const CHANGE_REQUEST: u16 = 0x0003;
+/// RFC 5389's magic cookie: its absence marks a classic RFC 3489 message.
+const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
+
 /// Parses a STUN datagram; `None` for anything that is not a well-formed Binding
 /// request or success response with a mapped address.
 pub fn parse(datagram: &[u8]) -> Option<StunMessage> {
     if !(STUN_HEADER_LEN..=MAX_STUN_LEN).contains(&datagram.len()) {
+        return None;
+    }
+    if datagram[4..8] != MAGIC_COOKIE {
         return None;
     }
     let mut decoder = MessageDecoder::<Attribute>::new();
@@ -60,10 +68,14 @@ pub fn parse(datagram: &[u8]) -> Option<StunMessage> {
         MessageClass::Request => {
             // RFC 8489 §6.3.1: unknown comprehension-required attributes get a 420
             // error; this node answers only plain Binding requests and stays silent.
-            if message
-                .unknown_attributes()
-                .any(|a| stun_codec::Attribute::get_type(a).as_u16() < 0x8000)
-            {
+            // CHANGE-REQUEST (RFC 5780) asking for no change is a plain request; one
+            // asking for another address or port cannot be honoured by a node with
+            // one address, so it goes unanswered, which is what such a client expects
+            // from a server without an alternate address.
+            if message.unknown_attributes().any(|a| {
+                let t = stun_codec::Attribute::get_type(a).as_u16();
+                t < 0x8000 && !(t == CHANGE_REQUEST && a.value() == [0, 0, 0, 0])
+            }) {
                 return None;
             }
             let fingerprint = message.get_attribute::<Fingerprint>().is_some();
@@ -90,6 +102,58 @@ pub fn response(txid: [u8; 12], from: SocketAddr, fingerprint: bool) -> Option<V
         message.add_attribute(fp);
     }
     MessageEncoder::new().encode_into_bytes(message).ok()
+}
+
+/// Answers a classic RFC 3489 Binding request (no magic cookie: the whole 16 bytes
+/// after the length are the transaction id), as older clients such as the
+/// `stun-client` package's `stun` send it: a Binding response with MAPPED-ADDRESS
+/// (32 bytes for IPv4). `stun_codec` speaks only RFC 5389 and later, so this legacy
+/// layout is written here; it has one attribute. Requests with attributes other
+/// than a CHANGE-REQUEST asking for no change (RESPONSE-ADDRESS would aim the answer
+/// at a third party) are not answered.
+pub fn classic_response(datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    if !(STUN_HEADER_LEN..=MAX_STUN_LEN).contains(&datagram.len())
+        || datagram[0..2] != [0x00, 0x01]
+        || datagram[4..8] == MAGIC_COOKIE
+    {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([datagram[2], datagram[3]]));
+    if STUN_HEADER_LEN + len != datagram.len() || len % 4 != 0 {
+        return None;
+    }
+    let mut attrs = &datagram[STUN_HEADER_LEN..];
+    while !attrs.is_empty() {
+        if attrs.len() < 4 {
+            return None;
+        }
+        let t = u16::from_be_bytes([attrs[0], attrs[1]]);
+        let l = usize::from(u16::from_be_bytes([attrs[2], attrs[3]]));
+        let padded = 4 + l.div_ceil(4) * 4;
+        if attrs.len() < padded {
+            return None;
+        }
+        let no_change = t == CHANGE_REQUEST && l == 4 && attrs[4..8] == [0, 0, 0, 0];
+        if !no_change && t < 0x8000 {
+            return None;
+        }
+        attrs = &attrs[padded..];
+    }
+    let (family, ip): (u8, Vec<u8>) = match from {
+        SocketAddr::V4(a) => (1, a.ip().octets().to_vec()),
+        SocketAddr::V6(a) => (2, a.ip().octets().to_vec()),
+    };
+    let attr_len = 4 + ip.len();
+    let mut out = Vec::with_capacity(STUN_HEADER_LEN + 4 + attr_len);
+    out.extend_from_slice(&[0x01, 0x01]);
+    out.extend_from_slice(&((4 + attr_len) as u16).to_be_bytes());
+    out.extend_from_slice(&datagram[4..20]);
+    out.extend_from_slice(&[0x00, 0x01]);
+    out.extend_from_slice(&(attr_len as u16).to_be_bytes());
+    out.extend_from_slice(&[0, family]);
+    out.extend_from_slice(&from.port().to_be_bytes());
+    out.extend_from_slice(&ip);
+    Some(out)
 }
 
 /// A Binding request with `txid` (with FINGERPRINT, as RFC 8489 recommends when
@@ -160,7 +224,54 @@ mod tests {
         assert_eq!(parse(&bare), None);
     }
 
+    #[test]
+    fn change_requests_and_classic_clients() {
+        // RFC 5389 request with CHANGE-REQUEST asking for no change: answered.
+        let mut req = vec![0x00, 0x01, 0x00, 0x08, 0x21, 0x12, 0xa4, 0x42];
+        req.extend_from_slice(&[3; 12]);
+        req.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0]);
+        assert_eq!(
+            parse(&req),
+            Some(StunMessage::Request {
+                txid: [3; 12],
+                fingerprint: false
+            })
+        );
+        // Asking for another address or port: not answered.
+        req[27] = 0x02;
+        assert_eq!(parse(&req), None);
+        // Classic RFC 3489 request as the stun-client package sends it.
+        let mut classic = vec![0x00, 0x01, 0x00, 0x08];
+        classic.extend_from_slice(&[9; 16]);
+        classic.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0]);
+        assert_eq!(parse(&classic), None, "not RFC 5389");
+        let from: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+        let resp = classic_response(&classic, from).expect("answered");
+        assert_eq!(resp.len(), 32);
+        assert_eq!(&resp[0..4], &[0x01, 0x01, 0x00, 0x0c]);
+        assert_eq!(&resp[4..20], &[9; 16]);
+        assert_eq!(&resp[20..32], &[0, 1, 0, 8, 0, 1, 0x13, 0x88, 192, 0, 2, 7]);
+        classic[27] = 0x06;
+        assert_eq!(classic_response(&classic, from), None, "change requested");
+        classic[27] = 0;
+        classic[21] = 0x02; // RESPONSE-ADDRESS
+        assert_eq!(
+            classic_response(&classic, from),
+            None,
+            "no reflection elsewhere"
+        );
+        assert_eq!(classic_response(&classic[..22], from), None);
+    }
+
     proptest! {
+        #[test]
+        fn classic_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let from: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+            if let Some(r) = classic_response(&bytes, from) {
+                prop_assert!(r.len() <= bytes.len() + 12);
+            }
+        }
+
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = parse(&bytes);
