@@ -128,6 +128,10 @@ pub struct Membership {
     members: Vec<Member>,
     index: Map<PeerKey, u32>,
     live: usize,
+    /// Members currently suspect: the tick checks only these, not everyone.
+    suspects: Vec<PeerKey>,
+    /// The earliest time a tombstone may be purged.
+    purge_at: Option<Time>,
     order: Vec<u32>,
     order_pos: usize,
     seq: u32,
@@ -156,6 +160,8 @@ impl Membership {
             members: Vec::new(),
             index: map(rng),
             live: 0,
+            suspects: Vec::new(),
+            purge_at: None,
             order: Vec::new(),
             order_pos: 0,
             seq: 0,
@@ -419,6 +425,9 @@ impl Membership {
             self.index.insert(key, i);
             self.order.push(i);
             self.live += 1;
+            if u.state == MemberState::Suspect {
+                self.suspects.push(key);
+            }
             self.changes.push(Change::Up(key));
             self.queue_gossip(key);
             return;
@@ -437,6 +446,14 @@ impl Membership {
         let was_live = m.is_live();
         if m.state != u.state {
             m.since = now;
+            match u.state {
+                MemberState::Suspect => self.suspects.push(key),
+                MemberState::Dead => {
+                    let at = now + DEAD_RETAIN;
+                    self.purge_at = Some(self.purge_at.map_or(at, |p| p.min(at)));
+                }
+                MemberState::Alive => {}
+            }
         }
         m.incarnation = u.incarnation;
         m.state = u.state;
@@ -489,16 +506,19 @@ impl Membership {
         for seq in indirect {
             self.ask_helpers(seq, rng);
         }
-        // Suspicion expiry and tombstones.
+        // Suspicion expiry (only suspects are looked at) and tombstones.
         let timeout = self.suspicion_timeout();
         let mut dead = Vec::new();
-        let mut purge = false;
-        for m in &self.members {
-            match m.state {
-                MemberState::Suspect if now.saturating_since(m.since) >= timeout => {
-                    dead.push(m.key)
+        let suspects = std::mem::take(&mut self.suspects);
+        for key in suspects {
+            match self.get(&key) {
+                Some(m) if m.state == MemberState::Suspect => {
+                    if now.saturating_since(m.since) >= timeout {
+                        dead.push(key);
+                    } else if !self.suspects.contains(&key) {
+                        self.suspects.push(key);
+                    }
                 }
-                MemberState::Dead if now.saturating_since(m.since) >= DEAD_RETAIN => purge = true,
                 _ => {}
             }
         }
@@ -515,7 +535,7 @@ impl Membership {
                 },
             );
         }
-        if purge {
+        if self.purge_at.is_some_and(|t| t <= now) {
             self.purge(now);
         }
         if !self.leaving {
@@ -533,6 +553,31 @@ impl Membership {
         }
         self.order = (0..self.members.len() as u32).collect();
         self.order_pos = self.order.len();
+        self.purge_at = self
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Dead)
+            .map(|m| m.since + DEAD_RETAIN)
+            .min();
+    }
+
+    /// Up to `n` distinct live members drawn at random (fewer if there are not
+    /// enough); `O(n)` draws, not a scan of the membership.
+    pub fn random_live(&self, n: usize, rng: &mut ChaCha20Rng) -> Vec<Member> {
+        let mut out: Vec<Member> = Vec::new();
+        if self.members.is_empty() {
+            return out;
+        }
+        for _ in 0..n * 4 {
+            if out.len() >= n.min(self.live) {
+                break;
+            }
+            let m = self.members[below(rng, self.members.len())];
+            if m.is_live() && !out.iter().any(|o| o.key == m.key) {
+                out.push(m);
+            }
+        }
+        out
     }
 
     fn probe_next(&mut self, now: Time, rng: &mut ChaCha20Rng) {

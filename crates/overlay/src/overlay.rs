@@ -1935,15 +1935,6 @@ impl Overlay {
         let Some(sn) = self.sn.as_ref() else {
             return Vec::new();
         };
-        let live: Vec<SnInfo> = sn
-            .members
-            .live()
-            .map(|m| SnInfo {
-                key: m.key.0,
-                addr: m.addr,
-                load_permille: m.load.permille(),
-            })
-            .collect();
         let mut out = Vec::new();
         if let Some(addr) = sn.members.my_addr() {
             out.push(SnInfo {
@@ -1952,15 +1943,16 @@ impl Overlay {
                 load_permille: self.my_load().permille(),
             });
         }
-        if live.len() <= n {
-            out.extend(live);
-        } else {
-            let mut picked = std::collections::BTreeSet::new();
-            while picked.len() < n {
-                picked.insert(below(&mut self.rng, live.len()));
-            }
-            out.extend(picked.into_iter().map(|i| live[i]));
-        }
+        out.extend(
+            sn.members
+                .random_live(n.saturating_sub(1), &mut self.rng)
+                .into_iter()
+                .map(|m| SnInfo {
+                    key: m.key.0,
+                    addr: m.addr,
+                    load_permille: m.load.permille(),
+                }),
+        );
         out.truncate(n.min(MAX_SAMPLE));
         out
     }
@@ -1990,6 +1982,16 @@ impl Overlay {
         };
         if !sn.clients.contains_key(&from) && (sn.clients.len() >= max || !sn.admission.take(now)) {
             self.stats.attaches_redirected += 1;
+            // Sorted once per housekeeping period, then reused for every redirect.
+            let fresh = {
+                let sn = self.sn.as_ref().expect("checked above");
+                sn.least_loaded
+                    .is_empty()
+                    .then(|| self.least_loaded(sn, MAX_SAMPLE))
+            };
+            if let (Some(list), Some(sn)) = (fresh, self.sn.as_mut()) {
+                sn.least_loaded = list;
+            }
             let others = {
                 let sn = self.sn.as_ref().expect("checked above");
                 self.least_loaded(sn, 8)
@@ -2700,13 +2702,6 @@ impl Overlay {
             .into_iter()
             .filter(|u| sn.watching.contains_key(u))
             .collect();
-        let sorted = {
-            let sn = self.sn.as_ref().expect("checked above");
-            self.least_loaded(sn, MAX_SAMPLE)
-        };
-        if let Some(sn) = self.sn.as_mut() {
-            sn.least_loaded = sorted;
-        }
         for (k, u) in notices {
             if k == self.me {
                 let me = self.me;
