@@ -1,0 +1,1 @@
+//! Real audio devices (placeholder replaced below).
