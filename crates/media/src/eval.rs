@@ -18,6 +18,7 @@
 //! jitter-buffer adaptation (a frame inserted or dropped in silence) stays in, as
 //! the listener would hear it.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -38,8 +39,16 @@ use crate::{FRAME_SAMPLES, FRAME_US, MediaError, SAMPLE_RATE};
 /// the MOS estimate; the pipeline latency excludes the network.
 pub const NETWORK_BASE_DELAY_MS: f64 = 30.0;
 
-/// Frames between receiver reports: once a second, like peercall's path reports.
+/// Frames between receiver reports on a clean path: once a second.
 const REPORT_INTERVAL_FRAMES: u64 = 50;
+
+/// Frames between early reports once new loss is seen (as RTCP early feedback,
+/// RFC 4585): the sender turns FEC on within a fifth of a second.
+const EARLY_REPORT_FRAMES: u64 = 10;
+
+/// Frames a report takes to reach the sender: about one round trip over the model's
+/// base delay (2 × 30 ms).
+const FEEDBACK_DELAY_FRAMES: usize = 3;
 
 /// Virtual wall-clock start, so the evaluator exercises realistic `Time` values.
 const EPOCH: Time = Time::from_secs(1_700_000_000);
@@ -292,7 +301,11 @@ pub fn run(input: &[i16], options: &EvalOptions) -> Result<EvalOutcome, MediaErr
     let mut first_play: Option<(usize, usize)> = None;
     let mut next_packet = 0;
     let mut reported = (0u64, 0u64);
+    let mut feedback: VecDeque<(usize, PathFeedback)> = VecDeque::new();
     let mut out = [0i16; FRAME_SAMPLES];
+    let first_ts = packetizer.next_timestamp();
+    let mut last_ts: Option<u32> = None;
+    let mut stats = receiver.stats();
 
     for pull in 0..pulls {
         let pull_at = EPOCH + frame + phase + frame * pull as u32;
@@ -361,6 +374,16 @@ pub fn run(input: &[i16], options: &EvalOptions) -> Result<EvalOutcome, MediaErr
             next_packet += 1;
         }
 
+        // Statistics cover the input's frames; pulls after the last one (to flush the
+        // pipeline) would otherwise count as underruns.
+        if last_ts.is_none_or(|last| {
+            receiver
+                .jitter_buffer()
+                .next_timestamp()
+                .is_none_or(|next| (next.wrapping_sub(last) as i32) <= 0)
+        }) {
+            stats = receiver.stats();
+        }
         let played = match receiver.pull(pull_at, &mut out) {
             Pulled::Decoded { seq, waited } => {
                 waits.push(ms(waited));
@@ -375,20 +398,33 @@ pub fn run(input: &[i16], options: &EvalOptions) -> Result<EvalOutcome, MediaErr
             first_play = k.map(|k| (pull, k));
         }
         stream.extend_from_slice(&out);
+        if in_flight.len() == frames && last_ts.is_none() {
+            last_ts = Some(first_ts.wrapping_add(((frames - 1) * FRAME_SAMPLES) as u32));
+        }
 
-        // Receiver report: loss since the last one, before FEC.
-        if (pull as u64 + 1) % REPORT_INTERVAL_FRAMES == 0 {
-            let j = receiver.jitter_buffer().stats();
-            let settled = j.lost + j.played + j.discarded;
-            let (lost0, settled0) = reported;
-            let span = settled.saturating_sub(settled0);
-            if span > 0 {
-                encoder.on_feedback(&PathFeedback {
+        // Receiver report: loss since the last one, before FEC; early when there is
+        // new loss, and delivered to the sender a round trip later.
+        let j = receiver.jitter_buffer().stats();
+        let settled = j.lost + j.played + j.discarded;
+        let (lost0, settled0) = reported;
+        let span = settled.saturating_sub(settled0);
+        let new_loss = j.lost > lost0;
+        if span >= REPORT_INTERVAL_FRAMES || (new_loss && span >= EARLY_REPORT_FRAMES) {
+            feedback.push_back((
+                pull + FEEDBACK_DELAY_FRAMES,
+                PathFeedback {
                     loss_fraction: (j.lost - lost0) as f64 / span as f64,
                     available_bps: None,
-                })?;
-            }
+                },
+            ));
             reported = (j.lost, settled);
+        }
+        while let Some(&(at, report)) = feedback.front() {
+            if at > pull {
+                break;
+            }
+            encoder.on_feedback(&report)?;
+            feedback.pop_front();
         }
     }
 
@@ -404,7 +440,6 @@ pub fn run(input: &[i16], options: &EvalOptions) -> Result<EvalOutcome, MediaErr
         .collect();
     audio.resize(input.len(), 0);
 
-    let stats = receiver.stats();
     let jb_avg = mean(&waits);
     let codec_ms = FRAME_US as f64 / 1000.0 + lookahead as f64 * 1000.0 / f64::from(SAMPLE_RATE);
     let pipeline_latency_ms = codec_ms + jb_avg;

@@ -333,6 +333,11 @@ impl JitterBuffer {
         self.stats
     }
 
+    /// The 48 kHz timestamp the next pull will play, once playout has started.
+    pub fn next_timestamp(&self) -> Option<u32> {
+        self.started.then_some(self.next_ts as u32)
+    }
+
     /// Packets held now.
     pub fn buffered(&self) -> usize {
         self.slots.iter().filter(|s| s.seq.is_some()).count()

@@ -65,6 +65,11 @@ impl Packetizer {
         }
     }
 
+    /// The timestamp the next frame will get.
+    pub fn next_timestamp(&self) -> u32 {
+        self.timestamp
+    }
+
     /// Numbers the encoder's output for the next 20 ms frame. Returns `None` for a
     /// DTX frame (nothing worth sending); its timestamp is still consumed.
     pub fn packetize<'a>(&mut self, payload: &'a [u8]) -> Option<OutgoingFrame<'a>> {
