@@ -26,10 +26,10 @@
 //! # Memory and invariants
 //!
 //! Packets live in a fixed ring of [`CAPACITY`] slots indexed by sequence number,
-//! allocated once: no allocation per packet, bounded memory whatever arrives. A
-//! packet more than `CAPACITY` frames ahead of playout restarts the buffer (a sender
-//! restart or a long outage). A sequence number is played at most once, and the
-//! played sequence numbers only grow.
+//! allocated once: no allocation per packet, bounded memory whatever arrives. Two
+//! consecutive packets more than `CAPACITY` frames ahead of playout restart the
+//! buffer (a sender restart or a long outage); a lone one is dropped. A sequence
+//! number is played at most once, and the played sequence numbers only grow.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -123,7 +123,8 @@ pub enum Pushed {
     Duplicate,
     /// Its playout time has passed; dropped.
     Late,
-    /// Empty or longer than an Opus packet can be; dropped.
+    /// Empty, longer than an Opus packet can be, or a lone packet far ahead of the
+    /// stream (see [`CAPACITY`]); dropped.
     Invalid,
 }
 
@@ -176,7 +177,7 @@ pub struct JitterStats {
     pub discarded: u64,
     /// Frames inserted to grow the buffer.
     pub inserted: u64,
-    /// Empty or oversize payloads.
+    /// Empty or oversize payloads, and lone packets far ahead of the stream.
     pub invalid: u64,
     /// Restarts after a jump of more than [`CAPACITY`] frames.
     pub resyncs: u64,
@@ -184,9 +185,12 @@ pub struct JitterStats {
     pub played: u64,
     /// [`Playout::Underrun`]s answered.
     pub underruns: u64,
-    /// Of those, the ones that turned out to be DTX gaps (the next packet played
-    /// followed the last one without a gap in sequence numbers), not loss.
+    /// Of those, the ones that turned out to be DTX gaps: the next packet played
+    /// followed the last one in sequence but jumped ahead in time.
     pub dtx_underruns: u64,
+    /// Of those, the ones that turned out to be loss or lateness. Underruns not yet
+    /// resolved (at the end of a call that ends in DTX silence) are in neither.
+    pub loss_underruns: u64,
     /// How long the last played packet waited in the buffer.
     pub current_delay: Duration,
     /// Sum of the waits of all played packets (for the average).
@@ -262,7 +266,12 @@ pub struct JitterBuffer {
     next_ts: u64,
     highest_seq: u64,
     idle_frames: u32,
-    last_played: Option<u64>,
+    last_played: Option<(u64, u64)>,
+    /// After a far jump: the sequence number that would confirm it.
+    probation: Option<u64>,
+    /// Every sequence number below this has had its turn (played, recovered, lost or
+    /// dropped); playout never goes back below it.
+    floor_seq: u64,
     pending_underruns: u64,
     transits: VecDeque<i64>,
     scratch: Vec<i64>,
@@ -314,6 +323,8 @@ impl JitterBuffer {
             highest_seq: 0,
             idle_frames: 0,
             last_played: None,
+            probation: None,
+            floor_seq: 0,
             pending_underruns: 0,
             transits: VecDeque::with_capacity(config.window),
             scratch: Vec::with_capacity(config.window),
@@ -371,15 +382,27 @@ impl JitterBuffer {
         let ext_ts = unwrap32(timestamp, self.next_ts);
 
         if ext_seq < self.next_seq {
-            let reorder_before_start =
-                !self.started && self.highest_seq - ext_seq < CAPACITY as u64;
+            // Before playout (re)starts, an earlier frame may still come first, but
+            // never one at or before a frame already played.
+            let reorder_before_start = !self.started
+                && ext_seq >= self.floor_seq
+                && self.highest_seq - ext_seq < CAPACITY as u64;
             if !reorder_before_start {
                 return self.too_old(now, ext_seq, ext_ts);
             }
             self.next_seq = ext_seq;
         } else if ext_seq >= self.next_seq + CAPACITY as u64 {
+            // RFC 3550 A.1's probation: a jump this far is believed (a sender restart,
+            // a long outage) only when the next packet continues from it; a lone
+            // stray packet is dropped.
+            if self.probation != Some(ext_seq) {
+                self.probation = Some(ext_seq + 1);
+                self.stats.invalid += 1;
+                return Pushed::Invalid;
+            }
             self.resync(ext_seq, ext_ts);
         }
+        self.probation = None;
 
         let slot = &mut self.slots[(ext_seq % CAPACITY as u64) as usize];
         if slot.seq == Some(ext_seq) {
@@ -421,6 +444,7 @@ impl JitterBuffer {
         }
         self.started = false;
         self.next_seq = ext_seq;
+        self.floor_seq = ext_seq;
         self.next_ts = ext_ts;
         // A new stream (or the old one after a long outage): old timing says nothing.
         self.transits.clear();
@@ -566,7 +590,7 @@ impl JitterBuffer {
         self.stats.lost += 1;
         self.next_seq += 1;
         // Underruns before a lost frame were that loss, not DTX.
-        self.pending_underruns = 0;
+        self.stats.loss_underruns += std::mem::take(&mut self.pending_underruns);
     }
 
     fn start(&mut self, now: Time) -> bool {
@@ -591,17 +615,29 @@ impl JitterBuffer {
         match next {
             Next::Present { ts, .. } => {
                 let seq = self.next_seq;
+                let behind = ts < self.next_ts;
                 self.next_seq += 1;
                 self.next_ts = self.next_ts.max(ts) + FRAME;
                 let idx = (seq % CAPACITY as u64) as usize;
                 let slot = &mut self.slots[idx];
                 slot.seq = None;
                 let waited = now.saturating_since(slot.arrival);
-                if self.last_played.is_some_and(|l| l + 1 == seq) {
+                if behind {
+                    // Played after its time, behind a concealed frame: the buffer
+                    // grew by that frame.
+                    self.stats.late += 1;
+                }
+                // DTX: nothing was sent, so the sequence goes on while time jumped.
+                let dtx = self
+                    .last_played
+                    .is_some_and(|(s, t)| s + 1 == seq && ts > t + FRAME);
+                if dtx {
                     self.stats.dtx_underruns += self.pending_underruns;
+                } else {
+                    self.stats.loss_underruns += self.pending_underruns;
                 }
                 self.pending_underruns = 0;
-                self.last_played = Some(seq);
+                self.last_played = Some((seq, ts));
                 self.stats.played += 1;
                 self.stats.current_delay = waited;
                 self.stats.total_delay += waited;
@@ -635,6 +671,7 @@ impl JitterBuffer {
                 self.pending_underruns += 1;
                 if self.idle_frames >= IDLE_RESET_FRAMES {
                     self.started = false;
+                    self.floor_seq = self.next_seq;
                 }
                 Playout::Underrun
             }
@@ -788,15 +825,17 @@ mod tests {
     }
 
     #[test]
-    fn a_huge_jump_restarts_instead_of_growing() {
+    fn a_huge_jump_restarts_only_when_the_next_packet_confirms_it() {
         let mut jb = jb();
         jb.push(at(0), 0, ts(0), 0, &[1]);
-        jb.push(at(0), 1_000_000, ts(5), 0, &[1]);
+        assert_eq!(jb.push(at(0), 1_000_000, ts(5), 0, &[1]), Pushed::Invalid);
+        assert_eq!(jb.stats().resyncs, 0);
+        assert_eq!(jb.push(at(0), 1_000_001, ts(6), 0, &[1]), Pushed::Stored);
         assert_eq!(jb.stats().resyncs, 1);
         assert_eq!(jb.buffered(), 1);
         assert!(matches!(
             jb.pull(at(30), false),
-            Playout::Play { seq: 1_000_000, .. }
+            Playout::Play { seq: 1_000_001, .. }
         ));
     }
 }

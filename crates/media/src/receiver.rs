@@ -86,6 +86,7 @@ impl Receiver {
     pub fn pull(&mut self, now: Time, out: &mut [i16; FRAME_SAMPLES]) -> Pulled {
         let decoder = &mut self.decoder;
         let mut corrupt = false;
+        let mut underrun = false;
         let pulled = match self.jitter.pull(now, self.last_silent) {
             Playout::Idle => {
                 out.fill(0);
@@ -114,8 +115,14 @@ impl Receiver {
                     Pulled::Concealed
                 }
             }
-            Playout::Conceal | Playout::Underrun => {
+            Playout::Conceal => {
                 decoder.conceal(out);
+                Pulled::Concealed
+            }
+            Playout::Underrun => {
+                // Counted once the jitter buffer knows whether it was loss or DTX.
+                decoder.conceal(out);
+                underrun = true;
                 Pulled::Concealed
             }
             Playout::ComfortNoise => {
@@ -127,19 +134,19 @@ impl Receiver {
                 Pulled::Inserted
             }
         };
-        self.account(pulled, corrupt);
+        self.account(pulled, corrupt, underrun);
         self.last_silent = self.is_silent(out);
         pulled
     }
 
-    fn account(&mut self, pulled: Pulled, corrupt: bool) {
+    fn account(&mut self, pulled: Pulled, corrupt: bool, underrun: bool) {
         let s = &mut self.stats;
         s.frames_played += 1;
         s.corrupt += u64::from(corrupt);
         let concealed = matches!(pulled, Pulled::Concealed);
         match pulled {
             Pulled::FecRecovered { .. } => s.fec_recovered += 1,
-            Pulled::Concealed => s.concealed += 1,
+            Pulled::Concealed if !underrun => s.concealed += 1,
             Pulled::ComfortNoise => s.dtx += 1,
             _ => {}
         }
@@ -163,10 +170,9 @@ impl Receiver {
     pub fn stats(&self) -> CallStats {
         let j = self.jitter.stats();
         let mut s = self.stats;
-        // Underruns that turned out to be DTX gaps were comfort noise, not loss.
-        let dtx = j.dtx_underruns.min(s.concealed);
-        s.concealed -= dtx;
-        s.dtx += dtx;
+        // Underruns count once resolved: as loss, or as DTX comfort noise.
+        s.concealed += j.loss_underruns;
+        s.dtx += j.dtx_underruns;
         s.received = j.received;
         s.lost = j.lost;
         s.late = j.late;
