@@ -43,7 +43,7 @@ fn xcorr_lag(a: &[i16], b: &[i16], max_lag: i64) -> i64 {
     };
     (-max_lag..=max_lag)
         .max_by(|&x, &y| score(x).total_cmp(&score(y)))
-        .unwrap()
+        .expect("the lag range is not empty")
 }
 
 #[test]
