@@ -190,10 +190,11 @@ const FEC_FLOOR_MARGIN_BPS: u32 = 1_000;
 ///
 /// - Expected loss: the receiver-reported loss with fast attack and slow release
 ///   (each clean report keeps 70 % of the estimate), rounded to whole percent, at
-///   most 25 % (0 when FEC is off), starting at [`INITIAL_EXPECTED_LOSS_PCT`]. Once a clean path has brought the
-///   estimate under 0.5 %, libopus stops coding LBRR and the main layer gets every
-///   bit back. Scaling the expected loss up or down from the measured loss (×0.5,
-///   ×2) changed PESQ-WB by less than 0.05 at 5-20 % loss, so it is used as is.
+///   most 25 % (0 when FEC is off), starting at [`INITIAL_EXPECTED_LOSS_PCT`].
+///   Once a clean path has brought the estimate under 0.5 %, libopus stops coding
+///   LBRR and the main layer gets every bit back. Scaling the expected loss up or
+///   down from the measured loss (×0.5, ×2) changed PESQ-WB by less than 0.05 at
+///   5-20 % loss, so it is used as is.
 /// - Bitrate: the configured bitrate, lowered to 80 % of what the path can carry when
 ///   that is known, but never below the rate at which libopus still codes FEC for
 ///   wideband speech at the current loss ([`fec_floor_bps`]).
