@@ -617,7 +617,9 @@ impl JitterBuffer {
                 let seq = self.next_seq;
                 let behind = ts < self.next_ts;
                 self.next_seq += 1;
-                self.next_ts = self.next_ts.max(ts) + FRAME;
+                // Playing a frame behind its time (after an underrun held its place)
+                // moves the position back to it: the buffer grew by a frame.
+                self.next_ts = ts + FRAME;
                 let idx = (seq % CAPACITY as u64) as usize;
                 let slot = &mut self.slots[idx];
                 slot.seq = None;
@@ -746,6 +748,34 @@ mod tests {
         let s = jb.stats();
         assert_eq!((s.lost, s.played, s.late), (1, 9, 0));
         assert_eq!(s.target_delay, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn a_late_frame_after_an_underrun_grows_the_buffer_once() {
+        let mut jb = jb();
+        let mut played = Vec::new();
+        for k in 0..10u32 {
+            let arrival = u64::from(k) * 20 + 5;
+            if k != 3 {
+                jb.push(at(arrival), k, ts(k), 0, &[1]);
+            }
+            if k == 4 {
+                // Frame 3 comes 40 ms late, after its turn passed with nothing buffered.
+                jb.push(at(arrival + 1), 3, ts(3), 0, &[1]);
+            }
+            played.push(match jb.pull(at(u64::from(k) * 20 + 30), false) {
+                Playout::Play { seq, .. } => format!("p{seq}"),
+                other => format!("{other:?}"),
+            });
+        }
+        assert_eq!(
+            played,
+            [
+                "p0", "p1", "p2", "Underrun", "p3", "p4", "p5", "p6", "p7", "p8"
+            ]
+        );
+        let s = jb.stats();
+        assert_eq!((s.late, s.lost, s.loss_underruns), (1, 0, 1));
     }
 
     #[test]
