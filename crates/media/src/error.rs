@@ -6,8 +6,13 @@ use std::path::PathBuf;
 pub enum MediaError {
     /// libopus refused a call (bad argument, internal error). The codec object is
     /// unchanged; for a decoder the frame is concealed instead.
-    #[error("opus {0}")]
-    Codec(#[from] opus::Error),
+    #[error("libopus {call}: {message}")]
+    Codec {
+        /// The libopus call.
+        call: &'static str,
+        /// libopus's description of the error.
+        message: &'static str,
+    },
 
     /// A configuration value is out of range; names the setting and why.
     #[error("bad media setting `{key}`: {reason}")]
