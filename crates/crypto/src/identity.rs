@@ -16,8 +16,8 @@ use std::str::FromStr;
 use blake2::{Blake2s256, Digest};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand_core::CryptoRngCore;
-use snow::params::DHChoice;
 use snow::resolvers::{CryptoResolver, DefaultResolver};
+use snow::params::DHChoice;
 use thiserror::Error;
 
 use crate::base32;
@@ -194,9 +194,7 @@ macro_rules! key_text {
         impl FromStr for $t {
             type Err = IdentityError;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
-                base32::decode::<32>(s.trim())
-                    .map(Self)
-                    .ok_or(IdentityError::Parse($what))
+                base32::decode::<32>(s.trim()).map(Self).ok_or(IdentityError::Parse($what))
             }
         }
     };
@@ -222,10 +220,7 @@ mod tests {
         for i in 0..bytes.len() {
             let mut bad = bytes;
             bad[i] ^= 0x10;
-            assert!(
-                Identity::from_file_bytes(&bad).is_err(),
-                "flip at {i} detected"
-            );
+            assert!(Identity::from_file_bytes(&bad).is_err(), "flip at {i} detected");
         }
         assert_eq!(
             Identity::from_file_bytes(&bytes[..50]).unwrap_err(),
@@ -249,8 +244,7 @@ mod tests {
     #[test]
     fn static_public_matches_snow() {
         let id = Identity::generate(&mut ChaCha20Rng::seed_from_u64(3));
-        let params: snow::params::NoiseParams =
-            "Noise_XX_25519_ChaChaPoly_BLAKE2s".parse().unwrap();
+        let params: snow::params::NoiseParams = "Noise_XX_25519_ChaChaPoly_BLAKE2s".parse().unwrap();
         // A handshake with this secret shows the same public key to the peer.
         let mut init = snow::Builder::new(params.clone())
             .local_private_key(id.static_secret())

@@ -18,8 +18,8 @@
 //! (48 kHz units) and survive a path switch, which is what de-duplicates frames
 //! sent on two paths at once.
 
-use crate::WireError;
 use crate::codec::{Reader, Writer};
+use crate::WireError;
 use crate::packet::MAX_TRANSPORT_PLAINTEXT;
 
 /// The largest Opus packet (RFC 6716 §3.4, R2).
@@ -310,18 +310,9 @@ mod tests {
     fn malformed_frames_are_errors() {
         assert_eq!(Frame::parse(&[]), Err(WireError::Truncated { needed: 1 }));
         assert_eq!(Frame::parse(&[99]), Err(WireError::UnknownFrame(99)));
-        assert_eq!(
-            Frame::parse(&[tag::KEEPALIVE, 0]),
-            Err(WireError::Trailing(1))
-        );
-        assert!(matches!(
-            Frame::parse(&[tag::CONTROL]),
-            Err(WireError::Length { .. })
-        ));
-        assert!(matches!(
-            Frame::parse(&[tag::RELAY, 0, 0, 0, 1]),
-            Err(WireError::Length { .. })
-        ));
+        assert_eq!(Frame::parse(&[tag::KEEPALIVE, 0]), Err(WireError::Trailing(1)));
+        assert!(matches!(Frame::parse(&[tag::CONTROL]), Err(WireError::Length { .. })));
+        assert!(matches!(Frame::parse(&[tag::RELAY, 0, 0, 0, 1]), Err(WireError::Length { .. })));
         let mut media = [0u8; MEDIA_HEADER_LEN + 1];
         media[0] = tag::MEDIA;
         media[MEDIA_HEADER_LEN - 1] = 0x80;

@@ -390,9 +390,7 @@ impl<'a> Packet<'a> {
             }
         };
         match self {
-            Packet::Initiation(i) => {
-                expect("noise", i.noise.len(), Initiation::noise_len(i.pattern))?
-            }
+            Packet::Initiation(i) => expect("noise", i.noise.len(), Initiation::noise_len(i.pattern))?,
             Packet::Response(r) => expect(
                 "noise",
                 r.noise.len(),
@@ -460,10 +458,7 @@ mod tests {
             sealed: &[0; SEALED_COOKIE_LEN],
         });
         assert_eq!(reply.encoded_len(), 64);
-        assert!(
-            reply.encoded_len() <= Initiation::len_for(Pattern::Xx),
-            "no amplification"
-        );
+        assert!(reply.encoded_len() <= Initiation::len_for(Pattern::Xx), "no amplification");
     }
 
     #[test]
@@ -479,10 +474,7 @@ mod tests {
         let mut buf = [0u8; 200];
         let n = p.encode(&mut buf).unwrap();
         assert_eq!(Packet::parse(&buf[..n]).unwrap(), p);
-        assert_eq!(
-            Packet::parse(&buf[..n - 1]),
-            Err(WireError::Truncated { needed: 1 })
-        );
+        assert_eq!(Packet::parse(&buf[..n - 1]), Err(WireError::Truncated { needed: 1 }));
         assert_eq!(Packet::parse(&buf[..n + 1]), Err(WireError::Trailing(1)));
         let mut bad = buf;
         bad[1] = 2;
@@ -490,10 +482,7 @@ mod tests {
         let mut bad = buf;
         bad[3] = 1;
         assert_eq!(Packet::parse(&bad[..n]), Err(WireError::Reserved));
-        assert_eq!(
-            Packet::parse(&[11, 1, 0, 0]),
-            Err(WireError::NotPeercall(11))
-        );
+        assert_eq!(Packet::parse(&[11, 1, 0, 0]), Err(WireError::NotPeercall(11)));
         assert_eq!(Packet::parse(&[]), Err(WireError::Truncated { needed: 1 }));
     }
 
@@ -504,10 +493,7 @@ mod tests {
         assert_eq!(n, TRANSPORT_HEADER_LEN);
         assert!(matches!(
             Packet::parse(&buf[..n + TAG_LEN - 1]),
-            Err(WireError::Length {
-                field: "ciphertext",
-                ..
-            })
+            Err(WireError::Length { field: "ciphertext", .. })
         ));
         assert!(Packet::parse(&buf[..n + TAG_LEN]).is_ok());
         assert!(Packet::parse(&buf[..MAX_DATAGRAM]).is_ok());

@@ -2,9 +2,7 @@
 //! and no input makes a parser panic.
 
 use peercall_wire::frame::{self, CloseReason, Frame, Media, Probe, ProbeAck, Relay, Report};
-use peercall_wire::packet::{
-    self, CookieReply, Finish, Initiation, Packet, Pattern, Response, Transport,
-};
+use peercall_wire::packet::{self, CookieReply, Finish, Initiation, Packet, Pattern, Response, Transport};
 use peercall_wire::{MAX_DATAGRAM, WireError};
 use proptest::prelude::*;
 
@@ -25,16 +23,12 @@ enum P {
 fn packet_input() -> impl Strategy<Value = P> {
     let bytes = |n| proptest::collection::vec(any::<u8>(), n);
     prop_oneof![
-        (
-            pattern(),
-            any::<u32>(),
-            any::<[u8; 16]>(),
-            any::<[u8; 16]>()
-        )
-            .prop_flat_map(move |(p, s, m1, m2)| {
+        (pattern(), any::<u32>(), any::<[u8; 16]>(), any::<[u8; 16]>()).prop_flat_map(
+            move |(p, s, m1, m2)| {
                 let n = Initiation::len_for(p) - 40;
                 bytes(n).prop_map(move |noise| P::Init(p, s, noise, m1, m2))
-            }),
+            }
+        ),
         (pattern(), any::<u32>(), any::<u32>()).prop_flat_map(move |(p, s, r)| {
             let n = match p {
                 Pattern::Ik => packet::NOISE_IK_RESP_LEN,
@@ -43,15 +37,11 @@ fn packet_input() -> impl Strategy<Value = P> {
             bytes(n).prop_map(move |noise| P::Resp(p, s, r, noise))
         }),
         (any::<u32>(), bytes(packet::NOISE_XX_FINISH_LEN)).prop_map(|(r, n)| P::Finish(r, n)),
-        (any::<u32>(), any::<[u8; 24]>(), any::<[u8; 32]>())
-            .prop_map(|(r, n, c)| P::Cookie(r, n, c)),
+        (any::<u32>(), any::<[u8; 24]>(), any::<[u8; 32]>()).prop_map(|(r, n, c)| P::Cookie(r, n, c)),
         (
             any::<u32>(),
             any::<u64>(),
-            proptest::collection::vec(
-                any::<u8>(),
-                packet::TAG_LEN..=MAX_DATAGRAM - packet::TRANSPORT_HEADER_LEN
-            )
+            proptest::collection::vec(any::<u8>(), packet::TAG_LEN..=MAX_DATAGRAM - packet::TRANSPORT_HEADER_LEN)
         )
             .prop_map(|(r, c, ct)| P::Transport(r, c, ct)),
     ]
@@ -109,8 +99,7 @@ fn frame_input() -> impl Strategy<Value = F> {
         body(packet::MAX_TRANSPORT_PLAINTEXT - 1).prop_map(F::Control),
         (any::<u32>(), body(packet::MAX_TRANSPORT_PLAINTEXT - 5)).prop_map(|(c, p)| F::Relay(c, p)),
         (any::<u16>(), any::<u32>(), any::<u64>()).prop_map(|(a, b, c)| F::Probe(a, b, c)),
-        (any::<u16>(), any::<u32>(), any::<u64>(), any::<u32>())
-            .prop_map(|(a, b, c, d)| F::Ack(a, b, c, d)),
+        (any::<u16>(), any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(a, b, c, d)| F::Ack(a, b, c, d)),
         (
             any::<u16>(),
             any::<u32>(),
@@ -120,8 +109,7 @@ fn frame_input() -> impl Strategy<Value = F> {
             body(frame::MAX_OPUS_PACKET)
         )
             .prop_map(|(a, b, c, d, e, p)| F::Media(a, b, c, d, e, p)),
-        (any::<u16>(), any::<u32>(), any::<u32>(), any::<u32>())
-            .prop_map(|(a, b, c, d)| F::Report(a, b, c, d)),
+        (any::<u16>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(a, b, c, d)| F::Report(a, b, c, d)),
     ]
 }
 
