@@ -180,7 +180,8 @@ pub struct EvalReport {
     pub fec_recovered: u64,
     /// Frames concealed (lost and not recoverable, or corrupt).
     pub concealed: u64,
-    /// Packets that arrived after their playout time (counted in `lost` too).
+    /// Packets that arrived after their playout time: dropped (and counted in
+    /// `lost`), or, when their place was held by a concealed frame, played late.
     pub late: u64,
     /// Mean time a played packet waited in the jitter buffer, ms.
     pub jb_delay_ms_avg: f64,

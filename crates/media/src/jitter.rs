@@ -21,7 +21,9 @@
 //! frame, and only where nobody hears it: during silence (the caller says whether the
 //! last frame it played was silent), in a DTX gap, or just before a talkspurt
 //! starts. Only a large mismatch ([`FORCE_GROW_US`], [`FORCE_SHRINK_US`]) adapts in
-//! the middle of speech.
+//! the middle of speech. One more way to grow: when nothing is buffered at a pull,
+//! the frame due is concealed but keeps its place, so if it then arrives it is played
+//! one frame late instead of being lost.
 //!
 //! # Memory and invariants
 //!
@@ -169,7 +171,8 @@ pub struct JitterStats {
     pub received: u64,
     /// Copies of a frame already stored or played.
     pub duplicate: u64,
-    /// First copies that arrived after their playout time.
+    /// First copies that arrived after their playout time: dropped, or played one
+    /// frame late behind an underrun.
     pub late: u64,
     /// Frames whose playout time came without the packet (network loss or late).
     pub lost: u64,

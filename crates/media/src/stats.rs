@@ -20,7 +20,8 @@ pub struct CallStats {
     pub fec_recovered: u64,
     /// Frames concealed because of loss (not DTX), including corrupt packets.
     pub concealed: u64,
-    /// Packets that arrived after their playout time.
+    /// Packets that arrived after their playout time: dropped (and counted in
+    /// `lost`), or played late behind a concealed frame (the buffer grew by one).
     pub late: u64,
     /// Second copies (two paths) and retransmitted duplicates dropped.
     pub duplicate: u64,
