@@ -105,6 +105,7 @@ async fn run_demo(log: &LogArgs, args: DemoArgs) -> anyhow::Result<()> {
         () = net.stop(&out) => {},
         name = signals.recv() => out.say(format!("{name}: killing the nodes")),
     }
+    net.kill_remaining();
     net.remove(&out);
     result
 }
@@ -560,14 +561,12 @@ impl Network {
         while self.members.iter_mut().any(Member::is_running) && Instant::now() < deadline {
             tokio::time::sleep(SESSION_POLL).await;
         }
-        let mut killed = Vec::new();
-        for m in &mut self.members {
-            if m.is_running() {
-                let _ = m.child.kill();
-                killed.push(m.name.clone());
-            }
-            let _ = m.child.wait();
-        }
+        let killed: Vec<String> = self
+            .members
+            .iter_mut()
+            .filter_map(|m| m.is_running().then(|| m.name.clone()))
+            .collect();
+        self.kill_remaining();
         if killed.is_empty() {
             out.say(format!("all {} nodes exited", self.members.len()));
         } else {
@@ -576,6 +575,16 @@ impl Network {
                 killed.len(),
                 killed.join(", ")
             ));
+        }
+    }
+
+    /// Kills (SIGKILL) every node still running and reaps them all.
+    fn kill_remaining(&mut self) {
+        for m in &mut self.members {
+            if m.is_running() {
+                let _ = m.child.kill();
+            }
+            let _ = m.child.wait();
         }
     }
 
@@ -594,12 +603,7 @@ impl Network {
 impl Drop for Network {
     fn drop(&mut self) {
         // Normally `stop` has reaped everything already; this is for early exits.
-        for m in &mut self.members {
-            if m.is_running() {
-                let _ = m.child.kill();
-            }
-            let _ = m.child.wait();
-        }
+        self.kill_remaining();
         // `root` (a TempDir) is removed when the fields drop, after the children.
     }
 }
@@ -726,7 +730,7 @@ impl Narrator {
                 n.role,
                 n.fingerprint,
                 n.handshake.unwrap_or("-"),
-                n.sessions.join(","),
+                sessions_column(&n.sessions),
                 format!("{}/{}", n.keepalives_sent, n.keepalives_received),
                 n.session_up_ms
                     .map_or("-".to_owned(), |t| format!("{t:.1}")),
@@ -770,6 +774,19 @@ impl Signals {
             _ = self.terminate.recv() => "SIGTERM",
             _ = self.hangup.recv() => "SIGHUP",
         }
+    }
+}
+
+/// Width of the table's sessions column.
+const SESSIONS_COLUMN: usize = 22;
+
+/// The peers' names if they fit the column, else their number.
+fn sessions_column(names: &[String]) -> String {
+    let list = names.join(",");
+    if list.len() <= SESSIONS_COLUMN {
+        list
+    } else {
+        format!("{} peers", names.len())
     }
 }
 
