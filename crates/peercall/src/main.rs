@@ -10,6 +10,7 @@ mod clock;
 mod config;
 mod contact;
 mod logging;
+mod media_eval;
 mod metrics;
 mod node;
 mod runtime;
@@ -33,12 +34,15 @@ struct Cli {
 enum Command {
     /// Run a node: UDP peer traffic plus the loopback admin API, until SIGINT/SIGTERM.
     Node(node::NodeArgs),
+    /// Run a WAV file through the audio pipeline over a simulated network.
+    MediaEval(media_eval::MediaEvalArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Node(args) => node::run(&cli.log, args),
+        Command::MediaEval(args) => media_eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
