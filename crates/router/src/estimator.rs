@@ -259,21 +259,37 @@ impl LossSummary {
     /// standard deviations (Wilson score interval): what the loss could still be,
     /// given this few samples. 1 with no samples.
     pub fn rate_upper(&self, z: f64) -> f64 {
-        wilson_upper(self.lost, self.samples(), z)
+        wilson(self.lost, self.samples(), z).1
+    }
+
+    /// The lower end of the same interval: what the loss is at least. 0 with no
+    /// samples.
+    pub fn rate_lower(&self, z: f64) -> f64 {
+        wilson(self.lost, self.samples(), z).0
     }
 }
 
 /// The Wilson score interval's upper bound for `lost` of `n` with `z` deviations.
 pub fn wilson_upper(lost: u32, n: u32, z: f64) -> f64 {
+    wilson(lost, n, z).1
+}
+
+/// The Wilson score interval (lower, upper) for `lost` of `n` with `z` deviations;
+/// (0, 1) with no samples.
+pub fn wilson(lost: u32, n: u32, z: f64) -> (f64, f64) {
     if n == 0 {
-        return 1.0;
+        return (0.0, 1.0);
     }
     let n = f64::from(n);
     let p = f64::from(lost) / n;
     let z2 = z * z;
     let centre = p + z2 / (2.0 * n);
     let spread = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
-    ((centre + spread) / (1.0 + z2 / n)).clamp(0.0, 1.0)
+    let scale = 1.0 + z2 / n;
+    (
+        ((centre - spread) / scale).clamp(0.0, 1.0),
+        ((centre + spread) / scale).clamp(0.0, 1.0),
+    )
 }
 
 impl LossWindow {
@@ -330,6 +346,12 @@ impl LossWindow {
                 s.max_burst = s.max_burst.max(b.max_burst);
             }
         }
+        // A run that began before the window still counts as one burst, and only
+        // its part inside the window counts towards its length.
+        if s.lost > 0 {
+            s.bursts = s.bursts.max(1);
+        }
+        s.max_burst = s.max_burst.min(s.lost);
         s
     }
 
@@ -442,5 +464,8 @@ mod tests {
         assert!(many < 0.006, "{many}");
         let mid = wilson_upper(15, 500, 1.645);
         assert!(mid > 0.04 && mid < 0.05, "{mid}");
+        let (lo, hi) = wilson(15, 500, 1.645);
+        assert!(lo > 0.015 && lo < 0.03 && hi == mid, "{lo}");
+        assert_eq!(wilson(0, 100, 1.645).0, 0.0);
     }
 }

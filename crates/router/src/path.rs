@@ -60,9 +60,10 @@ pub const LIVENESS_REPORT_INTERVAL: Duration = Duration::from_millis(30);
 /// many outcomes (one second of frames); below that, from probes.
 pub const MIN_MEDIA_SAMPLES: u32 = 50;
 
-/// Standard deviations in the pessimistic loss bound (one-sided 95 %): a candidate
-/// path must be better even at this bound, so chance runs of luck on a sparsely
-/// measured path do not cause switches.
+/// Standard deviations in the loss confidence interval (one-sided 95 %): a
+/// candidate path must be no worse than the active one even with its loss at the
+/// upper end and the active path's at the lower end, so a run of luck on a sparsely
+/// measured path, or the noise between two equal paths, does not cause a switch.
 pub const LOSS_CONFIDENCE_Z: f64 = 1.645;
 
 /// A jitter figure from the peer's reports is used while it is this recent.
@@ -81,6 +82,17 @@ pub const PROBES_IN_FLIGHT: usize = 8;
 pub const PROBE_TIMEOUT_RTT_FACTOR: u32 = 3;
 /// ...or after this long, whichever is longer.
 pub const PROBE_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
+
+/// A path's loss figures for its score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LossEstimate {
+    pub rate: f64,
+    /// Ends of the confidence interval ([`LOSS_CONFIDENCE_Z`]).
+    pub lower: f64,
+    pub upper: f64,
+    pub mean_burst: f64,
+    pub from_media: bool,
+}
 
 /// What happened to an incoming media frame on its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +195,7 @@ pub(crate) struct Path {
 
     // Liveness.
     pub last_heard: Option<Time>,
+    pub first_heard: Option<Time>,
     /// The first media frame or probe sent after the last packet heard.
     pub answer_pending_since: Option<Time>,
     /// The first media frame or probe sent after the last feedback (report or ack).
@@ -225,6 +238,7 @@ impl Path {
             kind,
             added: now,
             last_heard: None,
+            first_heard: None,
             answer_pending_since: None,
             feedback_pending_since: None,
             last_feedback: None,
@@ -291,6 +305,7 @@ impl Path {
     }
 
     pub fn on_heard(&mut self, now: Time) {
+        self.first_heard.get_or_insert(now);
         self.last_heard = Some(now);
         self.answer_pending_since = None;
     }
@@ -327,7 +342,9 @@ impl Path {
         self.next_probe_seq = seq.wrapping_add(1);
         let sent_at = now.as_micros();
         let slot = seq as usize % PROBES_IN_FLIGHT;
-        if self.in_flight[slot].is_some() {
+        if let Some((_, old)) = self.in_flight[slot]
+            && self.counts_as_lost(old)
+        {
             // Its slot is reused before it was answered or timed out: lost.
             self.probe_loss.record_lost(now, 1);
         }
@@ -342,6 +359,13 @@ impl Path {
         }
     }
 
+    /// A probe sent at `sent_at` (µs) and never answered counts as lost only if the
+    /// path had been heard from before it was sent: a path not open yet (hole
+    /// punching) is not lossy, and its early probes would only delay a good score.
+    fn counts_as_lost(&self, sent_at: u64) -> bool {
+        self.first_heard.is_some_and(|t| sent_at >= t.as_micros())
+    }
+
     pub fn probe_timeout(&self) -> Duration {
         (self.rtt_or_initial() * PROBE_TIMEOUT_RTT_FACTOR).max(PROBE_TIMEOUT_FLOOR)
     }
@@ -349,12 +373,15 @@ impl Path {
     /// Counts probes unanswered for [`Path::probe_timeout`] as lost.
     pub fn expire_probes(&mut self, now: Time) {
         let timeout = u64::try_from(self.probe_timeout().as_micros()).unwrap_or(u64::MAX);
+        let first_heard = self.first_heard;
         for slot in &mut self.in_flight {
             if let Some((_, sent_at)) = *slot
                 && now.as_micros().saturating_sub(sent_at) >= timeout
             {
                 *slot = None;
-                self.probe_loss.record_lost(now, 1);
+                if first_heard.is_some_and(|t| sent_at >= t.as_micros()) {
+                    self.probe_loss.record_lost(now, 1);
+                }
             }
         }
     }
@@ -426,25 +453,27 @@ impl Path {
     /// The loss figures the score uses: from media reports when there are enough,
     /// else from probes (round-trip loss turned into one-way loss assuming both
     /// directions lose alike), and whether they came from media.
-    pub fn loss_for_score(&self, now: Time) -> (f64, f64, f64, bool) {
+    pub fn loss_for_score(&self, now: Time) -> LossEstimate {
         let media = self.media_loss.summary(now);
         if media.samples() >= MIN_MEDIA_SAMPLES {
-            return (
-                media.rate(),
-                media.rate_upper(LOSS_CONFIDENCE_Z),
-                media.mean_burst(),
-                true,
-            );
+            return LossEstimate {
+                rate: media.rate(),
+                lower: media.rate_lower(LOSS_CONFIDENCE_Z),
+                upper: media.rate_upper(LOSS_CONFIDENCE_Z),
+                mean_burst: media.mean_burst(),
+                from_media: true,
+            };
         }
         let probes = self.probe_loss.summary(now);
         let one_way = |round_trip: f64| 1.0 - (1.0 - round_trip.clamp(0.0, 1.0)).sqrt();
-        (
-            one_way(probes.rate()),
-            one_way(probes.rate_upper(LOSS_CONFIDENCE_Z)),
+        LossEstimate {
+            rate: one_way(probes.rate()),
+            lower: one_way(probes.rate_lower(LOSS_CONFIDENCE_Z)),
+            upper: one_way(probes.rate_upper(LOSS_CONFIDENCE_Z)),
             // Probes are too sparse to see bursts of 20 ms frames.
-            1.0,
-            false,
-        )
+            mean_burst: 1.0,
+            from_media: false,
+        }
     }
 
     /// Jitter for the score: the peer's view of our direction from its reports,
@@ -464,22 +493,27 @@ impl Path {
         self.rtt.variation() / 2
     }
 
-    pub fn quality(&self, now: Time) -> (PathQuality, f64, bool) {
-        let (loss, loss_upper, mean_burst, from_media) = self.loss_for_score(now);
+    pub fn quality(&self, now: Time) -> (PathQuality, LossEstimate) {
+        let loss = self.loss_for_score(now);
         let q = PathQuality {
             rtt: self.rtt_or_initial(),
             jitter: self.jitter_for_score(now),
-            loss,
-            mean_burst,
+            loss: loss.rate,
+            mean_burst: loss.mean_burst,
         };
-        (q, loss_upper, from_media)
+        (q, loss)
     }
 
     pub fn view(&self, now: Time) -> PathView {
-        let (q, loss_upper, from_media) = self.quality(now);
+        let (q, loss) = self.quality(now);
         let r = q.r_factor();
         let r_pessimistic = PathQuality {
-            loss: loss_upper.max(q.loss),
+            loss: loss.upper.max(q.loss),
+            ..q
+        }
+        .r_factor();
+        let r_optimistic = PathQuality {
+            loss: loss.lower.min(q.loss),
             ..q
         }
         .r_factor();
@@ -496,7 +530,8 @@ impl Path {
             loss: q.loss,
             r,
             r_pessimistic,
-            measured_by_media: from_media,
+            r_optimistic,
+            measured_by_media: loss.from_media,
         }
     }
 

@@ -465,7 +465,7 @@ impl<S: PathSelector> Router<S> {
             .iter()
             .map(|p| {
                 let v = p.view(now);
-                let (q, _, from_media) = p.quality(now);
+                let (q, loss) = p.quality(now);
                 let media = p.media_summary(now);
                 let probes = p.probe_loss.summary(now);
                 let inbound = p.inbound.loss.summary(now);
@@ -493,7 +493,7 @@ impl<S: PathSelector> Router<S> {
                     rtt_p90: p.rtt.percentile(0.9),
                     jitter: q.jitter,
                     loss: q.loss,
-                    loss_from_media: from_media,
+                    loss_from_media: loss.from_media,
                     media_loss: media,
                     probe_loss: probes,
                     inbound_loss: inbound,

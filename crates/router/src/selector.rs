@@ -11,12 +11,13 @@
 //!    max(3 × RTT, 150 ms), see [`crate::path::SILENCE_FLOOR`]), the best other
 //!    usable path takes over in the same call.
 //! 3. **Switch on sustained improvement.** A candidate must beat the active path's R
-//!    by [`SWITCH_MARGIN_R`] *at its pessimistic R* (loss at the upper end of its
-//!    confidence interval), continuously for [`SWITCH_HOLD`], and at least
-//!    [`MIN_SWITCH_INTERVAL`] after the last switch. Direct paths are preferred by
-//!    [`PREFER_DIRECT_R`], one relay over two by [`PREFER_ONE_RELAY_R`].
-//! 4. **Trial.** When a candidate's point estimate beats the active path by the
-//!    margin but its pessimistic one does not (too few samples, e.g. probes only),
+//!    by [`SWITCH_MARGIN_R`], and be no worse even with its loss at the upper end of
+//!    its confidence interval and the active path's at the lower end
+//!    ([`crate::path::LOSS_CONFIDENCE_Z`]), continuously for [`SWITCH_HOLD`], and at
+//!    least [`MIN_SWITCH_INTERVAL`] after the last switch. Direct paths are preferred
+//!    by [`PREFER_DIRECT_R`], one relay over two by [`PREFER_ONE_RELAY_R`].
+//! 4. **Trial.** When a candidate beats the active path by the margin but not with
+//!    confidence, and only probes measured it (too few samples),
 //!    media is sent on it too for up to [`TRIAL_DURATION`], so it is measured at the
 //!    media rate; at most one trial starts per [`TRIAL_INTERVAL`].
 //! 5. **Redundancy** on the two best paths while the active path is lossy
@@ -53,6 +54,8 @@ pub struct PathView {
     pub r: f64,
     /// R with the loss at the upper end of its confidence interval.
     pub r_pessimistic: f64,
+    /// R with the loss at the lower end of its confidence interval.
+    pub r_optimistic: f64,
     /// The loss figures come from media reports (not only probes).
     pub measured_by_media: bool,
 }
@@ -126,10 +129,12 @@ pub const SWITCH_MARGIN_R: f64 = 5.0;
 /// 10-second loss window, so a real change is followed within seconds.
 pub const SWITCH_HOLD: Duration = Duration::from_secs(3);
 
-/// The least time between two switches for improvement (switches away from a
-/// silent path are never held back): a hard floor under flapping, a third of the
-/// issue's ≤ 1 switch per 30 s.
-pub const MIN_SWITCH_INTERVAL: Duration = Duration::from_secs(10);
+/// The least time between a switch and a switch for improvement (switches away
+/// from a silent path are never held back): the bound of at most one switch
+/// per 30 s, as a hard floor under flapping when paths change faster than the
+/// hysteresis can tell (loss that wanders every few seconds). A degraded active path
+/// is covered meanwhile by redundancy ([`LOSSY_ON`]).
+pub const MIN_SWITCH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Bonus R for a direct path: above [`SWITCH_MARGIN_R`], so a call upgrades from a
 /// relay to an equally good direct path (relays are shared, finite capacity), and a
@@ -212,6 +217,10 @@ fn effective_pessimistic(v: &PathView) -> f64 {
     v.r_pessimistic + kind_preference(v.kind)
 }
 
+fn effective_optimistic(v: &PathView) -> f64 {
+    v.r_optimistic + kind_preference(v.kind)
+}
+
 /// The best usable path other than `except`, by `key`; a suspect path only when no
 /// sound one is left.
 fn best_by(
@@ -278,33 +287,35 @@ impl DefaultSelector {
             });
         }
         let bar = effective(&active) + SWITCH_MARGIN_R;
-        match best_by(paths, Some(active.id), effective_pessimistic) {
-            Some(c) if effective_pessimistic(c) >= bar => {
-                let since = match self.candidate {
-                    Some((id, since)) if id == c.id => since,
-                    _ => now,
-                };
-                self.candidate = Some((c.id, since));
-                // The first choice of the call is no switch to hold back from.
-                let dwell_over = self.last_switch.is_none_or(|(t, from)| {
-                    from.is_none() || now.saturating_since(t) >= MIN_SWITCH_INTERVAL
-                });
-                if now.saturating_since(since) >= SWITCH_HOLD && dwell_over {
-                    self.switch_to(now, c.id);
-                    return Some(SwitchReason::Better);
-                }
+        let Some(c) = best_by(paths, Some(active.id), effective).filter(|c| effective(c) >= bar)
+        else {
+            self.candidate = None;
+            return None;
+        };
+        if effective_pessimistic(c) >= effective_optimistic(&active) {
+            let since = match self.candidate {
+                Some((id, since)) if id == c.id => since,
+                _ => now,
+            };
+            self.candidate = Some((c.id, since));
+            // The first choice of the call is no switch to hold back from.
+            let dwell_over = self.last_switch.is_none_or(|(t, from)| {
+                from.is_none() || now.saturating_since(t) >= MIN_SWITCH_INTERVAL
+            });
+            if now.saturating_since(since) >= SWITCH_HOLD && dwell_over {
+                self.switch_to(now, c.id);
+                return Some(SwitchReason::Better);
             }
-            _ => self.candidate = None,
+            return None;
         }
-        // A candidate that is better only on its point estimate gets a trial.
+        // Better on its point estimate, not yet with confidence: too few samples
+        // (probes only), so a trial measures it at the media rate.
+        self.candidate = None;
         if self.trial.is_none()
-            && self.candidate.is_none()
+            && !c.measured_by_media
             && self
                 .last_trial
                 .is_none_or(|t| now.saturating_since(t) >= TRIAL_INTERVAL)
-            && let Some(c) = best_by(paths, Some(active.id), effective)
-            && effective(c) >= bar
-            && !c.measured_by_media
         {
             self.trial = Some((c.id, now));
             self.last_trial = Some(now);
