@@ -48,9 +48,10 @@ impl PathQuality {
     }
 }
 
-/// The estimated MOS for a rating.
+/// The estimated MOS for a rating, 1.0..=4.5. G.107 Annex B's polynomial dips just
+/// below 1 for 0 < R < 6.5 (to 0.99); MOS is 1 at worst, so it is clamped here.
 pub fn mos(r: f64) -> f64 {
-    quality::mos_from_r(r)
+    quality::mos_from_r(r).clamp(1.0, 4.5)
 }
 
 #[cfg(test)]
@@ -91,5 +92,6 @@ mod tests {
         .r_factor();
         assert!(lossy < r - 9.0 && bursty < lossy && far < r - 10.0 && jittery < r);
         assert!(mos(r) > 4.3 && mos(lossy) < mos(r));
+        assert_eq!(mos(1.0), 1.0);
     }
 }

@@ -45,6 +45,11 @@ pub struct Link {
     bad: bool,
     /// Packets sent or arriving inside these intervals are lost.
     pub outages: Vec<(Time, Time)>,
+    /// Ground truth for media frames on this link: sent, lost, loss runs.
+    pub media_sent: u64,
+    pub media_lost: u64,
+    pub media_runs: u64,
+    media_in_run: bool,
 }
 
 impl Link {
@@ -56,6 +61,10 @@ impl Link {
             burst: None,
             bad: false,
             outages: Vec::new(),
+            media_sent: 0,
+            media_lost: 0,
+            media_runs: 0,
+            media_in_run: false,
         }
     }
 
@@ -74,7 +83,7 @@ impl Link {
     }
 
     /// The arrival time, or None when lost.
-    fn fate(&mut self, now: Time, rng: &mut ChaCha20Rng) -> Option<Time> {
+    fn fate(&mut self, now: Time, rng: &mut ChaCha20Rng, media: bool) -> Option<Time> {
         let mut lost = rng.r#gen::<f64>() < self.loss;
         if let Some((gb, bg)) = self.burst {
             let flip: f64 = rng.r#gen();
@@ -87,11 +96,28 @@ impl Link {
             Duration::from_micros(rng.gen_range(0..=self.jitter.as_micros() as u64))
         };
         let at = now + self.delay + extra;
-        if lost || self.down(now) || self.down(at) {
-            None
-        } else {
-            Some(at)
+        let lost = lost || self.down(now) || self.down(at);
+        if media {
+            self.media_sent += 1;
+            if lost {
+                self.media_lost += 1;
+                if !self.media_in_run {
+                    self.media_runs += 1;
+                }
+            }
+            self.media_in_run = lost;
         }
+        (!lost).then_some(at)
+    }
+
+    /// The true mean length of the media loss runs so far.
+    pub fn media_mean_run(&self) -> f64 {
+        self.media_lost as f64 / self.media_runs.max(1) as f64
+    }
+
+    /// The true media loss rate so far.
+    pub fn media_loss_rate(&self) -> f64 {
+        self.media_lost as f64 / self.media_sent.max(1) as f64
     }
 }
 
@@ -214,7 +240,8 @@ impl Sim {
             .iter_mut()
             .find(|(id, _)| *id == path)
             .expect("packet on a known path");
-        if let Some(at) = links[from].fate(now, &mut self.rng) {
+        let media = matches!(p, Packet::Media { .. });
+        if let Some(at) = links[from].fate(now, &mut self.rng, media) {
             self.order += 1;
             self.queue
                 .push(Reverse((at, self.order, 1 - from, PacketBox(p))));
