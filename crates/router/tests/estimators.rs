@@ -1,4 +1,7 @@
 //! Estimator accuracy through the whole router loop, against links with known
+
+// The two callers are indexed 0 and 1 across parallel per-side arrays.
+#![allow(clippy::needless_range_loop)]
 //! delay, jitter, loss and bursts.
 
 mod common;

@@ -1,5 +1,8 @@
 //! Failover: leaving a dead path, redundancy, switching to a better path.
 
+// The two callers are indexed 0 and 1 across parallel per-side arrays.
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use std::time::Duration;

@@ -65,10 +65,10 @@ fn run(seed: u64, kinds: [PathKind; 2], redraw: Option<Duration>) -> Outcome {
     assert_eq!(sim.stuck, 0);
     let mut switches = [0; 2];
     let mut worst_window = 0;
-    for s in 0..2 {
+    for (s, count) in switches.iter_mut().enumerate() {
         // The first entry is the call's first choice, not a switch.
         let times: Vec<Time> = sim.sides[s].switches.iter().skip(1).map(|w| w.0).collect();
-        switches[s] = times.len();
+        *count = times.len();
         worst_window = worst_window.max(max_switches_per_window(&times));
         let stats = sim.routers[s].stats(sim.now);
         assert_eq!(stats.switches as usize, times.len());
