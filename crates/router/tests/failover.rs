@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{FRAME, Link, START, Sim, seed};
+use peercall_router::path::FEEDBACK_TIMEOUT;
 use peercall_router::selector::SWITCH_HOLD;
 use peercall_router::{PathKind, RedundancyMode, RouterConfig, SwitchReason};
 use peercall_wire::Time;
@@ -217,4 +218,37 @@ fn media_starts_on_the_first_working_path() {
     assert_eq!((to, reason), (RELAY, SwitchReason::Initial));
     // One probe round trip on the relay plus a frame.
     assert!(at.saturating_since(START) <= Duration::from_millis(100) + FRAME);
+}
+
+#[test]
+fn a_one_way_failure_is_left_within_the_feedback_timeout() {
+    // Only side 0's direction of the direct path dies: side 1 stops hearing and
+    // leaves at once; side 0 still hears side 1's probes on it, but no reports about
+    // its own media, and leaves after the feedback timeout.
+    let mut sim = two_paths(
+        seed(71),
+        RedundancyMode::Auto,
+        Link::new(20).jitter_ms(4),
+        Link::new(45).jitter_ms(4),
+    );
+    let cut = START + Duration::from_secs(20);
+    // Registered up front: a packet's fate is drawn when it is sent.
+    sim.link(DIRECT, 0)
+        .outages
+        .push((cut, cut + Duration::from_secs(600)));
+    sim.run_until(cut);
+    assert_eq!(sim.routers[0].active(), Some(DIRECT));
+    sim.run_for(Duration::from_secs(5));
+    let leave = |s: usize| {
+        let (at, from, to, _) = switch_after(&sim, s, cut).expect("left the path");
+        assert_eq!((from, to), (Some(DIRECT), RELAY));
+        at.saturating_since(cut)
+    };
+    let (l0, l1) = (leave(0), leave(1));
+    eprintln!("one-way failure: sender left after {l0:?}, receiver after {l1:?}");
+    assert!(l1 <= Duration::from_millis(150), "{l1:?}");
+    assert!(
+        l0 <= FEEDBACK_TIMEOUT + Duration::from_millis(100),
+        "{l0:?}"
+    );
 }
