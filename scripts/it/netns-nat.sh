@@ -15,6 +15,8 @@
 #      and a cut in a user-space relay on the path both recover once healed.
 # Needs root; skips (exit 0) without it or without `ip netns`. About 50 s.
 set -euo pipefail
+# Decimal points in EPOCHREALTIME and awk, whatever the caller's locale.
+export LC_ALL=C
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
 
@@ -41,14 +43,14 @@ KEEPALIVE_SECS=2
 SESSION_TIMEOUT_SECS=6
 # How long the desktops' sessions must survive: three conntrack timeouts.
 SURVIVE_SECS=$((3 * NETNS_UDP_TIMEOUT))
-# How long a path stays cut: longer than the session timeout, so both ends drop
-# the session and the desktop must dial again.
-CUT_SECS=$((SESSION_TIMEOUT_SECS + 3))
+# A cut lasts until both ends have dropped the session (so the desktop must dial
+# again), and at least this long: more than the session timeout.
+CUT_SECS=$((SESSION_TIMEOUT_SECS + 1))
 # Deadline for sessions to come up (a debug build on a loaded 2-core machine).
 SESSION_WAIT=20
 # Deadline for a session to come back after a heal: the engine's handshake back-off
-# reaches 8 s during a 9 s cut; plus margin.
-RECOVER_WAIT=25
+# (1, 2, 4 s... from the session's end) is at most 4 s by then; plus a wide margin.
+RECOVER_WAIT=20
 # Probe server ports (the STUN port and the next) and the echo port on host "stun".
 PROBE_PORT=3478
 PROBE_ALT_PORT=3479
@@ -74,6 +76,10 @@ fail() {
     echo "netns-nat: FAIL: $*" >&2
     exit 1
 }
+# secs_between T1 T2 [FLOOR]: T2 - T1 in seconds (EPOCHREALTIME values), one decimal.
+secs_between() { awk -v a="$1" -v b="$2" -v f="${3:-}" 'BEGIN { d = b - a; if (f != "" && d < f) d = f; printf "%.1f\n", d }'; }
+# secs_after T S: T + S.
+secs_after() { awk -v a="$1" -v s="$2" 'BEGIN { printf "%.6f\n", a + s }'; }
 
 # ---------------------------------------------------------------- binary
 if [ -n "${PEERCALL_BIN:-}" ]; then
@@ -117,7 +123,7 @@ trap 'exit 129' HUP
 # returns at once.
 (
     trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-    sleep "$WATCHDOG_SECS" </dev/null >/dev/null 2>&1 &
+    sleep "$WATCHDOG_SECS" >/dev/null 2>&1 &
     nap=$!
     wait "$nap"
     echo "netns-nat: FAIL: watchdog: over ${WATCHDOG_SECS}s" >&2
@@ -125,13 +131,15 @@ trap 'exit 129' HUP
 ) &
 watchdog=$!
 
+netns_gc
+export NETNS_OWNER=$$
 netns_up || fail "topology"
 
 # ---------------------------------------------------------------- 1. NAT behaviour
-netns_bg stun "$NETNS_STATE/probe-server.log" python3 "$probe" server \
+netns_bg stun "$NETNS_STATE/probe-server.log" "$NETNS_PYTHON" "$probe" server \
     --addr "$NETNS_STUN1" --addr "$NETNS_STUN2" --port $PROBE_PORT --port $PROBE_ALT_PORT \
     --max-seconds $WATCHDOG_SECS >/dev/null
-netns_bg stun "$NETNS_STATE/echo-server.log" python3 "$probe" echo \
+netns_bg stun "$NETNS_STATE/echo-server.log" "$NETNS_PYTHON" "$probe" echo \
     --bind "$NETNS_STUN1:$ECHO_PORT" --max-seconds $WATCHDOG_SECS >/dev/null
 netns_wait "probe server" 5 grep -q listening "$NETNS_STATE/probe-server.log" || fail "probe server"
 netns_wait "echo server" 5 grep -q listening "$NETNS_STATE/echo-server.log" || fail "echo server"
@@ -143,7 +151,7 @@ expiry_long=$((NETNS_UDP_TIMEOUT + 3))
 expiry_pids=()
 for d in a b; do
     for after in $expiry_short $expiry_long; do
-        netns_exec "$d" timeout 40 python3 "$probe" expiry --server "$NETNS_STUN1" \
+        netns_exec "$d" timeout 40 "$NETNS_PYTHON" "$probe" expiry --server "$NETNS_STUN1" \
             --port $PROBE_PORT --after "$after" >"$NETNS_STATE/expiry-$d-$after.json" &
         expiry_pids+=($!)
     done
@@ -162,23 +170,20 @@ netns_impair_start c-sn2 natc "$(netns_addr c_lan_gw):$RELAY_PORT" "$NETNS_SN2:$
     --delay-ms $RELAY_DELAY_MS --jitter-ms $RELAY_JITTER_MS --loss $RELAY_LOSS ||
     fail "start relay c-sn2"
 netns_impair_divert c "$NETNS_SN2" "$sn2_port" $RELAY_PORT || fail "divert c -> sn2 via relay"
+t_nodes=$EPOCHREALTIME
 for d in a b c; do
     netns_node_start "$d" "$d" "$seeds" "${node_conf[@]}" || fail "start $d"
 done
 
 sessions_up() {
-    local d sn
-    for d in a b c; do
-        for sn in sn1 sn2; do
-            netns_node_session "$d" "$sn" && netns_node_session "$sn" "$d" || return 1
-        done
-    done
+    netns_node_has_sessions sn1 a b c && netns_node_has_sessions sn2 a b c &&
+        netns_node_has_sessions a sn1 sn2 && netns_node_has_sessions b sn1 sn2 &&
+        netns_node_has_sessions c sn1 sn2
 }
-t_nodes=$SECONDS
 netns_wait "every desktop in session with both supernodes" $SESSION_WAIT sessions_up ||
     fail "sessions did not come up: $(for n in sn1 sn2 a b c; do echo "$n: $(netns_node_status "$n")"; done)"
 t_up=$SECONDS
-measured "sessions: a, b, c each with sn1 and sn2 through their NATs, $((t_up - t_nodes)) s after start"
+measured "sessions: a, b, c each with sn1 and sn2 through their NATs, $(secs_between "$t_nodes" "$EPOCHREALTIME") s after the desktops were started"
 
 declare -A seen
 for d in a b c; do
@@ -199,7 +204,7 @@ measured "public addresses: supernodes see a at ${seen[a,sn1]} (both), b at ${se
 
 # ---------------------------------------------------------------- 1. NAT behaviour (cont.)
 classify() { # ROLE
-    netns_exec "$1" timeout 30 python3 "$probe" classify --server "$NETNS_STUN1" \
+    netns_exec "$1" timeout 30 "$NETNS_PYTHON" "$probe" classify --server "$NETNS_STUN1" \
         --alt-server "$NETNS_STUN2" --port $PROBE_PORT --alt-port $PROBE_ALT_PORT
 }
 expect_nat() { # ROLE NAT_TYPE MAPPING
@@ -229,7 +234,7 @@ netns_impair_start selftest stun "$NETNS_STUN2:$((ECHO_PORT + 1))" "$NETNS_STUN1
     --delay-ms $relay_delay --jitter-ms $relay_jitter --loss $relay_loss --seed 1 ||
     fail "start relay selftest"
 rtt() { # ROLE TARGET COUNT
-    netns_exec "$1" timeout 20 python3 "$probe" rtt --to "$2" --count "$3" --interval-ms 5
+    netns_exec "$1" timeout 20 "$NETNS_PYTHON" "$probe" rtt --to "$2" --count "$3" --interval-ms 5
 }
 kernel_loss=0.3
 netns_loss stun "$NETNS_STUN1" "$NETNS_SN2" $kernel_loss || fail "netns_loss"
@@ -241,7 +246,7 @@ netns_loss stun "$NETNS_STUN1" "$NETNS_SN2" 0 || fail "netns_loss 0"
 # Expected: two crossings each way: RTT 2 x delay, loss 1 - (1 - p)^2. Tolerances:
 # +-0.12 is four standard deviations of a loss fraction over 300 probes; the RTT may
 # exceed 2 x delay by the relay's scheduling (a few ms on a busy machine).
-impair_desc=$(python3 - "$relayed" "$(cat "$NETNS_STATE/kernel-loss.json")" $relay_delay $relay_loss $kernel_loss <<'EOF'
+impair_desc=$("$NETNS_PYTHON" - "$relayed" "$(cat "$NETNS_STATE/kernel-loss.json")" $relay_delay $relay_loss $kernel_loss <<'EOF'
 import json, sys
 relayed, kernel = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 delay, rloss, kloss = float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
@@ -274,8 +279,8 @@ for d in a b; do
     mapping=${seen[$d,sn1]}
     before=$(netns_node_metric "$d" "$unknown") || fail "metric $unknown on $d"
     # From a host the desktop never contacted, and from sn1's address but another port.
-    netns_exec stun python3 "$probe" send --to "$mapping" --payload "unsolicited from a stranger" >/dev/null
-    netns_exec sn1 python3 "$probe" send --to "$mapping" --bind "$NETNS_SN1:$((PROBE_PORT + 100))" \
+    netns_exec stun "$NETNS_PYTHON" "$probe" send --to "$mapping" --payload "unsolicited from a stranger" >/dev/null
+    netns_exec sn1 "$NETNS_PYTHON" "$probe" send --to "$mapping" --bind "$NETNS_SN1:$((PROBE_PORT + 100))" \
         --payload "unsolicited from the supernode's address, another port" >/dev/null
     sleep 1
     after=$(netns_node_metric "$d" "$unknown")
@@ -283,7 +288,7 @@ for d in a b; do
         fail "$d received unsolicited datagrams through its NAT ($unknown $before -> $after)"
     # Control: the same datagram from inside the LAN arrives and is counted, so the
     # counter does see a delivered probe.
-    netns_exec "$(netns_nat_of "$d")" python3 "$probe" send --to "$(netns_addr "$d"):$NETNS_NODE_PORT" \
+    netns_exec "$(netns_nat_of "$d")" "$NETNS_PYTHON" "$probe" send --to "$(netns_addr "$d"):$NETNS_NODE_PORT" \
         --payload "from the LAN" >/dev/null
     counted() { [ "$(netns_node_metric "$d" "$unknown")" = "$((before + 1))" ]; }
     netns_wait "LAN control datagram counted on $d" 5 counted ||
@@ -297,27 +302,26 @@ cut_and_heal() { # KIND (iptables|relay) SUPERNODE
     local kind=$1 sn=$2 other t_cut t_down t_heal t_back
     other=sn1
     [ "$sn" = sn1 ] && other=sn2
-    t_cut=$SECONDS
+    t_cut=$EPOCHREALTIME
     case $kind in
         iptables) netns_cut natc "$(netns_addr c)" "$(netns_addr "$sn")" || fail "netns_cut" ;;
         relay) netns_impair_set c-sn2 cut=1 ;;
     esac
-    netns_wait "c to drop its session with $sn" $((SESSION_TIMEOUT_SECS + KEEPALIVE_SECS + 5)) \
-        no_session c "$sn" || fail "$kind cut: c still has a session with $sn"
-    netns_wait "$sn to drop its session with c" $((SESSION_TIMEOUT_SECS + KEEPALIVE_SECS + 5)) \
-        no_session "$sn" c || fail "$kind cut: $sn still has a session with c"
-    t_down=$SECONDS
+    both_down() { no_session c "$sn" && no_session "$sn" c; }
+    netns_wait "c and $sn to drop their session" $((SESSION_TIMEOUT_SECS + KEEPALIVE_SECS + 5)) \
+        both_down || fail "$kind cut: c-$sn still up: $(netns_node_sessions c)"
+    t_down=$EPOCHREALTIME
     netns_node_session c "$other" >/dev/null || fail "$kind cut of c-$sn also broke c-$other"
-    sleep $((t_cut + CUT_SECS - SECONDS > 0 ? t_cut + CUT_SECS - SECONDS : 0))
-    t_heal=$SECONDS
+    sleep "$(secs_between "$EPOCHREALTIME" "$(secs_after "$t_cut" $CUT_SECS)" 0)"
+    t_heal=$EPOCHREALTIME
     case $kind in
         iptables) netns_heal natc "$(netns_addr c)" "$(netns_addr "$sn")" ;;
         relay) netns_impair_set c-sn2 cut=0 ;;
     esac
     netns_wait "c to re-establish its session with $sn" $RECOVER_WAIT sessions_up ||
         fail "$kind cut: c-$sn did not come back within ${RECOVER_WAIT}s of the heal"
-    t_back=$SECONDS
-    measured "$kind cut c-$sn for $((t_heal - t_cut)) s: sessions down after $((t_down - t_cut)) s (both ends), back $((t_back - t_heal)) s after the heal (c re-dialed; sn sees c at $(netns_node_session "$sn" c))"
+    t_back=$EPOCHREALTIME
+    measured "$kind cut c-$sn for $(secs_between "$t_cut" "$t_heal") s: both ends dropped the session $(secs_between "$t_cut" "$t_down") s into the cut (timeout ${SESSION_TIMEOUT_SECS} s); c re-dialed and the session was back $(secs_between "$t_heal" "$t_back") s after the heal ($sn sees c at $(netns_node_session "$sn" c))"
 }
 cut_and_heal iptables sn1
 cut_and_heal relay sn2
@@ -343,7 +347,7 @@ for d in a b; do
         [ "$now_seen" = "${seen[$d,$sn]}" ] ||
             fail "$sn saw $d move from ${seen[$d,$sn]} to $now_seen: the NAT mapping was lost"
         age=$(netns_node_session_field "$d" "$sn" established_age_s)
-        python3 -c 'import sys; sys.exit(float(sys.argv[1]) < float(sys.argv[2]))' "$age" $SURVIVE_SECS ||
+        "$NETNS_PYTHON" -c 'import sys; sys.exit(float(sys.argv[1]) < float(sys.argv[2]))' "$age" $SURVIVE_SECS ||
             fail "$d's session with $sn is ${age}s old, expected one session for ${SURVIVE_SECS}s"
     done
     ended=$(netns_node_metric "$d" 'peercall_sessions_ended_total{reason="timed_out"}')

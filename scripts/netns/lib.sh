@@ -23,6 +23,12 @@ NETNS_NODE_PORT=${NETNS_NODE_PORT:-7600}
 # Upper bound on any process started here (nodes, relays, probes), in seconds, so a
 # run killed with SIGKILL leaves nothing running for long; netns_down stops them anyway.
 NETNS_MAX_LIFETIME=${NETNS_MAX_LIFETIME:-600}
+# The Python interpreter for the helpers (standard library only). The system one
+# starts fastest (a version-manager shim can cost a quarter second per call).
+if [ -z "${NETNS_PYTHON:-}" ]; then
+    NETNS_PYTHON=python3
+    [ -x /usr/bin/python3 ] && NETNS_PYTHON=/usr/bin/python3
+fi
 # The peercall binary netns_node_start runs.
 NETNS_PEERCALL_BIN=${NETNS_PEERCALL_BIN:-${CARGO_TARGET_DIR:-target}/debug/peercall}
 
@@ -77,8 +83,9 @@ netns_new() {
     local ns
     ns=$(netns_ns "$1")
     ip netns add "$ns" || return 1
-    ip -n "$ns" link set lo up
-    ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    ip -n "$ns" link set dev lo up || return 1
+    ip netns exec "$ns" sysctl -qw \
+        net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 || return 1
 }
 
 # netns_add_public ROLE ADDR...: a host on the internet bridge with the given public
@@ -91,20 +98,21 @@ netns_add_public() {
     ns=$(netns_ns "$role")
     inet=$(netns_ns inet)
     [ -e "/run/netns/$ns" ] || netns_new "$role" || return 1
-    ip -n "$inet" link add "$role" type veth peer name wan netns "$ns" || return 1
-    ip -n "$inet" link set "$role" master br0 up
+    ip -n "$inet" link add name "$role" type veth peer name wan netns "$ns" || return 1
+    ip -n "$inet" link set dev "$role" master br0 up || return 1
     for addr in "$@"; do
-        ip -n "$ns" addr add "$addr/24" dev wan
+        ip -n "$ns" addr add "$addr/24" dev wan || return 1
     done
-    ip -n "$ns" link set wan up
+    ip -n "$ns" link set dev wan up || return 1
     NETNS_ADDR[$role]=$1
 }
 
 # netns_add_nat NAT DESKTOP WAN_ADDR LAN_PREFIX TYPE: a NAT router NAT with public
-# address WAN_ADDR and LAN LAN_PREFIX.0/24 (router .1), and a desktop host DESKTOP
-# at LAN_PREFIX.2 behind it. TYPE is one of
+# address WAN_ADDR and a LAN LAN_PREFIX.0/24 (a bridge "lan" in the router, which
+# is .1), and a desktop host DESKTOP at LAN_PREFIX.2 behind it (more with
+# netns_add_lan_host). TYPE is one of
 #   port-restricted  MASQUERADE: endpoint-independent mapping (conntrack keeps the
-#                    source port when the tuple is free), address-and-port-dependent
+#                    source port when that tuple is free), address-and-port-dependent
 #                    filtering (only replies matching a conntrack entry come in)
 #   symmetric        MASQUERADE --random-fully: a fresh random port per destination
 #                    (address-and-port-dependent mapping), same filtering
@@ -117,26 +125,43 @@ netns_add_nat() {
         *) netns_die "NAT type '$type': expected port-restricted or symmetric" || return 1 ;;
     esac
     netns_add_public "$nat" "$wan" || return 1
-    local nns dns
+    local nns
     nns=$(netns_ns "$nat")
-    dns=$(netns_ns "$desktop")
-    netns_new "$desktop" || return 1
-    ip -n "$nns" link add lan type veth peer name lan netns "$dns" || return 1
-    ip -n "$nns" addr add "$lan.1/24" dev lan
-    ip -n "$nns" link set lan up
-    ip -n "$dns" addr add "$lan.2/24" dev lan
-    ip -n "$dns" link set lan up
-    ip -n "$dns" route add default via "$lan.1"
-    ip netns exec "$nns" sysctl -qw net.ipv4.ip_forward=1
-    ip netns exec "$nns" iptables -t nat -A POSTROUTING -o wan -j MASQUERADE "${random[@]}" || return 1
+    ip -n "$nns" link add name lan type bridge || return 1
+    ip -n "$nns" addr add "$lan.1/24" dev lan || return 1
+    ip -n "$nns" link set dev lan up || return 1
+    ip netns exec "$nns" sysctl -qw net.ipv4.ip_forward=1 || return 1
+    ip netns exec "$nns" iptables -w 5 -t nat -A POSTROUTING -o wan -j MASQUERADE "${random[@]}" ||
+        return 1
     # Conntrack's per-namespace sysctls exist once the NAT rule loaded conntrack.
     ip netns exec "$nns" sysctl -qw \
         "net.netfilter.nf_conntrack_udp_timeout=$NETNS_UDP_TIMEOUT" \
         "net.netfilter.nf_conntrack_udp_timeout_stream=$NETNS_UDP_TIMEOUT" || return 1
-    NETNS_ADDR[$desktop]=$lan.2
-    NETNS_ADDR[${desktop}_lan_gw]=$lan.1
-    NETNS_ADDR[${desktop}_public]=$wan
-    NETNS_ADDR[${desktop}_nat]=$nat
+    NETNS_ADDR[$nat]=$wan
+    NETNS_ADDR[${nat}_lan]=$lan
+    NETNS_ADDR[${nat}_type]=$type
+    netns_add_lan_host "$nat" "$desktop" 2
+}
+
+# netns_add_lan_host NAT ROLE N: a host ROLE at <NAT's LAN prefix>.N behind NAT
+# (N from 2 to 254), with its default route through NAT. Hosts behind one NAT reach
+# each other directly on its LAN bridge.
+netns_add_lan_host() {
+    local nat=$1 role=$2 n=$3 lan nns hns
+    lan=$(netns_addr "${nat}_lan") || return 1
+    [ ${#role} -le 15 ] || netns_die "role '$role' longer than an interface name" || return 1
+    nns=$(netns_ns "$nat")
+    hns=$(netns_ns "$role")
+    netns_new "$role" || return 1
+    ip -n "$nns" link add name "$role" type veth peer name lan netns "$hns" || return 1
+    ip -n "$nns" link set dev "$role" master lan up || return 1
+    ip -n "$hns" addr add "$lan.$n/24" dev lan || return 1
+    ip -n "$hns" link set dev lan up || return 1
+    ip -n "$hns" route add default via "$lan.1" || return 1
+    NETNS_ADDR[$role]=$lan.$n
+    NETNS_ADDR[${role}_lan_gw]=$lan.1
+    NETNS_ADDR[${role}_public]=$(netns_addr "$nat")
+    NETNS_ADDR[${role}_nat]=$nat
 }
 
 # netns_public_addr DESKTOP: the public (NAT WAN) address DESKTOP appears from.
@@ -157,6 +182,7 @@ netns_up() {
         return 1
     fi
     mkdir -p "$NETNS_STATE" && chmod 700 "$NETNS_STATE" || return 1
+    [ -z "${NETNS_OWNER:-}" ] || echo "$NETNS_OWNER" >"$NETNS_STATE/owner"
     if ! netns_build; then
         netns_log "topology failed; removing it"
         netns_down
@@ -168,8 +194,8 @@ netns_up() {
 
 netns_build() {
     netns_new inet || return 1
-    ip -n "$(netns_ns inet)" link add br0 type bridge || return 1
-    ip -n "$(netns_ns inet)" link set br0 up
+    ip -n "$(netns_ns inet)" link add name br0 type bridge || return 1
+    ip -n "$(netns_ns inet)" link set dev br0 up || return 1
     netns_add_public sn1 "$NETNS_SN1" || return 1
     netns_add_public sn2 "$NETNS_SN2" || return 1
     netns_add_public stun "$NETNS_STUN1" "$NETNS_STUN2" || return 1
@@ -226,6 +252,22 @@ netns_down() {
     return 0
 }
 
+# netns_gc: removes every run (in the default state location) whose owner process
+# is gone: what a test killed with SIGKILL leaves behind. A run records its owner
+# when NETNS_OWNER (a pid) is set at netns_up; runs without one are never touched.
+netns_gc() {
+    local dir owner
+    for dir in "${TMPDIR:-/tmp}"/peercall-netns-*; do
+        [ -f "$dir/owner" ] || continue
+        owner=$(cat "$dir/owner")
+        [[ $owner =~ ^[0-9]+$ ]] || continue
+        kill -0 "$owner" 2>/dev/null && continue
+        netns_log "removing run ${dir##*/peercall-netns-}: its owner $owner is gone"
+        (NETNS_RUN=${dir##*/peercall-netns-} NETNS_STATE=$dir netns_down)
+    done
+    return 0
+}
+
 # netns_wait DESC SECONDS CMD...: runs CMD every 0.2 s until it succeeds; fails with
 # DESC after SECONDS.
 netns_wait() {
@@ -272,7 +314,12 @@ netns_node_start() {
         for line in "$@"; do echo "$line"; done
     } >"$dir/node.toml"
     echo "$role" >"$dir/role"
-    netns_bg "$role" "$dir/node.log" env -u PEERCALL_SEEDS \
+    # Nothing inherited configures the node: only its config file does.
+    local unset=() var
+    for var in $(compgen -e); do
+        if [[ $var == PEERCALL_* ]]; then unset+=(-u "$var"); fi
+    done
+    netns_bg "$role" "$dir/node.log" env "${unset[@]}" \
         "$NETNS_PEERCALL_BIN" node --config "$dir/node.toml" --data-dir "$dir/data" \
         --admin 127.0.0.1:0 >"$dir/pid"
     if ! netns_wait "node $name ready" 20 test -s "$dir/data/admin.addr"; then
@@ -317,43 +364,71 @@ netns_node_metric() {
 # netns_json EXPR: evaluates the Python expression EXPR over the JSON document on
 # stdin, bound to `d`; prints strings bare and everything else as JSON.
 netns_json() {
-    python3 -c '
+    "$NETNS_PYTHON" -c '
 import json, sys
 d = json.load(sys.stdin)
 v = eval(sys.argv[1], {"d": d})
 print(v if isinstance(v, str) else json.dumps(v))' "$1"
 }
 
-# netns_node_key NAME: the node's Noise static key (from /status).
-netns_node_key() { netns_node_status "$1" | netns_json 'd["peer_key"]'; }
+# netns_node_key NAME: the node's Noise static key (from /status; cached, as it
+# never changes while the data directory lives).
+netns_node_key() {
+    local cache=$NETNS_STATE/nodes/$1/key
+    if [ ! -s "$cache" ]; then
+        netns_node_status "$1" | netns_json 'd["peer_key"]' >"$cache.tmp" && mv "$cache.tmp" "$cache" ||
+            return 1
+    fi
+    cat "$cache"
+}
 
 # netns_node_seed NAME: "PEERKEY@ADDR:PORT" for seeding other nodes with NAME, ADDR
 # being the address of its namespace role.
 netns_node_seed() {
-    local role port
+    local role port key
     role=$(netns_node_role "$1")
-    port=$(netns_exec "$role" cat "$NETNS_STATE/nodes/$1/data/udp.addr") || return 1
-    echo "$(netns_node_key "$1")@$(netns_addr "$role"):${port##*:}"
+    port=$(cat "$NETNS_STATE/nodes/$1/data/udp.addr") || return 1
+    key=$(netns_node_key "$1") || return 1
+    echo "$key@$(netns_addr "$role"):${port##*:}"
+}
+
+# netns_node_sessions NAME: the node's established sessions, one a line:
+# PEER_KEY ADDR ESTABLISHED_AGE_S LAST_RECEIVED_AGE_S.
+netns_node_sessions() {
+    netns_node_status "$1" | "$NETNS_PYTHON" -c '
+import json, sys
+for s in json.load(sys.stdin)["sessions"]:
+    print(s["peer"], s["addr"], s["established_age_s"], s["last_received_age_s"])'
 }
 
 # netns_node_session NAME PEER_NAME: the address NAME sees PEER_NAME at, if they
 # have an established session; fails otherwise.
-netns_node_session() {
-    local key
-    key=$(netns_node_key "$2") || return 1
-    netns_node_status "$1" |
-        netns_json "next((s['addr'] for s in d['sessions'] if s['peer'] == '$key'), '')" |
-        grep .
-}
+netns_node_session() { netns_node_session_field "$1" "$2" addr; }
 
 # netns_node_session_field NAME PEER_NAME FIELD: one field of that session
-# (addr, established_age_s, last_received_age_s).
+# (addr, established_age_s, last_received_age_s); fails if there is no session.
 netns_node_session_field() {
-    local key
+    local key col
+    case $3 in
+        addr) col=2 ;;
+        established_age_s) col=3 ;;
+        last_received_age_s) col=4 ;;
+        *) netns_die "unknown session field '$3'" || return 1 ;;
+    esac
     key=$(netns_node_key "$2") || return 1
-    netns_node_status "$1" |
-        netns_json "next((s['$3'] for s in d['sessions'] if s['peer'] == '$key'), '')" |
-        grep .
+    netns_node_sessions "$1" | awk -v k="$key" -v c="$col" '$1 == k { print $c; found = 1 } END { exit !found }'
+}
+
+# netns_node_has_sessions NAME PEER_NAME...: succeeds if NAME has an established
+# session with every PEER_NAME (one /status read).
+netns_node_has_sessions() {
+    local name=$1 sessions peer key
+    shift
+    sessions=$(netns_node_sessions "$name") || return 1
+    for peer in "$@"; do
+        key=$(netns_node_key "$peer") || return 1
+        grep -q "^$key " <<<"$sessions" || return 1
+    done
 }
 
 # netns_node_stop NAME: graceful shutdown through the admin API (peers are told),
@@ -411,7 +486,7 @@ netns_heal() { netns_rules_clear "$1" "netns-cut" "$2" "$3" -j DROP; }
 # replaces an earlier loss rule for the pair. P = 0 removes it.
 netns_loss() {
     local role=$1 a=$2 b=$3 p=$4
-    python3 -c 'import sys; sys.exit(not 0 <= float(sys.argv[1]) < 1)' "$p" 2>/dev/null ||
+    "$NETNS_PYTHON" -c 'import sys; sys.exit(not 0 <= float(sys.argv[1]) < 1)' "$p" 2>/dev/null ||
         netns_die "loss probability '$p' must be a number in [0, 1)" || return 1
     # The probability in force is remembered, to delete exactly that rule.
     local dir=$NETNS_STATE/loss
@@ -422,7 +497,7 @@ netns_loss() {
             -m statistic --mode random --probability "$(cat "$file")" -j DROP
         rm -f "$file"
     fi
-    python3 -c 'import sys; sys.exit(float(sys.argv[1]) == 0)' "$p" || return 0
+    "$NETNS_PYTHON" -c 'import sys; sys.exit(float(sys.argv[1]) == 0)' "$p" || return 0
     netns_rules "$role" -I netns-loss "$a" "$b" \
         -m statistic --mode random --probability "$p" -j DROP && echo "$p" >"$file"
 }
@@ -441,7 +516,7 @@ netns_impair_start() {
     local dir=$NETNS_STATE/impair
     mkdir -p "$dir"
     : >"$dir/$name.ctl"
-    netns_bg "$role" "$dir/$name.log" python3 "$NETNS_DIR/impair.py" \
+    netns_bg "$role" "$dir/$name.log" "$NETNS_PYTHON" "$NETNS_DIR/impair.py" \
         --listen "$listen" --target "$target" --control "$dir/$name.ctl" \
         --stats "$dir/$name.json" --max-seconds "$NETNS_MAX_LIFETIME" "$@" >"$dir/$name.pid"
     if ! netns_wait "relay $name listening" 10 test -s "$dir/$name.json"; then

@@ -52,14 +52,14 @@ case $cmd in
         need_root
         netns_load
         log=$NETNS_STATE/probe-server.log
-        pid=$(netns_bg stun "$log" python3 "$here/natprobe.py" server \
+        pid=$(netns_bg stun "$log" "$NETNS_PYTHON" "$here/natprobe.py" server \
             --addr "$NETNS_STUN1" --addr "$NETNS_STUN2" \
             --port $PROBE_PORT --port $PROBE_ALT_PORT --max-seconds 60)
         trap 'kill "$pid" 2>/dev/null || true' EXIT
         netns_wait "probe server" 5 grep -q listening "$log"
         for desktop in a b c; do
             echo "$desktop behind $(netns_nat_of "$desktop"):"
-            netns_exec "$desktop" timeout 30 python3 "$here/natprobe.py" classify \
+            netns_exec "$desktop" timeout 30 "$NETNS_PYTHON" "$here/natprobe.py" classify \
                 --server "$NETNS_STUN1" --alt-server "$NETNS_STUN2" \
                 --port $PROBE_PORT --alt-port $PROBE_ALT_PORT
         done
