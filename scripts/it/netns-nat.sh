@@ -82,14 +82,16 @@ secs_between() { awk -v a="$1" -v b="$2" -v f="${3:-}" 'BEGIN { d = b - a; if (f
 secs_after() { awk -v a="$1" -v s="$2" 'BEGIN { printf "%.6f\n", a + s }'; }
 
 # ---------------------------------------------------------------- binary
+# PEERCALL_BIN, else the debug build of this checkout in the build cache setup.sh
+# uses (built here: a no-op after `cargo test`); without cargo, a build found there.
 if [ -n "${PEERCALL_BIN:-}" ]; then
     bin=$PEERCALL_BIN
-elif command -v cargo >/dev/null 2>&1; then
-    cargo build -q -p peercall
+elif peercall_setup; then
+    cargo build -q -p peercall || fail "cargo build -p peercall"
     bin=$CARGO_TARGET_DIR/debug/peercall
 else
-    bin=$CARGO_TARGET_DIR/debug/peercall
-    [ -x "$bin" ] || bin=$CARGO_TARGET_DIR/release/peercall
+    bin=${CARGO_TARGET_DIR:-$HOME/.cache/peercall-target}/debug/peercall
+    [ -x "$bin" ] || bin=${CARGO_TARGET_DIR:-$HOME/.cache/peercall-target}/release/peercall
 fi
 [ -x "$bin" ] || fail "no peercall binary (set PEERCALL_BIN or install cargo)"
 export NETNS_PEERCALL_BIN=$bin
@@ -103,7 +105,7 @@ watchdog=""
 cleanup() {
     local status=$?
     trap - EXIT INT TERM HUP
-    [ -n "$watchdog" ] && kill "$watchdog" 2>/dev/null
+    [ -z "$watchdog" ] || kill "$watchdog" 2>/dev/null || true
     if [ $status -ne 0 ] && [ -d "$NETNS_STATE/nodes" ]; then
         local log
         for log in "$NETNS_STATE"/nodes/*/node.log "$NETNS_STATE"/impair/*.log; do
@@ -119,13 +121,16 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
-# The watchdog's sleep dies with it (and holds no output open), so a finished run
-# returns at once.
+# The watchdog wakes every second: it ends within a second of being told to, holds
+# no output open, and quits if this script died (reparented: never signal a pid
+# that may have been reused).
 (
-    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-    sleep "$WATCHDOG_SECS" >/dev/null 2>&1 &
-    nap=$!
-    wait "$nap"
+    trap 'exit 0' TERM
+    me=$BASHPID
+    for ((i = 0; i < WATCHDOG_SECS; i++)); do
+        sleep 1 >/dev/null 2>&1
+        [ "$(ps -o ppid= -p "$me" | tr -d ' ')" = $$ ] || exit 0
+    done
     echo "netns-nat: FAIL: watchdog: over ${WATCHDOG_SECS}s" >&2
     kill -TERM $$
 ) &
