@@ -250,7 +250,8 @@ wait $kernel_pid || fail "rtt with kernel loss"
 netns_loss stun "$NETNS_STUN1" "$NETNS_SN2" 0 || fail "netns_loss 0"
 # Expected: two crossings each way: RTT 2 x delay, loss 1 - (1 - p)^2. Tolerances:
 # +-0.12 is four standard deviations of a loss fraction over 300 probes; the RTT may
-# exceed 2 x delay by the relay's scheduling (a few ms on a busy machine).
+# exceed 2 x delay by the relay's scheduling (a few ms on a busy machine; 20 ms of
+# margin, still far below a delay applied twice).
 impair_desc=$("$NETNS_PYTHON" - "$relayed" "$(cat "$NETNS_STATE/kernel-loss.json")" $relay_delay $relay_loss $kernel_loss <<'EOF'
 import json, sys
 relayed, kernel = json.loads(sys.argv[1]), json.loads(sys.argv[2])
@@ -258,7 +259,7 @@ delay, rloss, kloss = float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 want_r, want_k = 1 - (1 - rloss) ** 2, 1 - (1 - kloss) ** 2
 p50 = relayed["rtt_ms"]["p50"]
 errors = []
-if not 2 * delay - 1 <= p50 <= 2 * delay + 15:
+if not 2 * delay - 1 <= p50 <= 2 * delay + 20:
     errors.append(f"relay RTT p50 {p50} ms, expected about {2 * delay} ms")
 if abs(relayed["loss"] - want_r) > 0.12:
     errors.append(f"relay loss {relayed['loss']}, expected about {want_r:.2f}")

@@ -322,10 +322,21 @@ netns_node_start() {
     netns_bg "$role" "$dir/node.log" env "${unset[@]}" \
         "$NETNS_PEERCALL_BIN" node --config "$dir/node.toml" --data-dir "$dir/data" \
         --admin 127.0.0.1:0 >"$dir/pid"
-    if ! netns_wait "node $name ready" 20 test -s "$dir/data/admin.addr"; then
-        tail -n 20 "$dir/node.log" >&2
-        return 1
-    fi
+    local pid deadline=$((SECONDS + 20))
+    pid=$(cat "$dir/pid")
+    until [ -s "$dir/data/admin.addr" ]; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            netns_log "node $name exited during start-up; its log ends:"
+            tail -n 20 "$dir/node.log" >&2
+            return 1
+        fi
+        if [ $SECONDS -ge $deadline ]; then
+            netns_log "node $name not ready after 20 s; its log ends:"
+            tail -n 20 "$dir/node.log" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
 }
 
 # netns_node_dir NAME: the node's state directory (node.toml, node.log, data/).

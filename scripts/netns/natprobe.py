@@ -35,6 +35,9 @@ ATTEMPTS = 3
 # After the acknowledgement of a "from" request, how long an answer from the other
 # source may still arrive (it was sent first, on an equally short path).
 STRAGGLER_SECS = 0.3
+# Answers the server holds for "later" requests at once; more are refused, so a
+# flood of requests cannot grow the server without bound.
+MAX_PENDING = 1000
 # Largest datagram read.
 MAX_DATAGRAM = 65535
 # Warm-up exchanges before an expiry probe, spaced so that conntrack sees a UDP
@@ -126,24 +129,31 @@ def cmd_server(args):
         for s in ready:
             data, src = s.recvfrom(MAX_DATAGRAM)
             try:
-                req = json.loads(data)
-                op, rid = req["op"], req["id"]
-            except (ValueError, KeyError, TypeError):
-                continue  # not a probe: ignore
-            answer = {"id": rid, "seen": addr_text(src), "via": addr_text(s.getsockname())}
-            if op == "map":
-                send_quietly(s, json.dumps(answer).encode(), src)
-            elif op == "from":
-                other = socks.get((req.get("ip"), req.get("port")))
-                if other is not None:
-                    send_quietly(other, json.dumps(dict(
-                        answer, via=addr_text(other.getsockname()), kind="from")).encode(), src)
-                # Then an acknowledgement on the request's own path, which the NAT
-                # lets through: it proves the request arrived.
-                send_quietly(s, json.dumps(dict(answer, kind="ack")).encode(), src)
-            elif op == "later":
-                secs = min(float(req.get("secs", 0)), args.max_seconds)
-                pending.append((time.monotonic() + secs, s, src, json.dumps(answer).encode()))
+                serve_one(s, socks, pending, data, src, args.max_seconds)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # not a well-formed probe: ignored
+
+
+def serve_one(s, socks, pending, data, src, max_seconds):
+    """Answers one probe request; raises on a malformed one."""
+    req = json.loads(data)
+    op, rid = req["op"], req["id"]
+    answer = {"id": rid, "seen": addr_text(src), "via": addr_text(s.getsockname())}
+    if op == "map":
+        send_quietly(s, json.dumps(answer).encode(), src)
+    elif op == "from":
+        other = socks.get((str(req.get("ip")), int(req.get("port", -1))))
+        if other is not None:
+            send_quietly(other, json.dumps(dict(
+                answer, via=addr_text(other.getsockname()), kind="from")).encode(), src)
+        # Then an acknowledgement on the request's own path, which the NAT lets
+        # through: it proves the request arrived.
+        send_quietly(s, json.dumps(dict(answer, kind="ack")).encode(), src)
+    elif op == "later":
+        secs = float(req.get("secs", 0))
+        if not 0 <= secs <= max_seconds or len(pending) >= MAX_PENDING:
+            raise ValueError("delay out of range, or too many held answers")
+        pending.append((time.monotonic() + secs, s, src, json.dumps(answer).encode()))
 
 
 # ---------------------------------------------------------------- clients

@@ -37,6 +37,7 @@ case $cmd in
         echo "run $NETNS_RUN down"
         ;;
     status)
+        need_root
         netns_load
         for ns in $(netns_list); do
             echo "== $ns"
