@@ -9,7 +9,9 @@ mod admin;
 mod clock;
 mod config;
 mod contact;
+mod demo;
 mod logging;
+mod media_eval;
 mod metrics;
 mod node;
 mod runtime;
@@ -33,12 +35,19 @@ struct Cli {
 enum Command {
     /// Run a node: UDP peer traffic plus the loopback admin API, until SIGINT/SIGTERM.
     Node(node::NodeArgs),
+    /// Start a small network on loopback (a seed supernode and desktop nodes, each a
+    /// real `peercall node` process), show it working, and clean up.
+    Demo(demo::DemoArgs),
+    /// Run a WAV file through the audio pipeline over a simulated network.
+    MediaEval(media_eval::MediaEvalArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Node(args) => node::run(&cli.log, args),
+        Command::Demo(args) => demo::run(&cli.log, args),
+        Command::MediaEval(args) => media_eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

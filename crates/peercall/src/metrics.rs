@@ -75,6 +75,7 @@ pub struct Metrics {
     sessions: IntGauge,
     drops: IntCounterVec,
     uptime: Gauge,
+    sessions_ended: IntCounterVec,
     /// Failed UDP sends (the engine counted them as sent; the OS refused).
     pub udp_send_errors: IntCounter,
     /// Failed UDP receives (e.g. ICMP errors reported on the socket).
@@ -111,6 +112,17 @@ impl Metrics {
             drops.with_label_values(&[reason.label()]);
         }
         registry.register(Box::new(drops.clone()))?;
+        let sessions_ended = IntCounterVec::new(
+            Opts::new(
+                "peercall_sessions_ended_total",
+                "Established sessions that ended, by reason (closed_by_peer, timed_out, ...).",
+            ),
+            &["reason"],
+        )?;
+        for reason in SESSION_END_REASONS {
+            sessions_ended.with_label_values(&[&session_end_label(reason)]);
+        }
+        registry.register(Box::new(sessions_ended.clone()))?;
         let uptime = Gauge::new("peercall_uptime_seconds", "Seconds since the node started.")?;
         registry.register(Box::new(uptime.clone()))?;
         let start_time = Gauge::new(
@@ -147,8 +159,16 @@ impl Metrics {
             sessions,
             drops,
             uptime,
+            sessions_ended,
             scrape: Mutex::new(()),
         })
+    }
+
+    /// Counts a session that ended (an engine `Event::PeerDown`) under its reason.
+    pub fn session_ended(&self, reason: &str) {
+        self.sessions_ended
+            .with_label_values(&[&session_end_label(reason)])
+            .inc();
     }
 
     /// Mirrors `stats` and `uptime`, then renders the Prometheus text format.
@@ -174,6 +194,27 @@ impl Metrics {
         }
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// The engine's `Event::PeerDown` reasons known today, exported from zero so rates
+/// work from the first scrape. A reason added later still gets its own series the
+/// first time it happens (the engine's reasons are a fixed set of `&'static str`, so
+/// the label's cardinality stays bounded).
+const SESSION_END_REASONS: [&str; 2] = ["closed by peer", "timed out"];
+
+/// A session-end reason as a metric label: lowercase ASCII letters and digits, any
+/// other character as `_` ("closed by peer" becomes `closed_by_peer`).
+fn session_end_label(reason: &str) -> String {
+    reason
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Moves a mirrored counter up to `value` (never down: the engine's counters only
@@ -238,6 +279,29 @@ mod tests {
             Some(9.0)
         );
         assert_eq!(value_of(&text, "peercall_sessions"), Some(1.0));
+    }
+
+    #[test]
+    fn ended_sessions_are_counted_by_reason() {
+        let m = Metrics::new(Time::ZERO).unwrap();
+        let text = m.render(&Stats::default(), Duration::ZERO);
+        for label in ["closed_by_peer", "timed_out"] {
+            let series = format!("peercall_sessions_ended_total{{reason=\"{label}\"}}");
+            assert_eq!(value_of(&text, &series), Some(0.0), "{series}");
+        }
+        m.session_ended("closed by peer");
+        m.session_ended("closed by peer");
+        m.session_ended("Odd-Reason 2");
+        let text = m.render(&Stats::default(), Duration::ZERO);
+        let value = |label: &str| {
+            value_of(
+                &text,
+                &format!("peercall_sessions_ended_total{{reason=\"{label}\"}}"),
+            )
+        };
+        assert_eq!(value("closed_by_peer"), Some(2.0));
+        assert_eq!(value("timed_out"), Some(0.0));
+        assert_eq!(value("odd_reason_2"), Some(1.0));
     }
 
     #[test]

@@ -154,6 +154,9 @@ impl Engine {
             }
         }
         while let Some(event) = self.node.poll_event() {
+            if let Event::PeerDown { reason, .. } = &event {
+                self.metrics.session_ended(reason);
+            }
             log_event(&event);
         }
     }

@@ -17,7 +17,7 @@
 //! WireGuard: a receiver finds its session state by index, never by address, so a
 //! session survives a change of path. `mac1` covers every byte before it and `mac2`
 //! every byte before `mac2` (see the crypto crate for the keys). Noise message lengths
-//! are those of `Noise_*_25519_ChaChaPoly_BLAKE2s` with the payloads defined here:
+//! are those of `Noise_*_25519_AESGCM_BLAKE2s` with the payloads defined here:
 //! an 8-byte [`InitPayload`] in the first authenticated initiator message (IK message
 //! 1, XX message 3) and empty payloads elsewhere.
 //!
@@ -33,7 +33,7 @@ pub const HEADER_LEN: usize = 4;
 pub const MAC_LEN: usize = 16;
 /// Bytes in an X25519 public key.
 pub const KEY_LEN: usize = 32;
-/// Bytes in a ChaCha20-Poly1305 tag.
+/// Bytes in an AEAD tag (AES-256-GCM and ChaCha20-Poly1305 alike).
 pub const TAG_LEN: usize = 16;
 /// Bytes in the [`InitPayload`].
 pub const INIT_PAYLOAD_LEN: usize = 8;

@@ -3,6 +3,8 @@
 //! HTTP/1.1 to its admin API, signal it, and wait for it with bounded timeouts.
 #![allow(dead_code, reason = "each test file uses a subset of the helpers")]
 
+pub mod relay;
+
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -87,6 +89,27 @@ impl Daemon {
         let mut cmd = peercall();
         cmd.args(extra)
             .args(node_args(data_dir))
+            .envs(env.iter().copied());
+        let mut d = Daemon::spawn(cmd, data_dir);
+        d.wait_ready();
+        d
+    }
+
+    /// Starts `peercall node` on `data_dir` listening on UDP `listen` (the admin API on
+    /// an ephemeral loopback port), with `flags` after the subcommand (such as
+    /// `--config FILE`) and extra environment variables; waits until it is ready.
+    pub fn start_node(
+        data_dir: &Path,
+        listen: &str,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let mut cmd = peercall();
+        cmd.arg("node")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", listen, "--admin", "127.0.0.1:0"])
+            .args(flags)
             .envs(env.iter().copied());
         let mut d = Daemon::spawn(cmd, data_dir);
         d.wait_ready();

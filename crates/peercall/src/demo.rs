@@ -1,0 +1,975 @@
+//! `peercall demo`: a small peercall network on loopback, shown working.
+//!
+//! It starts real `peercall node` processes (this same binary) with temporary data
+//! directories: one seed supernode and a few desktop nodes seeded with it, half of
+//! them knowing the seed's key (Noise IK), the others only its address (Noise XX,
+//! first contact). It waits, with deadlines, until every node lists its sessions in
+//! `/status` and authenticated keepalives show in every node's `/metrics`, narrates
+//! what happens, and prints a summary (`--json`: one JSON object on stdout, the
+//! narrative on stderr). With `--keep-running` the network stays up until Ctrl-C.
+//!
+//! Cleanup is not optional: the children run in their own process groups (so a
+//! Ctrl-C in the terminal reaches only the demo, which then stops them in order),
+//! every exit path asks each node to shut down (`POST /v1/shutdown`) and kills what
+//! does not exit in time, a drop guard kills and reaps whatever is left if the demo
+//! unwinds, and the temporary directory goes with it. SIGINT, SIGTERM and SIGHUP are
+//! all caught, so closing the terminal cleans up too.
+
+use std::fmt::Display;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use clap::ValueEnum;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::admin::StatusBody;
+use crate::logging::LogArgs;
+use crate::store::{ADMIN_ADDR_FILE, ADMIN_TOKEN_FILE, UDP_ADDR_FILE};
+
+/// Keepalive interval of the demo's nodes: the shortest allowed, so keepalives show
+/// within the demo's few seconds (the node default is 10 s).
+const KEEPALIVE_SECS: u64 = 1;
+/// Session timeout of the demo's nodes: several missed keepalives.
+const SESSION_TIMEOUT_SECS: u64 = 10;
+/// Keepalives every node must have received before the demo calls them flowing:
+/// the first may be the initiator's key confirmation, the second is periodic.
+const MIN_KEEPALIVES: u64 = 2;
+/// How long a node may take to become ready (a debug build on a loaded machine).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the sessions may take to come up once every node is ready.
+const SESSIONS_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long keepalives may take to show (a few keepalive intervals, with slack).
+const KEEPALIVES_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a node may take to exit after `POST /v1/shutdown` before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of one admin API request (they answer within milliseconds).
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Poll interval for readiness files: fine, since start-up timing is reported.
+const STARTUP_POLL: Duration = Duration::from_millis(2);
+/// Poll interval for `/status` while sessions come up.
+const SESSION_POLL: Duration = Duration::from_millis(10);
+/// Poll interval for `/metrics` while waiting for keepalives.
+const METRICS_POLL: Duration = Duration::from_millis(100);
+/// Most desktop nodes: enough to see a tier, few enough for a laptop.
+const MAX_DESKTOPS: u8 = 16;
+/// Lines of a failed node's log shown in the error.
+const LOG_TAIL_LINES: usize = 20;
+
+/// Arguments of `peercall demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Print the summary as one JSON object on stdout (the narrative goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the network running after the summary, until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Desktop nodes seeded with the seed supernode.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_DESKTOPS)))]
+    pub desktops: u8,
+}
+
+/// Runs `peercall demo`.
+pub fn run(log: &LogArgs, args: DemoArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")?;
+    runtime.block_on(run_demo(log, args))
+}
+
+async fn run_demo(log: &LogArgs, args: DemoArgs) -> anyhow::Result<()> {
+    // Signals first: from here on Ctrl-C cannot kill the demo before it cleans up.
+    let mut signals = Signals::new()?;
+    let out = Narrator::new(args.json);
+    let mut net = Network::new(log)?;
+    let result = tokio::select! {
+        r = demo(&mut net, &out, &args) => r,
+        name = signals.recv() => Err(anyhow!("interrupted by {name} while setting up")),
+    };
+    if result.is_ok() && args.keep_running {
+        out.say("the network keeps running; press Ctrl-C to stop it");
+        let name = signals.recv().await;
+        out.say(format!("{name}: stopping"));
+    }
+    // A second signal while stopping skips the grace period; the guard kills.
+    tokio::select! {
+        () = net.stop(&out) => {},
+        name = signals.recv() => out.say(format!("{name}: killing the nodes")),
+    }
+    net.kill_remaining();
+    net.remove(&out);
+    result
+}
+
+/// The whole demo up to the summary.
+async fn demo(net: &mut Network, out: &Narrator, args: &DemoArgs) -> anyhow::Result<()> {
+    out.line(format!(
+        "peercall demo: 1 seed supernode and {} desktop nodes, each a real `peercall node` process on 127.0.0.1",
+        args.desktops
+    ));
+    out.line(format!(
+        "  temporary data in {} (removed at exit); keepalives every {KEEPALIVE_SECS} s",
+        net.root_path().display()
+    ));
+
+    let seed = net.spawn("seed", "supernode", None, None)?;
+    net.wait_ready(seed).await?;
+    let seed_ready = net.members[seed].ready()?;
+    let (seed_key, seed_udp) = (seed_ready.status.peer_key.clone(), seed_ready.udp);
+    out.say(format!(
+        "{:<7} supernode, fingerprint {}, UDP {seed_udp}: ready in {} ms",
+        "seed",
+        seed_ready.status.fingerprint,
+        ms(seed_ready.at - net.members[seed].spawned)
+    ));
+
+    let mut desktops = Vec::new();
+    for i in 1..=args.desktops {
+        let name = format!("desk-{i}");
+        // Odd desktops know the seed's key; even ones meet it for the first time.
+        let (handshake, spec) = if i % 2 == 1 {
+            (Handshake::Ik, format!("{seed_key}@{seed_udp}"))
+        } else {
+            (Handshake::Xx, seed_udp.to_string())
+        };
+        out.say(format!("{name:<7} starting: {}", handshake.explain()));
+        desktops.push(net.spawn(&name, "auto", Some(&spec), Some(handshake))?);
+    }
+    for &d in &desktops {
+        net.wait_ready(d).await?;
+        let m = &net.members[d];
+        let ready = m.ready()?;
+        out.say(format!(
+            "{:<7} desktop, fingerprint {}, UDP {}: ready in {} ms",
+            m.name,
+            ready.status.fingerprint,
+            ready.udp,
+            ms(ready.at - m.spawned)
+        ));
+    }
+
+    net.wait_sessions(out, seed, &desktops).await?;
+    net.wait_keepalives(out).await?;
+    let summary = net.summary(seed).await?;
+    if args.json {
+        let text = serde_json::to_string(&summary).context("summary as JSON")?;
+        out.stdout(&text);
+    }
+    out.table(&summary);
+    Ok(())
+}
+
+/// The two ways a desktop meets the seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handshake {
+    /// Knows the seed's static key.
+    Ik,
+    /// Knows only its address.
+    Xx,
+}
+
+impl Handshake {
+    fn as_str(self) -> &'static str {
+        match self {
+            Handshake::Ik => "IK",
+            Handshake::Xx => "XX",
+        }
+    }
+
+    fn explain(self) -> &'static str {
+        match self {
+            Handshake::Ik => "knows the seed's address and key, so it opens with Noise IK",
+            Handshake::Xx => {
+                "knows only the seed's address: first contact with Noise XX, which learns the key"
+            }
+        }
+    }
+}
+
+/// What a node told us once it was ready.
+#[derive(Debug)]
+struct Ready {
+    /// When its `admin.addr` appeared.
+    at: Instant,
+    udp: SocketAddr,
+    admin: SocketAddr,
+    token: String,
+    status: StatusBody,
+}
+
+/// One node process of the demo.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    role: &'static str,
+    handshake: Option<Handshake>,
+    child: Child,
+    data_dir: PathBuf,
+    log: PathBuf,
+    spawned: Instant,
+    ready: Option<Ready>,
+    /// Time from ready to the session with the seed being established (desktops).
+    session_up: Option<Duration>,
+}
+
+impl Member {
+    fn ready(&self) -> anyhow::Result<&Ready> {
+        self.ready
+            .as_ref()
+            .ok_or_else(|| anyhow!("{} is not ready", self.name))
+    }
+
+    /// Fails if the process has exited, with the end of its log.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => bail!(
+                "node {} exited ({status}); its log ends with:\n{}",
+                self.name,
+                log_tail(&self.log)
+            ),
+            Err(e) => bail!("cannot check on node {}: {e}", self.name),
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// The demo's node processes and their temporary directory; a drop guard that
+/// kills and reaps every child still running, then removes the directory.
+struct Network {
+    members: Vec<Member>,
+    /// `None` once removed.
+    root: Option<tempfile::TempDir>,
+    /// Global flags passed on to the nodes.
+    log_flags: Vec<String>,
+}
+
+impl Network {
+    fn new(log: &LogArgs) -> anyhow::Result<Network> {
+        let root = tempfile::Builder::new()
+            .prefix("peercall-demo-")
+            .tempdir()
+            .context("could not create a temporary directory")?;
+        let mut log_flags = Vec::new();
+        if let Some(v) = log.log_format.and_then(|f| f.to_possible_value()) {
+            log_flags.extend(["--log-format".to_owned(), v.get_name().to_owned()]);
+        }
+        if let Some(v) = log.log_level.and_then(|l| l.to_possible_value()) {
+            log_flags.extend(["--log-level".to_owned(), v.get_name().to_owned()]);
+        }
+        Ok(Network {
+            members: Vec::new(),
+            root: Some(root),
+            log_flags,
+        })
+    }
+
+    fn root_path(&self) -> &Path {
+        self.root.as_ref().map_or(Path::new(""), |r| r.path())
+    }
+
+    /// Writes the node's config file and starts `peercall node` on it.
+    fn spawn(
+        &mut self,
+        name: &str,
+        role: &'static str,
+        seed: Option<&str>,
+        handshake: Option<Handshake>,
+    ) -> anyhow::Result<usize> {
+        let root = self.root_path().to_owned();
+        let data_dir = root.join(name);
+        let config = root.join(format!("{name}.toml"));
+        let log = root.join(format!("{name}.log"));
+        std::fs::write(&config, node_config(&data_dir, role, seed)?)
+            .with_context(|| format!("could not write {}", config.display()))?;
+        let log_file = std::fs::File::create(&log)
+            .with_context(|| format!("could not create {}", log.display()))?;
+        let exe = std::env::current_exe().context("cannot find the peercall binary")?;
+        let mut cmd = Command::new(exe);
+        // The demo's configuration is all in the file: nothing inherited may change it.
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("PEERCALL_") {
+                cmd.env_remove(var);
+            }
+        }
+        cmd.args(&self.log_flags)
+            .arg("node")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file))
+            // Own process group: a terminal's Ctrl-C goes to the demo alone, which
+            // then stops the nodes in order instead of racing them.
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("could not start node {name}"))?;
+        self.members.push(Member {
+            name: name.to_owned(),
+            role,
+            handshake,
+            child,
+            data_dir,
+            log,
+            spawned: Instant::now(),
+            ready: None,
+            session_up: None,
+        });
+        Ok(self.members.len() - 1)
+    }
+
+    /// Waits until node `i` has written `admin.addr`, then reads its addresses,
+    /// token and status.
+    async fn wait_ready(&mut self, i: usize) -> anyhow::Result<()> {
+        let m = &mut self.members[i];
+        let deadline = m.spawned + READY_TIMEOUT;
+        let admin_file = m.data_dir.join(ADMIN_ADDR_FILE);
+        while !admin_file.exists() {
+            m.check_alive()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "node {} not ready within {READY_TIMEOUT:?}; its log:\n{}",
+                    m.name,
+                    log_tail(&m.log)
+                );
+            }
+            tokio::time::sleep(STARTUP_POLL).await;
+        }
+        let at = Instant::now();
+        let admin = read_addr(&admin_file)?;
+        let udp = read_addr(&m.data_dir.join(UDP_ADDR_FILE))?;
+        let token_file = m.data_dir.join(ADMIN_TOKEN_FILE);
+        let token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("could not read {}", token_file.display()))?
+            .trim()
+            .to_owned();
+        let status = get_status(admin).await?;
+        m.ready = Some(Ready {
+            at,
+            udp,
+            admin,
+            token,
+            status,
+        });
+        Ok(())
+    }
+
+    /// Waits until every desktop lists a session with the seed and the seed lists
+    /// one with every desktop, narrating each as it comes up.
+    async fn wait_sessions(
+        &mut self,
+        out: &Narrator,
+        seed: usize,
+        desktops: &[usize],
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + SESSIONS_TIMEOUT;
+        let seed_key = self.members[seed].ready()?.status.peer_key.clone();
+        loop {
+            for &d in desktops {
+                if self.members[d].session_up.is_some() {
+                    continue;
+                }
+                self.members[d].check_alive()?;
+                let ready = self.members[d].ready()?;
+                let (admin, ready_at) = (ready.admin, ready.at);
+                let status = get_status(admin).await?;
+                let Some(session) = status.sessions.iter().find(|s| s.peer == seed_key) else {
+                    continue;
+                };
+                // When it was established, from its age at the time of asking.
+                let age =
+                    Duration::try_from_secs_f64(session.established_age_s).unwrap_or_default();
+                let now = Instant::now();
+                let established = now.checked_sub(age).unwrap_or(now);
+                let up = established.saturating_duration_since(ready_at);
+                let m = &mut self.members[d];
+                m.session_up = Some(up);
+                let how = m.handshake.map_or("", Handshake::as_str);
+                out.say(format!(
+                    "{:<7} <-> seed: session up with Noise {how}, {} ms after {} was ready",
+                    m.name,
+                    ms(up),
+                    m.name
+                ));
+            }
+            self.members[seed].check_alive()?;
+            let seed_status = get_status(self.members[seed].ready()?.admin).await?;
+            let missing: Vec<&str> = desktops
+                .iter()
+                .map(|&d| &self.members[d])
+                .filter(|m| {
+                    m.session_up.is_none()
+                        || m.ready.as_ref().is_some_and(|r| {
+                            !seed_status
+                                .sessions
+                                .iter()
+                                .any(|s| s.peer == r.status.peer_key)
+                        })
+                })
+                .map(|m| m.name.as_str())
+                .collect();
+            if missing.is_empty() {
+                out.say(format!(
+                    "all {} sessions up: the seed lists every desktop in /status, and each desktop lists the seed",
+                    desktops.len()
+                ));
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "sessions with {} not up within {SESSIONS_TIMEOUT:?}; the seed's log:\n{}",
+                    missing.join(", "),
+                    log_tail(&self.members[seed].log)
+                );
+            }
+            tokio::time::sleep(SESSION_POLL).await;
+        }
+    }
+
+    /// Waits until every node has received [`MIN_KEEPALIVES`] authenticated
+    /// keepalives, as its `/metrics` says.
+    async fn wait_keepalives(&mut self, out: &Narrator) -> anyhow::Result<()> {
+        let deadline = Instant::now() + KEEPALIVES_TIMEOUT;
+        loop {
+            let mut counts = Vec::new();
+            for m in &mut self.members {
+                m.check_alive()?;
+                let text = get_metrics(m.ready()?.admin).await?;
+                counts.push((
+                    m.name.clone(),
+                    counter(&text, "peercall_keepalives_sent_total"),
+                    counter(&text, "peercall_keepalives_received_total"),
+                ));
+            }
+            if counts
+                .iter()
+                .all(|(_, _, received)| *received >= MIN_KEEPALIVES)
+            {
+                let list: Vec<String> = counts
+                    .iter()
+                    .map(|(name, sent, received)| format!("{name} {sent} out/{received} in"))
+                    .collect();
+                out.say(format!(
+                    "authenticated keepalives flowing (from /metrics): {}",
+                    list.join(", ")
+                ));
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("keepalives did not flow within {KEEPALIVES_TIMEOUT:?}: {counts:?}");
+            }
+            tokio::time::sleep(METRICS_POLL).await;
+        }
+    }
+
+    /// Reads every node's status and counters into the summary.
+    async fn summary(&self, seed: usize) -> anyhow::Result<Summary> {
+        let names: Vec<(String, String)> = self
+            .members
+            .iter()
+            .filter_map(|m| Some((m.ready.as_ref()?.status.peer_key.clone(), m.name.clone())))
+            .collect();
+        let mut nodes = Vec::new();
+        for m in &self.members {
+            let ready = m.ready()?;
+            let status = get_status(ready.admin).await?;
+            let text = get_metrics(ready.admin).await?;
+            let mut sessions: Vec<String> = status
+                .sessions
+                .iter()
+                .map(|s| {
+                    names
+                        .iter()
+                        .find(|(key, _)| *key == s.peer)
+                        .map_or_else(|| s.peer.clone(), |(_, name)| name.clone())
+                })
+                .collect();
+            sessions.sort();
+            nodes.push(NodeSummary {
+                name: m.name.clone(),
+                role: m.role,
+                handshake: m.handshake.map(Handshake::as_str),
+                pid: m.child.id(),
+                fingerprint: status.fingerprint,
+                user_id: status.user_id,
+                peer_key: status.peer_key,
+                udp: ready.udp.to_string(),
+                admin: ready.admin.to_string(),
+                metrics: format!("http://{}/metrics", ready.admin),
+                data_dir: m.data_dir.display().to_string(),
+                log: m.log.display().to_string(),
+                ready_ms: ms_f64(ready.at - m.spawned),
+                session_up_ms: m.session_up.map(ms_f64),
+                sessions,
+                handshakes_completed: counter(&text, "peercall_handshakes_completed_total"),
+                keepalives_sent: counter(&text, "peercall_keepalives_sent_total"),
+                keepalives_received: counter(&text, "peercall_keepalives_received_total"),
+                datagrams_sent: counter(&text, "peercall_datagrams_sent_total"),
+                datagrams_received: counter(&text, "peercall_datagrams_received_total"),
+                dropped: dropped_total(&text),
+            });
+        }
+        Ok(Summary {
+            sessions: nodes[seed].sessions.len(),
+            setup_ms: ms_f64(self.members[seed].spawned.elapsed()),
+            keepalive_secs: KEEPALIVE_SECS,
+            temp_dir: self.root_path().display().to_string(),
+            nodes,
+        })
+    }
+
+    /// Asks every running node to shut down, waits up to [`STOP_TIMEOUT`], then kills
+    /// (and reaps) the rest.
+    async fn stop(&mut self, out: &Narrator) {
+        let mut asked = 0;
+        for m in &mut self.members {
+            if !m.is_running() {
+                continue;
+            }
+            let accepted = match &m.ready {
+                Some(r) => http(r.admin, "POST", "/v1/shutdown", Some(&r.token))
+                    .await
+                    .is_ok(),
+                None => false,
+            };
+            if accepted {
+                asked += 1;
+            } else {
+                // Not ready yet or not answering: it has no peers to tell.
+                let _ = m.child.kill();
+            }
+        }
+        if asked > 0 {
+            out.say(format!(
+                "stopping: asked {asked} nodes to shut down (POST /v1/shutdown); they tell their peers"
+            ));
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while self.members.iter_mut().any(Member::is_running) && Instant::now() < deadline {
+            tokio::time::sleep(SESSION_POLL).await;
+        }
+        let killed: Vec<String> = self
+            .members
+            .iter_mut()
+            .filter_map(|m| m.is_running().then(|| m.name.clone()))
+            .collect();
+        self.kill_remaining();
+        if killed.is_empty() {
+            out.say(format!("all {} nodes exited", self.members.len()));
+        } else {
+            out.say(format!(
+                "killed {} after {STOP_TIMEOUT:?}: {}",
+                killed.len(),
+                killed.join(", ")
+            ));
+        }
+    }
+
+    /// Kills (SIGKILL) every node still running and reaps them all.
+    fn kill_remaining(&mut self) {
+        for m in &mut self.members {
+            if m.is_running() {
+                let _ = m.child.kill();
+            }
+            let _ = m.child.wait();
+        }
+    }
+
+    /// Removes the temporary directory (the nodes must have exited).
+    fn remove(&mut self, out: &Narrator) {
+        if let Some(root) = self.root.take() {
+            let path = root.path().display().to_string();
+            match root.close() {
+                Ok(()) => out.say(format!("removed {path}")),
+                Err(e) => out.say(format!("could not remove {path}: {e}")),
+            }
+        }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        // Normally `stop` has reaped everything already; this is for early exits.
+        self.kill_remaining();
+        // `root` (a TempDir) is removed when the fields drop, after the children.
+    }
+}
+
+/// The config file of one demo node.
+fn node_config(data_dir: &Path, role: &str, seed: Option<&str>) -> anyhow::Result<String> {
+    let dir = data_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("the temporary directory {data_dir:?} is not UTF-8"))?;
+    // JSON string syntax is valid TOML basic-string syntax for any text.
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let seeds = seed.map_or_else(String::new, quote);
+    Ok(format!(
+        "# Written by `peercall demo`.\n\
+         data_dir = {}\n\
+         listen = \"127.0.0.1:0\"\n\
+         admin = \"127.0.0.1:0\"\n\
+         role = \"{role}\"\n\
+         seeds = [{seeds}]\n\
+         keepalive_secs = {KEEPALIVE_SECS}\n\
+         session_timeout_secs = {SESSION_TIMEOUT_SECS}\n",
+        quote(dir)
+    ))
+}
+
+/// The summary, as printed with `--json`.
+#[derive(Debug, Serialize)]
+struct Summary {
+    /// Every node, the seed first.
+    nodes: Vec<NodeSummary>,
+    /// Sessions the seed holds (one per desktop).
+    sessions: usize,
+    /// From starting the seed to the summary, in milliseconds.
+    setup_ms: f64,
+    /// The nodes' keepalive interval.
+    keepalive_secs: u64,
+    /// The temporary directory holding every node's data, config and log.
+    temp_dir: String,
+}
+
+/// One node in the summary.
+#[derive(Debug, Serialize)]
+struct NodeSummary {
+    name: String,
+    role: &'static str,
+    /// How a desktop met the seed: "IK" or "XX"; none for the seed.
+    handshake: Option<&'static str>,
+    pid: u32,
+    fingerprint: String,
+    user_id: String,
+    peer_key: String,
+    udp: String,
+    admin: String,
+    /// The Prometheus endpoint, while the network runs.
+    metrics: String,
+    data_dir: String,
+    log: String,
+    /// From spawning the process to its admin API being ready.
+    ready_ms: f64,
+    /// From ready to the session with the seed being established (desktops).
+    session_up_ms: Option<f64>,
+    /// Names of the peers it has sessions with.
+    sessions: Vec<String>,
+    handshakes_completed: u64,
+    keepalives_sent: u64,
+    keepalives_received: u64,
+    datagrams_sent: u64,
+    datagrams_received: u64,
+    /// Datagrams dropped for any reason.
+    dropped: u64,
+}
+
+/// Where the demo's words go: stdout, or stderr when stdout carries the JSON.
+struct Narrator {
+    json: bool,
+    start: Instant,
+}
+
+impl Narrator {
+    fn new(json: bool) -> Narrator {
+        Narrator {
+            json,
+            start: Instant::now(),
+        }
+    }
+
+    /// A narrative line, stamped with the time since the demo started.
+    fn say(&self, text: impl Display) {
+        let t = self.start.elapsed().as_secs_f64();
+        self.line(format!("[{t:6.2}s] {text}"));
+    }
+
+    /// A narrative line without a stamp.
+    fn line(&self, text: impl Display) {
+        // A closed pipe (`peercall demo | head`) must not abort the cleanup.
+        if self.json {
+            let _ = writeln!(std::io::stderr(), "{text}");
+        } else {
+            let _ = writeln!(std::io::stdout(), "{text}");
+        }
+    }
+
+    /// A line on stdout whatever the mode (the JSON summary).
+    fn stdout(&self, text: &str) {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{text}");
+        let _ = stdout.flush();
+    }
+
+    fn table(&self, s: &Summary) {
+        self.line("");
+        self.line(format!(
+            "{:<7} {:<9} {:<24} {:<3} {:<22} {:>10} {:>10} {:>7}  metrics (while running)",
+            "node", "role", "fingerprint", "hs", "sessions", "keepalives", "session up", "dropped"
+        ));
+        self.line(format!(
+            "{:<7} {:<9} {:<24} {:<3} {:<22} {:>10} {:>10} {:>7}",
+            "", "", "", "", "", "out/in", "ms", ""
+        ));
+        for n in &s.nodes {
+            self.line(format!(
+                "{:<7} {:<9} {:<24} {:<3} {:<22} {:>10} {:>10} {:>7}  {}",
+                n.name,
+                n.role,
+                n.fingerprint,
+                n.handshake.unwrap_or("-"),
+                sessions_column(&n.sessions),
+                format!("{}/{}", n.keepalives_sent, n.keepalives_received),
+                n.session_up_ms
+                    .map_or("-".to_owned(), |t| format!("{t:.1}")),
+                n.dropped,
+                n.metrics
+            ));
+        }
+        let dropped: u64 = s.nodes.iter().map(|n| n.dropped).sum();
+        self.line(format!(
+            "\nthe network is up: {} sessions with the seed, authenticated keepalives flowing, {dropped} datagrams dropped, {:.1} s from the first start",
+            s.sessions,
+            s.setup_ms / 1000.0
+        ));
+        self.line(format!(
+            "each node's data, config and log are in {} while it runs",
+            s.temp_dir
+        ));
+    }
+}
+
+/// The signals that stop the demo.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            hangup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.hangup.recv() => "SIGHUP",
+        }
+    }
+}
+
+/// Width of the table's sessions column.
+const SESSIONS_COLUMN: usize = 22;
+
+/// The peers' names if they fit the column, else their number.
+fn sessions_column(names: &[String]) -> String {
+    let list = names.join(",");
+    if list.len() <= SESSIONS_COLUMN {
+        list
+    } else {
+        format!("{} peers", names.len())
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", ms_f64(d))
+}
+
+fn ms_f64(d: Duration) -> f64 {
+    // Rounded to 0.1 ms: finer would be noise from the polling.
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+fn read_addr(path: &Path) -> anyhow::Result<SocketAddr> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("could not read {}", path.display()))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{} holds no socket address", path.display()))
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+/// The value of one series in Prometheus text, 0 if absent.
+fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        // Counters are whole numbers far below 2^53.
+        .map_or(0, |v| v as u64)
+}
+
+/// The sum of `peercall_dropped_datagrams_total` over every reason.
+fn dropped_total(text: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with("peercall_dropped_datagrams_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+async fn get_status(admin: SocketAddr) -> anyhow::Result<StatusBody> {
+    let body = http(admin, "GET", "/status", None).await?;
+    serde_json::from_str(&body).with_context(|| format!("unexpected /status from {admin}"))
+}
+
+async fn get_metrics(admin: SocketAddr) -> anyhow::Result<String> {
+    http(admin, "GET", "/metrics", None).await
+}
+
+/// One request to a node's admin API (one connection, `Connection: close`); the
+/// body of a 2xx answer.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<String> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n{auth}\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(HTTP_TIMEOUT, exchange)
+        .await
+        .map_err(|_| anyhow!("{method} {path} on {addr}: no answer within {HTTP_TIMEOUT:?}"))?
+        .with_context(|| format!("{method} {path} on {addr}"))?;
+    response_body(&raw).with_context(|| format!("{method} {path} on {addr}"))
+}
+
+/// The body of an HTTP/1.1 response if its status is 2xx.
+fn response_body(raw: &[u8]) -> anyhow::Result<String> {
+    let text = std::str::from_utf8(raw).context("response is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("response without end of headers")?;
+    let mut lines = head.split("\r\n");
+    let code: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .context("response without a status code")?;
+    if !(200..300).contains(&code) {
+        bail!("HTTP {code}: {body}");
+    }
+    let chunked = lines.any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("transfer-encoding")
+                && value.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    if chunked {
+        dechunk(body)
+    } else {
+        Ok(body.to_owned())
+    }
+}
+
+/// Decodes a chunked body.
+fn dechunk(mut rest: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").context("chunk without size")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .context("bad chunk size")?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(after.get(..size).context("short chunk")?);
+        rest = after.get(size + 2..).context("chunk without end")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses_and_refuses_errors() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc";
+        assert_eq!(response_body(plain).unwrap(), "abc");
+        let chunked =
+            b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(response_body(chunked).unwrap(), "abcde");
+        let err = response_body(b"HTTP/1.1 401 Unauthorized\r\n\r\nno").unwrap_err();
+        assert!(err.to_string().contains("401"), "{err}");
+        assert!(response_body(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(response_body(b"garbage\r\n\r\n").is_err());
+        let bad_chunk = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n";
+        assert!(response_body(bad_chunk).is_err());
+    }
+
+    #[test]
+    fn reads_counters_and_sums_drops() {
+        let text = "# HELP x y\n\
+                    peercall_keepalives_sent_total 7\n\
+                    peercall_keepalives_sent_total_extra 9\n\
+                    peercall_dropped_datagrams_total{reason=\"replay\"} 2\n\
+                    peercall_dropped_datagrams_total{reason=\"decrypt\"} 3\n";
+        assert_eq!(counter(text, "peercall_keepalives_sent_total"), 7);
+        assert_eq!(counter(text, "peercall_missing_total"), 0);
+        assert_eq!(dropped_total(text), 5);
+    }
+
+    #[test]
+    fn node_configs_load_as_the_node_loads_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a \"quoted\" \\ dir");
+        let file = tmp.path().join("node.toml");
+        let seed = "127.0.0.1:7600";
+        std::fs::write(&file, node_config(&dir, "supernode", Some(seed)).unwrap()).unwrap();
+        let sources = crate::config::Sources {
+            file: Some(file.clone()),
+            env: Vec::new(),
+            flags: crate::config::Flags::default(),
+            default_data_dir: None,
+        };
+        let settings = crate::config::load(&sources).unwrap();
+        assert_eq!(settings.data_dir, dir);
+        assert_eq!(settings.role.as_str(), "supernode");
+        assert_eq!(settings.seeds.len(), 1);
+        assert_eq!(settings.seeds[0].to_string(), seed);
+        assert_eq!(settings.keepalive_secs.get(), KEEPALIVE_SECS);
+        assert_eq!(settings.session_timeout_secs.get(), SESSION_TIMEOUT_SECS);
+        assert!(settings.listen.ip().is_loopback() && settings.listen.port() == 0);
+
+        std::fs::write(&file, node_config(&dir, "auto", None).unwrap()).unwrap();
+        let settings = crate::config::load(&sources).unwrap();
+        assert!(settings.seeds.is_empty());
+        assert_eq!(settings.role.as_str(), "auto");
+    }
+}

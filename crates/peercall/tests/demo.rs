@@ -1,0 +1,260 @@
+//! `peercall demo`: the network comes up as reported, and nothing it started survives
+//! it, whether it ends on its own or on Ctrl-C.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// How long the whole demo may take (a debug build on a loaded 2-core machine; it
+/// takes about 2.5 s on an idle one).
+const DEMO_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// `peercall demo` with stdout and stderr piped and no `PEERCALL_*` variables.
+fn demo(args: &[&str]) -> Child {
+    let mut cmd: Command = peercall();
+    cmd.arg("demo")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.spawn().expect("spawn peercall demo")
+}
+
+/// Reads a pipe to its end on a thread, so the child never blocks on a full pipe.
+fn collect(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = BufReader::new(pipe).read_to_string(&mut text);
+        let _ = tx.send(text);
+    });
+    rx
+}
+
+fn wait(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("peercall demo did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether process `pid` is a peercall node of the demo whose temporary directory
+/// is `temp_dir` (a recycled pid belongs to something else).
+fn node_alive(pid: u64, temp_dir: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(temp_dir))
+}
+
+/// Checks the summary: one seed supernode with a session to every desktop, each
+/// desktop with one to the seed, odd desktops over IK and even ones over XX, and
+/// authenticated keepalives received by everyone.
+fn check_summary(summary: &Value) {
+    let nodes = summary["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 4, "{summary}");
+    let seed = &nodes[0];
+    assert_eq!(seed["name"], "seed");
+    assert_eq!(seed["role"], "supernode");
+    assert_eq!(seed["handshake"], Value::Null);
+    assert_eq!(
+        seed["sessions"],
+        serde_json::json!(["desk-1", "desk-2", "desk-3"])
+    );
+    assert_eq!(summary["sessions"], 3);
+    assert_eq!(seed["handshakes_completed"], 3);
+    for (i, node) in nodes[1..].iter().enumerate() {
+        let name = format!("desk-{}", i + 1);
+        assert_eq!(node["name"], name.as_str());
+        assert_eq!(node["role"], "auto");
+        assert_eq!(node["sessions"], serde_json::json!(["seed"]), "{name}");
+        assert_eq!(node["handshake"], if i % 2 == 0 { "IK" } else { "XX" });
+        assert_eq!(node["handshakes_completed"], 1, "{name}");
+        assert!(node["session_up_ms"].as_f64().is_some(), "{name}");
+    }
+    let mut keys: Vec<&str> = nodes
+        .iter()
+        .map(|n| n["peer_key"].as_str().expect("peer_key"))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), 4, "four distinct identities");
+    for node in nodes {
+        assert!(
+            node["keepalives_received"].as_u64().expect("count") >= 2,
+            "{node}"
+        );
+        assert!(
+            node["keepalives_sent"].as_u64().expect("count") >= 1,
+            "{node}"
+        );
+        assert_eq!(node["fingerprint"].as_str().expect("fingerprint").len(), 24);
+        let metrics = node["metrics"].as_str().expect("metrics url");
+        assert!(metrics.starts_with("http://127.0.0.1:") && metrics.ends_with("/metrics"));
+    }
+}
+
+/// Nothing of the demo's is left: no node process, no temporary directory.
+fn check_cleaned_up(summary: &Value) {
+    let temp_dir = summary["temp_dir"].as_str().expect("temp_dir");
+    assert!(temp_dir.contains("peercall-demo-"), "{temp_dir}");
+    assert!(!Path::new(temp_dir).exists(), "{temp_dir} was removed");
+    for node in summary["nodes"].as_array().expect("nodes") {
+        let pid = node["pid"].as_u64().expect("pid");
+        assert!(
+            !node_alive(pid, temp_dir),
+            "node {} (pid {pid}) survived",
+            node["name"]
+        );
+    }
+}
+
+#[test]
+fn demo_brings_up_a_network_and_leaves_nothing_behind() {
+    let mut child = demo(&["--json"]);
+    let stdout = collect(child.stdout.take().expect("stdout"));
+    let stderr = collect(child.stderr.take().expect("stderr"));
+    let status = wait(&mut child, DEMO_TIMEOUT);
+    let (out, err) = (
+        stdout.recv().expect("stdout"),
+        stderr.recv().expect("stderr"),
+    );
+    assert!(status.success(), "{status}\n{err}");
+    // stdout is the summary alone, as one JSON object on one line.
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let summary: Value = serde_json::from_str(&out).expect("summary JSON");
+    check_summary(&summary);
+    check_cleaned_up(&summary);
+    // The narrative went to stderr.
+    for expected in [
+        "seed    supernode",
+        "session up with Noise IK",
+        "session up with Noise XX",
+        "all 3 sessions up",
+        "authenticated keepalives flowing",
+        "all 4 nodes exited",
+        "removed",
+    ] {
+        assert!(err.contains(expected), "{expected:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn keep_running_serves_metrics_until_ctrl_c_then_cleans_up() {
+    let mut child = demo(&["--json", "--keep-running"]);
+    let stderr = collect(child.stderr.take().expect("stderr"));
+    // The summary comes first, while the network keeps running.
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = match rx.recv_timeout(DEMO_TIMEOUT) {
+        Ok(line) => line,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no summary within {DEMO_TIMEOUT:?}");
+        }
+    };
+    let summary: Value = match serde_json::from_str(&line) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "summary JSON: {e}: {line:?}\n{}",
+                stderr.recv().unwrap_or_default()
+            );
+        }
+    };
+    check_summary(&summary);
+
+    // Every node's metrics are where the summary says, and keepalives keep coming.
+    for node in summary["nodes"].as_array().expect("nodes") {
+        let admin: std::net::SocketAddr = node["admin"].as_str().expect("admin").parse().unwrap();
+        let before = node["keepalives_received"].as_f64().expect("count");
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                http(admin, "GET", "/metrics", &[], "")
+                    .ok()
+                    .and_then(|r| metric(&r.body, "peercall_keepalives_received_total"))
+                    .is_some_and(|v| v > before)
+            }),
+            "{} keeps receiving keepalives",
+            node["name"]
+        );
+    }
+
+    signal(child.id(), "INT");
+    let status = wait(&mut child, DEMO_TIMEOUT);
+    let err = stderr.recv().expect("stderr");
+    assert!(
+        status.success(),
+        "Ctrl-C is the normal way out: {status}\n{err}"
+    );
+    assert!(err.contains("SIGINT: stopping"), "{err}");
+    check_cleaned_up(&summary);
+}
+
+#[test]
+fn ctrl_c_during_set_up_still_cleans_up() {
+    let mut child = demo(&["--json"]);
+    let stderr = child.stderr.take().expect("stderr");
+    // Interrupt as soon as the first desktop is starting: nodes are mid-start-up.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = String::new();
+        for line in lines.by_ref().map_while(Result::ok) {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("desk-1  starting") {
+                let _ = tx.send(None);
+            }
+        }
+        let _ = tx.send(Some(seen));
+    });
+    let first = rx.recv_timeout(DEMO_TIMEOUT);
+    signal(child.id(), "INT");
+    assert!(
+        matches!(first, Ok(None)),
+        "the demo got to its desktops: {first:?}"
+    );
+    let status = wait(&mut child, DEMO_TIMEOUT);
+    let err = loop {
+        match rx.recv_timeout(DEMO_TIMEOUT).expect("stderr closes") {
+            Some(text) => break text,
+            None => continue,
+        }
+    };
+    assert_eq!(status.code(), Some(1), "interrupted set-up fails:\n{err}");
+    assert!(err.contains("interrupted by SIGINT"), "{err}");
+    let temp_dir = err
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("temporary data in "))
+        .and_then(|rest| rest.split(' ').next())
+        .expect("the narrative names the temporary directory");
+    assert!(!Path::new(temp_dir).exists(), "{temp_dir} was removed");
+    // No process anywhere still runs a node from that directory.
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let name = entry.expect("entry").file_name();
+        if let Some(pid) = name.to_str().and_then(|n| n.parse::<u64>().ok()) {
+            assert!(!node_alive(pid, temp_dir), "pid {pid} survived");
+        }
+    }
+}
