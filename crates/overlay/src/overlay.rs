@@ -1961,11 +1961,25 @@ impl Overlay {
 
     fn on_attach(&mut self, now: Time, from: PeerKey, addr: SocketAddr, record: &[u8]) -> bool {
         if self.sn.as_ref().is_none_or(|sn| sn.handoff) {
-            // Not (or no longer) a supernode: point the node elsewhere.
-            let others = self
-                .sn
-                .as_ref()
-                .map_or_else(Vec::new, |sn| self.least_loaded(sn, 8));
+            // Not (or no longer) a supernode: point the node at supernodes this node
+            // knows, or stay silent (the attacher times out and backs off).
+            let mut known: Vec<CachedHost> = self.host_cache.clone();
+            known.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.key.cmp(&b.key)));
+            let others: Vec<SnInfo> = match self.sn.as_ref() {
+                Some(sn) => self.least_loaded(sn, 8),
+                None => known
+                    .iter()
+                    .take(8)
+                    .map(|h| SnInfo {
+                        key: h.key.0,
+                        addr: h.addr,
+                        load_permille: 0,
+                    })
+                    .collect(),
+            };
+            if others.is_empty() {
+                return false;
+            }
             self.send(from, addr, &Msg::Redirect { others });
             return true;
         }
