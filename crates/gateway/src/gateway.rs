@@ -11,7 +11,7 @@ use rand_core::{RngCore, SeedableRng};
 use str0m::change::SdpOffer;
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::format::Codec;
-use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
+use str0m::media::{Direction, Frequency, MediaTime, Mid, Pt};
 use str0m::net::{Protocol as NetProtocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
 use tracing::debug;
@@ -71,8 +71,8 @@ pub struct GatewayConfig {
     /// A session that has not finished ICE and DTLS this long after its offer ends
     /// with [`DisconnectReason::ConnectTimeout`].
     pub connect_timeout: Duration,
-    /// How often the browser's receiver reports are summed up into a
-    /// [`GatewayEvent::Feedback`] (only when new reports arrived).
+    /// How often the gateway looks for new receiver reports from the browser; each
+    /// new one becomes a [`GatewayEvent::Feedback`].
     pub feedback_interval: Duration,
     /// Seeds the RNG that draws ICE credentials.
     pub rng_seed: [u8; 32],
@@ -83,9 +83,9 @@ impl GatewayConfig {
     ///
     /// 16 sessions are more tabs than one person has calls; 20 s is far beyond the
     /// sub-second ICE and DTLS set-up between a browser and its own node, yet short
-    /// enough that an abandoned offer frees its slot quickly; a second matches the
-    /// RTCP report interval browsers use for audio, so each event carries fresh
-    /// figures.
+    /// enough that an abandoned offer frees its slot quickly; looking every second
+    /// adds at most a second to the age of a receiver report, which browsers send
+    /// every few seconds for audio.
     pub fn new(rng_seed: [u8; 32]) -> GatewayConfig {
         GatewayConfig {
             max_sessions: NonZeroUsize::new(16).expect("16 is not zero"),
@@ -118,8 +118,8 @@ pub struct Transmit {
 /// reports: what the far end's encoder should adapt to (FEC, bitrate).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReceiverReport {
-    /// Fraction of packets lost, 0.0..=1.0, averaged over the reports received
-    /// since the previous [`GatewayEvent::Feedback`].
+    /// Fraction of packets lost, 0.0..=1.0, between this report and the previous
+    /// one (for the first report, of all packets sent so far).
     pub loss_fraction: f32,
     /// Interarrival jitter as the browser measured it (RFC 3550 §6.4.1).
     pub jitter: Duration,
@@ -132,7 +132,8 @@ pub struct ReceiverReport {
 /// Why a session ended on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DisconnectReason {
-    /// ICE and DTLS did not complete within [`GatewayConfig::connect_timeout`].
+    /// ICE and DTLS did not complete: [`GatewayConfig::connect_timeout`] passed, or
+    /// ICE gave up first (no check from the browser for 15 s).
     ConnectTimeout,
     /// The browser stopped answering (no ICE consent check for 15 s): the tab was
     /// closed, the machine slept, or the network went away.
@@ -232,6 +233,8 @@ struct Session {
     connect_deadline: Time,
     /// str0m's next timeout.
     next_timeout: Time,
+    /// (highest sequence number, packets lost) of the browser's last receiver report.
+    last_report: Option<(u64, u64)>,
     /// Set while draining when the session must end.
     ended: Option<DisconnectReason>,
 }
@@ -360,6 +363,10 @@ impl Gateway {
             .accept_offer(offer)
             .map_err(|e| GatewayError::OfferRejected(e.to_string()))?;
 
+        // str0m reports the offer's media sections once time has been fed in.
+        rtc.handle_input(Input::Timeout(self.timebase.instant(now)))
+            .map_err(|e| GatewayError::OfferRejected(e.to_string()))?;
+
         let id = SessionId(self.next_id);
         let mut session = Session {
             call,
@@ -370,24 +377,25 @@ impl Gateway {
             connected: false,
             connect_deadline: now + self.config.connect_timeout,
             next_timeout: now,
+            last_report: None,
             ended: None,
         };
-        // Draining reports the offer's media sections; nothing is sent before the
-        // browser's first check (ICE-lite never initiates), so a refusal below
-        // leaves nothing queued.
+        // Nothing is sent before the browser's first check (ICE-lite never
+        // initiates), so a refusal below leaves nothing queued.
         let mut scratch = Outputs::default();
-        let mut added = Vec::new();
-        session.drain(id, &self.timebase, &mut scratch, Some(&mut added));
-        let mid = added
-            .iter()
-            .find(|(_, kind)| *kind == MediaKind::Audio)
-            .map(|(mid, _)| *mid)
+        session.drain(id, &self.timebase, &mut scratch);
+        // str0m reports media sections as events only once DTLS is up; the offer's
+        // text says which are audio.
+        let mid = audio_mids(sdp_offer)
+            .into_iter()
+            .map(Mid::from)
+            .find(|mid| session.rtc.media(*mid).is_some())
             .ok_or(GatewayError::NoAudio)?;
-        let direction = session
-            .rtc
-            .media(mid)
-            .map(|m| m.direction())
-            .ok_or(GatewayError::NoAudio)?;
+        let media = session.rtc.media(mid).ok_or(GatewayError::NoAudio)?;
+        let direction = media.direction();
+        if media.disabled() && direction != Direction::Inactive {
+            return Err(GatewayError::NoOpus);
+        }
         if direction != Direction::SendRecv {
             // Our direction mirrors the browser's: recvonly here is sendonly there.
             return Err(GatewayError::NotSendRecv(
@@ -548,7 +556,7 @@ impl Gateway {
         if let Err(e) = session.rtc.close() {
             debug!(session = %id, error = %e, "closing browser session");
         }
-        session.drain(id, &self.timebase, &mut self.out, None);
+        session.drain(id, &self.timebase, &mut self.out);
         self.remove(id);
         true
     }
@@ -558,7 +566,7 @@ impl Gateway {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
-        session.drain(id, &self.timebase, &mut self.out, None);
+        session.drain(id, &self.timebase, &mut self.out);
         if let Some(reason) = session.ended.take() {
             debug!(session = %id, %reason, "browser session ended");
             self.remove(id);
@@ -625,15 +633,8 @@ impl Gateway {
 }
 
 impl Session {
-    /// Polls str0m until it has nothing more than a timeout. Media sections the
-    /// offer added are reported to `added` (only while accepting).
-    fn drain(
-        &mut self,
-        id: SessionId,
-        timebase: &Timebase,
-        out: &mut Outputs,
-        mut added: Option<&mut Vec<(Mid, MediaKind)>>,
-    ) {
+    /// Polls str0m until it has nothing more than a timeout.
+    fn drain(&mut self, id: SessionId, timebase: &Timebase, out: &mut Outputs) {
         loop {
             match self.rtc.poll_output() {
                 Ok(Output::Timeout(at)) => {
@@ -644,12 +645,7 @@ impl Session {
                     dest: t.destination,
                     bytes: t.contents.into(),
                 }),
-                Ok(Output::Event(event)) => {
-                    if let (Event::MediaAdded(m), Some(added)) = (&event, added.as_deref_mut()) {
-                        added.push((m.mid, m.kind));
-                    }
-                    self.on_event(id, event, out);
-                }
+                Ok(Output::Event(event)) => self.on_event(id, event, out),
                 Err(e) => {
                     self.ended
                         .get_or_insert(DisconnectReason::Failed(e.to_string()));
@@ -667,9 +663,6 @@ impl Session {
             Event::Connected => {
                 self.connected = true;
                 out.events.push_back(GatewayEvent::Connected(id));
-            }
-            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                self.ended.get_or_insert(DisconnectReason::ConsentLost);
             }
             Event::Closed => {
                 self.ended.get_or_insert(DisconnectReason::ClosedByBrowser);
@@ -692,27 +685,60 @@ impl Session {
                 if self.audio.is_none_or(|(mid, _)| mid != stats.mid) {
                     return;
                 }
-                // `loss` is set only when receiver reports arrived since last time.
-                let Some(loss_fraction) = stats.loss else {
+                let Some(rr) = stats.remote else {
                     return;
                 };
-                let (jitter, packets_lost) = stats.remote.map_or((Duration::ZERO, 0), |r| {
-                    let jitter = MediaTime::new(u64::from(r.jitter), OPUS_CLOCK);
-                    (Duration::from(jitter), r.packets_lost)
-                });
+                let report = (*rr.maximum_sequence_number, rr.packets_lost);
+                let loss_fraction = match self.last_report.replace(report) {
+                    // The same receiver report as last time: nothing new.
+                    Some((seq, _)) if seq == report.0 => return,
+                    // RFC 3550 §6.4.1's interval loss, from the cumulative counts.
+                    Some((seq, lost)) => {
+                        let expected = report.0.saturating_sub(seq);
+                        let lost = report.1.saturating_sub(lost);
+                        lost as f32 / expected.max(1) as f32
+                    }
+                    // The first report: loss over everything sent so far.
+                    None => report.1 as f32 / stats.packets.max(1) as f32,
+                };
+                let jitter = MediaTime::new(u64::from(rr.jitter), OPUS_CLOCK);
                 out.events.push_back(GatewayEvent::Feedback {
                     id,
                     report: ReceiverReport {
                         loss_fraction: loss_fraction.clamp(0.0, 1.0),
-                        jitter,
-                        packets_lost,
+                        jitter: Duration::from(jitter),
+                        packets_lost: rr.packets_lost,
                         rtt: stats.rtt,
                     },
                 });
             }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                // Before connecting, ICE giving up (no check for 15 s) is a failed
+                // set-up; after, the browser went away.
+                let reason = if self.connected {
+                    DisconnectReason::ConsentLost
+                } else {
+                    DisconnectReason::ConnectTimeout
+                };
+                self.ended.get_or_insert(reason);
+            }
             _ => {}
         }
     }
+}
+
+/// The `a=mid` values of an SDP's audio sections, in order.
+fn audio_mids(sdp: &str) -> Vec<&str> {
+    let mut audio = false;
+    let mut mids = Vec::new();
+    for line in sdp.lines().map(|l| l.trim_end_matches('\r')) {
+        if line.starts_with("m=") {
+            audio = line.starts_with("m=audio ");
+        } else if let Some(mid) = line.strip_prefix("a=mid:").filter(|_| audio) {
+            mids.push(mid.trim());
+        }
+    }
+    mids
 }
 
 /// The browser's direction for ours.
@@ -739,4 +765,28 @@ fn random_ice_string(rng: &mut ChaCha20Rng, len: usize) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_audio_mids() {
+        let sdp = "v=0\r\na=group:BUNDLE 0 1 2\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n\
+                   m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\nm=application 9 x\r\na=mid:2\r\n\
+                   m=audio 9 UDP/TLS/RTP/SAVPF 111\na=mid:a2\n";
+        assert_eq!(audio_mids(sdp), vec!["1", "a2"]);
+        assert!(audio_mids("m=audiox 9\r\na=mid:0\r\n").is_empty());
+    }
+
+    #[test]
+    fn ice_strings_are_long_and_plain() {
+        let mut rng = ChaCha20Rng::from_seed([3; 32]);
+        let a = random_ice_string(&mut rng, UFRAG_LEN);
+        let b = random_ice_string(&mut rng, UFRAG_LEN);
+        assert_eq!(a.len(), UFRAG_LEN);
+        assert_ne!(a, b);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
 }
