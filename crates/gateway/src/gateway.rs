@@ -41,6 +41,15 @@ const OPUS_CLOCK: Frequency = Frequency::FORTY_EIGHT_KHZ;
 /// would only add delay in front of it.
 const AUDIO_REORDER_PACKETS: usize = 0;
 
+/// How long an ended session's ufrag and addresses stay the gateway's. A browser's
+/// last datagrams (RTCP BYE, a DTLS alert, a consent check in flight) arrive within
+/// a round trip or two of the end; they are taken and dropped here instead of
+/// reaching the engine as unknown traffic. Ten seconds covers any round trip.
+const LINGER: Duration = Duration::from_secs(10);
+/// Ended sessions remembered at once, per session slot: beyond that the oldest is
+/// forgotten first, so a burst of short sessions cannot grow memory.
+const LINGER_PER_SLOT: usize = 2;
+
 /// Identifies one browser session of this gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);
@@ -209,7 +218,8 @@ pub struct Stats {
     pub datagrams_out: u64,
     /// Bytes of those.
     pub bytes_out: u64,
-    /// Datagrams taken but unusable (unparsable, or refused by str0m).
+    /// Datagrams taken but unusable: unparsable, refused by str0m, or arriving
+    /// for a session that ended moments ago.
     pub datagrams_dropped: u64,
     /// Opus packets received from browsers.
     pub frames_in: u64,
@@ -239,6 +249,13 @@ struct Session {
     ended: Option<DisconnectReason>,
 }
 
+/// What is left of an ended session for [`LINGER`].
+struct Lingering {
+    until: Time,
+    ufrag: String,
+    addrs: Vec<SocketAddr>,
+}
+
 /// What draining sessions produces.
 #[derive(Default)]
 struct Outputs {
@@ -261,6 +278,10 @@ pub struct Gateway {
     by_call: HashMap<CallKey, SessionId>,
     /// Addresses a session's ICE has validated, learned as their DTLS/RTP arrives.
     by_addr: HashMap<SocketAddr, SessionId>,
+    /// Recently ended sessions, oldest first.
+    lingering: VecDeque<Lingering>,
+    /// The latest `now` seen, for inputs that carry none ([`Gateway::close`]).
+    last_now: Time,
     out: Outputs,
 }
 
@@ -293,6 +314,8 @@ impl Gateway {
             by_ufrag: HashMap::new(),
             by_call: HashMap::new(),
             by_addr: HashMap::new(),
+            lingering: VecDeque::new(),
+            last_now: now,
             out: Outputs::default(),
         })
     }
@@ -307,6 +330,7 @@ impl Gateway {
         sdp_offer: &str,
         local: SocketAddr,
     ) -> Result<Accepted, GatewayError> {
+        self.last_now = self.last_now.max(now);
         let result = self.try_accept(now, call, sdp_offer, local);
         match &result {
             Ok(_) => self.out.stats.offers_accepted += 1,
@@ -440,7 +464,14 @@ impl Gateway {
     /// gateway's (see the crate documentation). A datagram it returns `false` for
     /// is untouched and belongs to the engine.
     pub fn handle_datagram(&mut self, now: Time, from: SocketAddr, datagram: &[u8]) -> bool {
+        self.last_now = self.last_now.max(now);
         let Some(id) = self.owner(now, from, datagram) else {
+            if self.lingers(now, from, datagram) {
+                self.out.stats.datagrams_in += 1;
+                self.out.stats.bytes_in += datagram.len() as u64;
+                self.out.stats.datagrams_dropped += 1;
+                return true;
+            }
             return false;
         };
         let Some(session) = self.sessions.get_mut(&id) else {
@@ -486,8 +517,24 @@ impl Gateway {
         }
     }
 
+    /// Whether a datagram is for a session that ended moments ago.
+    fn lingers(&mut self, now: Time, from: SocketAddr, datagram: &[u8]) -> bool {
+        while self.lingering.front().is_some_and(|l| l.until <= now) {
+            self.lingering.pop_front();
+        }
+        match classify(datagram) {
+            Protocol::Stun => local_ufrag(datagram)
+                .is_some_and(|ufrag| self.lingering.iter().any(|l| l.ufrag == ufrag)),
+            Protocol::Dtls | Protocol::Rtp => {
+                self.lingering.iter().any(|l| l.addrs.contains(&from))
+            }
+            _ => false,
+        }
+    }
+
     /// Runs the timers due at `now`.
     pub fn handle_timeout(&mut self, now: Time) {
+        self.last_now = self.last_now.max(now);
         let due: Vec<SessionId> = self
             .sessions
             .iter()
@@ -519,6 +566,7 @@ impl Gateway {
         timestamp: u32,
         opus: &[u8],
     ) -> Result<(), GatewayError> {
+        self.last_now = self.last_now.max(now);
         let session = self
             .sessions
             .get_mut(&id)
@@ -583,7 +631,21 @@ impl Gateway {
         };
         self.by_ufrag.remove(&session.ufrag);
         self.by_call.remove(&session.call);
-        self.by_addr.retain(|_, owner| *owner != id);
+        let mut addrs = Vec::new();
+        self.by_addr.retain(|addr, owner| {
+            if *owner == id {
+                addrs.push(*addr);
+            }
+            *owner != id
+        });
+        if self.lingering.len() >= self.config.max_sessions.get() * LINGER_PER_SLOT {
+            self.lingering.pop_front();
+        }
+        self.lingering.push_back(Lingering {
+            until: self.last_now + LINGER,
+            ufrag: session.ufrag,
+            addrs,
+        });
     }
 
     /// The next datagram to send.

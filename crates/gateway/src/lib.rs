@@ -24,6 +24,10 @@
 //!   which counts it as a drop.
 //! - Everything else, peercall's own packets included, is never the gateway's.
 //!
+//! For ten seconds after a session ends, its ufrag and addresses stay the
+//! gateway's, so the browser's last datagrams (RTCP BYE, DTLS alerts) are dropped
+//! and counted here rather than reaching the engine as unknown traffic.
+//!
 //! Unauthenticated datagrams cost a first-byte check and a lookup; nothing is
 //! allocated for them by the gateway (str0m parses what it is handed).
 //!

@@ -397,6 +397,17 @@ fn close_tells_the_browser_and_frees_everything() {
         "no Disconnected for a local close"
     );
     assert_eq!(net.gw.stats().sessions, 0);
+    // The browser's last words still went to the gateway (dropped there), not to
+    // the engine; ten seconds on, its address is nobody's again.
+    assert!(net.untaken.is_empty(), "{:?}", net.untaken);
+    let browser = net.browsers[b].addr;
+    let dropped = net.gw.stats().datagrams_dropped;
+    assert!(net.gw.handle_datagram(net.now, browser, &[0x80, 0, 0]));
+    assert_eq!(net.gw.stats().datagrams_dropped, dropped + 1);
+    net.browsers[b].vanished = true;
+    net.run(Duration::from_secs(11), |_| {});
+    assert!(!net.gw.handle_datagram(net.now, browser, &[0x80, 0, 0]));
+    assert!(!net.gw.handle_datagram(net.now, browser, &[22, 0, 0]));
     assert_eq!(
         net.gw.send_audio(id, net.now, 0, &[1]),
         Err(GatewayError::UnknownSession(id))
