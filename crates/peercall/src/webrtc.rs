@@ -16,8 +16,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 
 use peercall_gateway::{
-    Accepted, CallKey, Gateway, GatewayConfig, GatewayError, GatewayEvent, SessionId, Stats,
-    Transmit,
+    Accepted, CallKey, DisconnectReason, Gateway, GatewayConfig, GatewayError, GatewayEvent,
+    SessionId, Stats, Transmit,
 };
 use peercall_wire::Time;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
@@ -155,7 +155,11 @@ impl WebRtc {
                 GatewayEvent::Disconnected(session, reason) => {
                     self.echo.remove(&session);
                     metrics.disconnected(reason.as_str());
-                    warn!(%session, %reason, "webrtc: browser session ended");
+                    if reason == DisconnectReason::ClosedByBrowser {
+                        info!(%session, "webrtc: the browser hung up");
+                    } else {
+                        warn!(%session, %reason, "webrtc: browser session ended");
+                    }
                 }
             }
         }
