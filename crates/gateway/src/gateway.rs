@@ -416,10 +416,11 @@ impl Gateway {
             .find(|mid| session.rtc.media(*mid).is_some())
             .ok_or(GatewayError::NoAudio)?;
         let media = session.rtc.media(mid).ok_or(GatewayError::NoAudio)?;
-        let direction = media.direction();
-        if media.disabled() && direction != Direction::Inactive {
+        if media.remote_pts().is_empty() {
+            // None of the offered codecs matched ours (Opus).
             return Err(GatewayError::NoOpus);
         }
+        let direction = media.direction();
         if direction != Direction::SendRecv {
             // Our direction mirrors the browser's: recvonly here is sendonly there.
             return Err(GatewayError::NotSendRecv(
@@ -581,7 +582,7 @@ impl Gateway {
             .ok_or(GatewayError::NotConnected(id))?;
         let media_time = MediaTime::new(u64::from(timestamp), OPUS_CLOCK);
         let result = writer
-            .write(pt, self.timebase.instant(now), media_time, opus.to_vec())
+            .write(pt, self.timebase.instant(now), media_time, opus)
             .map_err(|e| GatewayError::Send {
                 session: id,
                 reason: e.to_string(),
