@@ -100,11 +100,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_for(path, timeout):
+def wait_for(path, timeout, proc):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and path.read_text().strip():
             return path.read_text().strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"the node exited with status {proc.returncode} before writing {path.name}")
         time.sleep(0.05)
     raise TimeoutError(f"{path} did not appear within {timeout} s")
 
@@ -292,13 +294,16 @@ def main():
 
         data = work / "node"
         node_log = open(work / "node.log", "w")
+        # The node reads PEERCALL_* variables as configuration; the suite's own
+        # (PEERCALL_FUZZ_SECONDS, PEERCALL_VENV, ...) are not for it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PEERCALL_")}
         node = subprocess.Popen(
             [args.bin, "--log-level", "debug", "node", "--data-dir", str(data),
              "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
-            stdout=node_log, stderr=subprocess.STDOUT, start_new_session=True)
-        admin = wait_for(data / "admin.addr", 30)
+            stdout=node_log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        admin = wait_for(data / "admin.addr", 30, node)
         token = (data / "admin.token").read_text().strip()
-        log(f"node up: admin {admin}, udp {wait_for(data / 'udp.addr', 5)}")
+        log(f"node up: admin {admin}, udp {wait_for(data / 'udp.addr', 5, node)}")
 
         port = free_port()
         driver_proc = subprocess.Popen(
