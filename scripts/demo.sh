@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 # shellcheck source=setup.sh
 . scripts/setup.sh
 peercall_setup
-cargo build --release --quiet -p peercall
+# With the browser gateway (POST /v1/webrtc/offer, the /webrtc/echo page).
+cargo build --release --quiet -p peercall --features webrtc
 exec "$CARGO_TARGET_DIR/release/peercall" demo "$@"

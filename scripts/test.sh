@@ -35,10 +35,15 @@ fuzz_smoke() {
     done
 }
 
+# The `webrtc` feature of peercall (the browser gateway, str0m) is off by default.
+# Lints cover both builds of peercall (the second re-checks only peercall); docs and
+# tests run once, with the feature, which is the superset.
+WEBRTC=(--features peercall/webrtc)
 step "cargo fmt" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
-step "cargo doc" env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
-step "cargo test" cargo test --workspace --quiet
+step "cargo clippy (webrtc)" cargo clippy -p peercall --all-targets --quiet --features webrtc -- -D warnings
+step "cargo doc" env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet "${WEBRTC[@]}"
+step "cargo test" cargo test --workspace --quiet "${WEBRTC[@]}"
 step "fuzz smoke" fuzz_smoke
 for script in scripts/it/*.sh; do
     [ -e "$script" ] || continue

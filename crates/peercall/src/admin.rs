@@ -7,6 +7,11 @@
 //! | GET | `/metrics` | open | Prometheus text format |
 //! | POST | `/v1/connect` | bearer | `{"peer": "PEERKEY@HOST:PORT" or "HOST:PORT"}`: start a session |
 //! | POST | `/v1/shutdown` | bearer | graceful shutdown, as on SIGTERM |
+//! | POST | `/v1/webrtc/offer?echo=1` | bearer | body: a browser's SDP offer; answers `{"session", "answer"}` (201) with an echo session (feature `webrtc`) |
+//! | DELETE | `/v1/webrtc/sessions/{id}` | bearer | closes a browser session (feature `webrtc`) |
+//! | GET | `/webrtc/echo` | open | the echo test page (feature `webrtc`); the token goes in the page, or in its URL fragment `#token=` |
+//!
+//! Without the `webrtc` feature the WebRTC paths answer 501.
 //!
 //! Reading is open to local processes; anything that changes state needs
 //! `Authorization: Bearer <token>`, the token being the contents of `admin.token` in
@@ -26,7 +31,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -103,6 +108,9 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/connect", post(connect))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/webrtc/offer", post(webrtc_offer))
+        .route("/v1/webrtc/sessions/{id}", delete(webrtc_close))
+        .route("/webrtc/echo", get(webrtc_echo_page))
         .layer(middleware::from_fn(loopback_host))
         .with_state(state)
 }
@@ -272,6 +280,10 @@ async fn metrics(State(state): State<Shared>) -> Response {
     let Some(snap) = runtime::snapshot(&state.commands, ENGINE_TIMEOUT).await else {
         return engine_gone();
     };
+    #[cfg(feature = "webrtc")]
+    if let Some(webrtc) = &snap.webrtc {
+        state.metrics.webrtc.mirror(webrtc);
+    }
     let text = state.metrics.render(&snap.stats, state.clock.uptime());
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response()
 }
@@ -347,6 +359,156 @@ async fn shutdown(_: Authorized, State(state): State<Shared>) -> Response {
         }),
     )
         .into_response()
+}
+
+/// Query of `/v1/webrtc/offer`.
+#[cfg(feature = "webrtc")]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OfferQuery {
+    /// `1` or `true`: an echo session (the only kind until calls exist).
+    echo: Option<String>,
+}
+
+#[cfg(feature = "webrtc")]
+async fn webrtc_offer(
+    _: Authorized,
+    State(state): State<Shared>,
+    query: Result<axum::extract::Query<OfferQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Response {
+    use peercall_gateway::{GatewayError, MAX_SDP_LEN};
+
+    let query = match query {
+        Ok(q) => q.0,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad query: {e}")),
+    };
+    if !matches!(query.echo.as_deref(), Some("1" | "true")) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a browser session joins a call, and this node has no calls yet: \
+             POST with ?echo=1 for the echo diagnostic",
+        );
+    }
+    if body.len() > MAX_SDP_LEN {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("SDP offer larger than {MAX_SDP_LEN} bytes"),
+        );
+    }
+    let Ok(sdp) = String::from_utf8(body.to_vec()) else {
+        return error(StatusCode::BAD_REQUEST, "the SDP offer is not UTF-8 text");
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if !runtime::send(&state.commands, Command::WebRtcEchoOffer { sdp, reply }).await {
+        return engine_gone();
+    }
+    let accepted = match tokio::time::timeout(ENGINE_TIMEOUT, answer).await {
+        Ok(Ok(Some(result))) => result,
+        Ok(Ok(None)) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this node runs no WebRTC gateway",
+            );
+        }
+        _ => return engine_gone(),
+    };
+    let accepted = match accepted {
+        Ok(a) => a,
+        Err(e) => {
+            let status = match e {
+                GatewayError::CallTaken { .. } => StatusCode::CONFLICT,
+                GatewayError::TooManySessions(_) => StatusCode::SERVICE_UNAVAILABLE,
+                GatewayError::SdpTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return error(status, e.to_string());
+        }
+    };
+    info!(session = %accepted.session, "admin: WebRTC echo session");
+    #[derive(Serialize)]
+    struct Created {
+        session: u64,
+        answer: String,
+        echo: bool,
+    }
+    let location = format!("/v1/webrtc/sessions/{}", accepted.session);
+    let mut response = (
+        StatusCode::CREATED,
+        axum::Json(Created {
+            session: accepted.session.0,
+            answer: accepted.answer,
+            echo: true,
+        }),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+#[cfg(feature = "webrtc")]
+async fn webrtc_close(
+    _: Authorized,
+    State(state): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = id.parse::<u64>() else {
+        return error(StatusCode::BAD_REQUEST, format!("bad session id {id:?}"));
+    };
+    let session = peercall_gateway::SessionId(id);
+    let (reply, closed) = tokio::sync::oneshot::channel();
+    if !runtime::send(&state.commands, Command::WebRtcClose { session, reply }).await {
+        return engine_gone();
+    }
+    match tokio::time::timeout(ENGINE_TIMEOUT, closed).await {
+        Ok(Ok(true)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Ok(false)) => error(StatusCode::NOT_FOUND, format!("no browser session {id}")),
+        _ => engine_gone(),
+    }
+}
+
+#[cfg(feature = "webrtc")]
+async fn webrtc_echo_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; media-src 'self' blob: mediastream:",
+            ),
+        ],
+        crate::webrtc::ECHO_PAGE,
+    )
+        .into_response()
+}
+
+#[cfg(not(feature = "webrtc"))]
+fn webrtc_missing() -> Response {
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        "this peercall was built without the `webrtc` cargo feature",
+    )
+}
+
+#[cfg(not(feature = "webrtc"))]
+async fn webrtc_offer() -> Response {
+    webrtc_missing()
+}
+
+#[cfg(not(feature = "webrtc"))]
+async fn webrtc_close() -> Response {
+    webrtc_missing()
+}
+
+#[cfg(not(feature = "webrtc"))]
+async fn webrtc_echo_page() -> Response {
+    webrtc_missing()
 }
 
 #[cfg(test)]

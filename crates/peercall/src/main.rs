@@ -16,6 +16,8 @@ mod metrics;
 mod node;
 mod runtime;
 mod store;
+#[cfg(feature = "webrtc")]
+mod webrtc;
 
 use std::process::ExitCode;
 

@@ -82,6 +82,9 @@ pub struct Metrics {
     pub udp_receive_errors: IntCounter,
     /// Admin requests refused for a missing or wrong bearer token.
     pub admin_unauthorized: IntCounter,
+    /// The WebRTC gateway's series.
+    #[cfg(feature = "webrtc")]
+    pub webrtc: crate::webrtc::WebRtcMetrics,
     /// Serialises scrapes: mirroring counters by difference must not interleave.
     scrape: Mutex<()>,
 }
@@ -142,6 +145,8 @@ impl Metrics {
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build))?;
         Ok(Metrics {
+            #[cfg(feature = "webrtc")]
+            webrtc: crate::webrtc::WebRtcMetrics::new(&registry)?,
             udp_send_errors: counter(
                 "peercall_udp_send_errors_total",
                 "UDP sends the operating system refused.",

@@ -101,6 +101,13 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     engine_config.keepalive_interval = settings.keepalive();
     engine_config.session_timeout = settings.session_timeout();
     let node = Node::new(engine_config, clock.now());
+    #[cfg(feature = "webrtc")]
+    let webrtc = {
+        let webrtc = crate::webrtc::WebRtc::new(udp_local, &clock, os_seed())
+            .context("could not start the WebRTC gateway")?;
+        info!(candidate = %crate::webrtc::candidate_for(udp_local), "WebRTC gateway ready");
+        webrtc
+    };
 
     let metrics = Arc::new(Metrics::new(clock.started()).context("metrics registry")?);
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -127,10 +134,11 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     dir.write_addr(ADMIN_ADDR_FILE, admin_local)?;
     info!(udp = %udp_local, admin = %admin_local, "node ready");
 
+    let engine = Engine::new(node, socket, clock, command_rx, metrics);
+    #[cfg(feature = "webrtc")]
+    let engine = engine.with_webrtc(webrtc);
     // The engine runs here, on this task: it owns the node until shutdown.
-    Engine::new(node, socket, clock, command_rx, metrics)
-        .run()
-        .await;
+    engine.run().await;
 
     // Nothing of the engine's needs saving yet; later state (host cache, contacts)
     // is written here through `DataDir::write`, atomically.

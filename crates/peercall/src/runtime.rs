@@ -5,6 +5,11 @@
 //! outputs (transmits are sent, events logged), as the driving contract in
 //! `peercall_engine` requires. On shutdown it closes the node, sends the resulting
 //! transmits (peers are told) and returns.
+//!
+//! With the `webrtc` feature it also owns the WebRTC gateway: every datagram is
+//! offered to the gateway first (it takes only STUN for its own ICE ufrags and
+//! DTLS/SRTP from browsers it has validated), the rest goes to the node; both
+//! deadlines are watched, and both outputs drained.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +41,24 @@ pub enum Command {
     Snapshot(oneshot::Sender<Snapshot>),
     /// Close the node and stop.
     Shutdown,
+    /// Answer a browser's SDP offer with an echo session.
+    #[cfg(feature = "webrtc")]
+    WebRtcEchoOffer {
+        /// The SDP offer.
+        sdp: String,
+        /// Where the answer goes (`None`: this node runs no gateway).
+        reply: oneshot::Sender<
+            Option<Result<peercall_gateway::Accepted, peercall_gateway::GatewayError>>,
+        >,
+    },
+    /// Close a browser session; replies whether there was one.
+    #[cfg(feature = "webrtc")]
+    WebRtcClose {
+        /// The session.
+        session: peercall_gateway::SessionId,
+        /// Where the answer goes.
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// The node's state at one moment, for the admin API.
@@ -47,6 +70,9 @@ pub struct Snapshot {
     pub stats: Stats,
     /// When the snapshot was taken.
     pub now: Time,
+    /// The WebRTC gateway's counters.
+    #[cfg(feature = "webrtc")]
+    pub webrtc: Option<peercall_gateway::Stats>,
 }
 
 /// The engine task's state.
@@ -57,6 +83,8 @@ pub struct Engine {
     clock: Clock,
     commands: mpsc::Receiver<Command>,
     metrics: Arc<Metrics>,
+    #[cfg(feature = "webrtc")]
+    webrtc: Option<crate::webrtc::WebRtc>,
 }
 
 /// Sleeps until `deadline`, or forever if there is none.
@@ -85,7 +113,16 @@ impl Engine {
             clock,
             commands,
             metrics,
+            #[cfg(feature = "webrtc")]
+            webrtc: None,
         }
+    }
+
+    /// Adds the WebRTC gateway.
+    #[cfg(feature = "webrtc")]
+    pub fn with_webrtc(mut self, webrtc: crate::webrtc::WebRtc) -> Engine {
+        self.webrtc = Some(webrtc);
+        self
     }
 
     /// Runs until a [`Command::Shutdown`] (or until every command sender is gone),
@@ -96,7 +133,7 @@ impl Engine {
         self.node.handle_timeout(self.clock.now());
         self.drain().await;
         loop {
-            let deadline = self.node.poll_timeout();
+            let deadline = self.poll_timeout();
             let wake = deadline.and_then(|t| self.clock.instant_at(t));
             tokio::select! {
                 // Commands first, so shutdown and the admin API are served under a flood.
@@ -111,18 +148,27 @@ impl Engine {
                         // The requester may have given up; nothing to do then.
                         let _ = reply.send(self.snapshot());
                     }
+                    #[cfg(feature = "webrtc")]
+                    Some(Command::WebRtcEchoOffer { sdp, reply }) => {
+                        let now = self.clock.now();
+                        let result = self.webrtc.as_mut().map(|w| w.offer_echo(now, &sdp));
+                        let _ = reply.send(result);
+                    }
+                    #[cfg(feature = "webrtc")]
+                    Some(Command::WebRtcClose { session, reply }) => {
+                        let closed = self.webrtc.as_mut().is_some_and(|w| w.close(session));
+                        let _ = reply.send(closed);
+                    }
                 },
                 () = sleep_until(wake) => {
                     let now = self.clock.now();
                     // A capped sleep may wake before the deadline: then just re-arm.
                     if deadline.is_some_and(|d| now >= d) {
-                        self.node.handle_timeout(now);
+                        self.handle_timeout(now);
                     }
                 }
                 received = self.socket.recv_from(&mut buf) => match received {
-                    Ok((len, from)) => {
-                        self.node.handle_datagram(self.clock.now(), from, &buf[..len]);
-                    }
+                    Ok((len, from)) => self.handle_datagram(self.clock.now(), from, &buf[..len]),
                     Err(e) => {
                         // Typically an ICMP error for an earlier send; the socket is fine.
                         self.metrics.udp_receive_errors.inc();
@@ -134,7 +180,43 @@ impl Engine {
         }
         info!("closing sessions");
         self.node.close(self.clock.now());
+        #[cfg(feature = "webrtc")]
+        if let Some(w) = &mut self.webrtc {
+            w.close_all();
+        }
         self.drain().await;
+    }
+
+    /// The earliest deadline of the node and the gateway.
+    fn poll_timeout(&self) -> Option<Time> {
+        let node = self.node.poll_timeout();
+        #[cfg(feature = "webrtc")]
+        if let Some(gateway) = self.webrtc.as_ref().and_then(|w| w.poll_timeout()) {
+            return Some(node.map_or(gateway, |n| n.min(gateway)));
+        }
+        node
+    }
+
+    /// Runs whichever timers are due.
+    fn handle_timeout(&mut self, now: Time) {
+        if self.node.poll_timeout().is_some_and(|d| now >= d) {
+            self.node.handle_timeout(now);
+        }
+        #[cfg(feature = "webrtc")]
+        if let Some(w) = &mut self.webrtc {
+            w.handle_timeout(now);
+        }
+    }
+
+    /// Hands a datagram to the gateway if it is a browser's, else to the node.
+    fn handle_datagram(&mut self, now: Time, from: SocketAddr, datagram: &[u8]) {
+        #[cfg(feature = "webrtc")]
+        if let Some(w) = &mut self.webrtc
+            && w.handle_datagram(now, from, datagram)
+        {
+            return;
+        }
+        self.node.handle_datagram(now, from, datagram);
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -142,6 +224,8 @@ impl Engine {
             status: self.node.status(),
             stats: self.node.stats(),
             now: self.clock.now(),
+            #[cfg(feature = "webrtc")]
+            webrtc: self.webrtc.as_ref().map(|w| w.stats()),
         }
     }
 
@@ -158,6 +242,17 @@ impl Engine {
                 self.metrics.session_ended(reason);
             }
             log_event(&event);
+        }
+        #[cfg(feature = "webrtc")]
+        if let Some(w) = &mut self.webrtc {
+            // Events first: echoing audio produces more transmits.
+            w.handle_events(self.clock.now(), &self.metrics.webrtc);
+            while let Some(t) = w.poll_transmit() {
+                if let Err(e) = self.socket.send_to(&t.bytes, t.dest).await {
+                    self.metrics.udp_send_errors.inc();
+                    debug!(dest = %t.dest, error = %e, "UDP send failed");
+                }
+            }
         }
     }
 }
