@@ -4,17 +4,19 @@
 //! decoder. The owner calls [`JitterBuffer::push`] for every received media frame
 //! (both copies when a frame is sent on two paths: the second is a duplicate) and
 //! [`JitterBuffer::pull`] once per 20 ms of audio it needs. `pull` answers what to
-//! play: a packet, the next packet's FEC for a missing one, concealment, comfort
-//! noise during DTX, or an inserted frame while the buffer grows.
+//! play: a packet, the packet after a run of missing frames (whose in-band FEC or
+//! DRED can rebuild them), concealment, comfort noise during DTX, or an inserted
+//! frame while the buffer grows.
 //!
 //! # Delay
 //!
 //! Each first copy's *transit* (arrival time minus its timestamp in µs) is kept for
 //! the last [`JitterConfig::window`] packets. Against the fastest of them, a packet's
 //! transit excess is its inter-arrival deviation: how much later than the best case
-//! it came. The target delay is a high percentile of that deviation plus one frame,
-//! so that when a frame is due the *next* packet has normally arrived too and can
-//! stand in through its FEC; it is clamped to `min_delay..=max_delay`.
+//! it came. The target delay is a high percentile of that deviation plus
+//! [`JitterConfig::recovery_frames`] frames (one by default), so that when a frame is
+//! due the *next* packet has normally arrived too and can stand in through its FEC;
+//! it is clamped to `min_delay..=max_delay`.
 //!
 //! The playout delay `D` is how long after its best-case arrival the frame due now is
 //! played. `pull` keeps `D` in `target..target + 20 ms` by dropping or inserting one
