@@ -150,14 +150,14 @@ function displayName(c) {
 
 // ---- sign-in ---------------------------------------------------------------
 
+// The token from a `#token=` link, taken out of the address bar and the history
+// at once; null without one.
 function takeTokenFromFragment() {
   const params = new URLSearchParams(location.hash.slice(1));
   const token = params.get("token");
-  if (token) {
-    // Out of the address bar and the history at once.
-    history.replaceState(null, "", location.pathname + location.search);
-    sessionStorage.setItem(TOKEN_KEY, token.trim());
-  }
+  if (!token) return null;
+  history.replaceState(null, "", location.pathname + location.search);
+  return token.trim();
 }
 
 function showSignIn(message) {
@@ -299,7 +299,10 @@ async function addContact(result) {
     if (body.contact.user_id !== result.user_id) {
       setText("search-error", `Careful: "${result.handle}" now belongs to another user (fingerprint ${body.contact.fingerprint}); that is who was added.`);
     }
-    upsertContact(body.contact);
+    // The event stream may have brought newer presence than this answer: keep it,
+    // and read the list again.
+    if (!page.contacts.some((c) => c.user_id === body.contact.user_id)) upsertContact(body.contact);
+    refreshContacts();
     $("result-add").disabled = true;
     $("result-add").textContent = body.added ? "Added" : "Already a contact";
   } catch (e) {
@@ -888,7 +891,12 @@ function drawChart() {
 // ---- start -----------------------------------------------------------------
 
 function start() {
-  takeTokenFromFragment();
+  const linked = takeTokenFromFragment();
+  // A link opened in a tab that shows the page already changes only the fragment.
+  window.addEventListener("hashchange", () => {
+    const token = takeTokenFromFragment();
+    if (token && token !== page.token) { signOut(); signIn(token); }
+  });
   $("sign-in-form").addEventListener("submit", (ev) => { ev.preventDefault(); signIn($("token").value); });
   $("sign-out").addEventListener("click", () => { signOut(); showSignIn(""); });
   $("search-form").addEventListener("submit", (ev) => { ev.preventDefault(); search($("search").value); });
@@ -902,7 +910,7 @@ function start() {
   window.addEventListener("resize", drawChart);
   window.addEventListener("pagehide", () => { leaveAudio(); });
   drawChart();
-  const token = sessionStorage.getItem(TOKEN_KEY);
+  const token = linked || sessionStorage.getItem(TOKEN_KEY);
   if (token) signIn(token); else showSignIn("");
 }
 
