@@ -1088,6 +1088,64 @@ mod tests {
     }
 
     #[test]
+    fn only_same_origin_requests_and_page_navigations_pass() {
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:7601"));
+            for (name, value) in pairs {
+                h.insert(*name, HeaderValue::from_str(value).unwrap());
+            }
+            h
+        };
+        let get = Method::GET;
+        let post = Method::POST;
+        // Local tools send neither header; the page's fetches are same-origin.
+        assert_eq!(cross_origin(&get, "/v1/contacts", &headers(&[])), None);
+        for ok in [
+            vec![("origin", "http://127.0.0.1:7601")],
+            vec![("sec-fetch-site", "same-origin")],
+            vec![("sec-fetch-site", "none")],
+        ] {
+            assert_eq!(
+                cross_origin(&post, "/v1/calls", &headers(&ok)),
+                None,
+                "{ok:?}"
+            );
+        }
+        for bad in [
+            vec![("origin", "http://evil.example")],
+            vec![("origin", "https://127.0.0.1:7601")],
+            vec![("origin", "http://127.0.0.1:7602")],
+            vec![("origin", "http://127.0.0.1:7601.evil.example")],
+            vec![("origin", "null")],
+            vec![("sec-fetch-site", "cross-site")],
+            vec![("sec-fetch-site", "same-site")],
+            vec![("sec-fetch-site", "something-new")],
+        ] {
+            assert!(
+                cross_origin(&post, "/v1/calls", &headers(&bad)).is_some(),
+                "{bad:?}"
+            );
+        }
+        // A link from elsewhere opens the pages, and nothing else.
+        let nav = [
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+            ("sec-fetch-dest", "document"),
+        ];
+        assert_eq!(cross_origin(&get, "/", &headers(&nav)), None);
+        assert_eq!(cross_origin(&get, "/webrtc/echo", &headers(&nav)), None);
+        assert!(cross_origin(&get, "/status", &headers(&nav)).is_some());
+        assert!(cross_origin(&post, "/", &headers(&nav)).is_some());
+        let framed = [
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+            ("sec-fetch-dest", "iframe"),
+        ];
+        assert!(cross_origin(&get, "/", &headers(&framed)).is_some());
+    }
+
+    #[test]
     fn only_loopback_hosts_pass() {
         for ok in [
             "127.0.0.1",

@@ -145,7 +145,7 @@ function ago(seconds) {
 }
 
 function displayName(c) {
-  return c.handle || c.record_handle || (c.fingerprint ? c.fingerprint : "(unknown)");
+  return c.handle || c.record_handle || "(no handle)";
 }
 
 // ---- sign-in ---------------------------------------------------------------
@@ -805,11 +805,16 @@ function leaveAudio() {
 
 const COLORS = { rtt: "#2457c5", loss: "#d9822b", switch: "#7a3db8", grid: "#e3e7ee", text: "#5d6878" };
 
-// A round upper bound for an axis: 1, 2 or 5 times a power of ten.
+// A round upper bound for an axis of four divisions: 1, 2 or 4 times a power of
+// ten, so every gridline has a short label.
 function niceCeil(v) {
   const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 5, 10]) if (v <= m * p) return m * p;
+  for (const m of [1, 2, 4, 10]) if (v <= m * p) return m * p;
   return 10 * p;
+}
+
+function tick(v) {
+  return String(Number.isInteger(v) ? v : +v.toFixed(2));
 }
 
 function drawChart() {
@@ -837,8 +842,8 @@ function drawChart() {
   }
   const t0 = history[0].t;
   const span = Math.max(30, history[history.length - 1].t - t0);
-  const rttMax = niceCeil(Math.max(50, ...history.map((p) => p.rtt || 0)));
-  const lossMax = niceCeil(Math.max(5, ...history.map((p) => 100 * (p.loss || 0))));
+  const rttMax = niceCeil(Math.max(40, ...history.map((p) => p.rtt || 0)));
+  const lossMax = niceCeil(Math.max(4, ...history.map((p) => 100 * (p.loss || 0))));
   const x = (t) => left + ((t - t0) / span) * pw;
   const yRtt = (v) => top + ph - (v / rttMax) * ph;
   const yLoss = (v) => top + ph - (v / lossMax) * ph;
@@ -850,9 +855,9 @@ function drawChart() {
     const y = top + (ph * i) / 4;
     g.beginPath(); g.moveTo(left, y); g.lineTo(left + pw, y); g.stroke();
     g.textAlign = "right";
-    g.fillText(String(Math.round(rttMax * (1 - i / 4))), left - 5, y + 4);
+    g.fillText(tick(rttMax * (1 - i / 4)), left - 5, y + 4);
     g.textAlign = "left";
-    g.fillText(String(+(lossMax * (1 - i / 4)).toFixed(1)), left + pw + 5, y + 4);
+    g.fillText(tick(lossMax * (1 - i / 4)), left + pw + 5, y + 4);
   }
   g.textAlign = "left";
   g.fillText("0 s", left, h - 5);
