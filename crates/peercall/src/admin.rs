@@ -239,18 +239,23 @@ async fn loopback_host(request: Request, next: Next) -> Response {
     }
 }
 
-/// Checks the bearer token of a request; the 401 answer if it is missing or wrong.
-fn check_token(headers: &HeaderMap, state: &AdminState) -> Result<(), Response> {
+/// Whether a request carries the bearer token; a refusal is counted.
+fn token_ok(headers: &HeaderMap, state: &AdminState) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
-    if presented.is_some_and(|t| state.token.matches(t)) {
-        return Ok(());
+    let ok = presented.is_some_and(|t| state.token.matches(t));
+    if !ok {
+        state.metrics.admin_unauthorized.inc();
     }
-    state.metrics.admin_unauthorized.inc();
+    ok
+}
+
+/// The answer to a request without the right token.
+fn unauthorized() -> Response {
     let mut response = error(
         StatusCode::UNAUTHORIZED,
         "this request needs Authorization: Bearer <contents of admin.token in the data directory>",
@@ -259,7 +264,7 @@ fn check_token(headers: &HeaderMap, state: &AdminState) -> Result<(), Response> 
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"peercall\""),
     );
-    Err(response)
+    response
 }
 
 /// Proof that the request carried the bearer token.
@@ -269,7 +274,11 @@ impl FromRequestParts<Shared> for Authorized {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Response> {
-        check_token(&parts.headers, state).map(|()| Authorized)
+        if token_ok(&parts.headers, state) {
+            Ok(Authorized)
+        } else {
+            Err(unauthorized())
+        }
     }
 }
 
@@ -279,10 +288,8 @@ const API_PREFIX: &str = "/v1/";
 /// Refuses every `/v1/*` request without the token, before routing: an unknown
 /// path under the API answers 401 to a caller without the token, never 404.
 async fn api_token(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    if request.uri().path().starts_with(API_PREFIX)
-        && let Err(response) = check_token(request.headers(), &state)
-    {
-        return response;
+    if request.uri().path().starts_with(API_PREFIX) && !token_ok(request.headers(), &state) {
+        return unauthorized();
     }
     next.run(request).await
 }
