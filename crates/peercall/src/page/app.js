@@ -36,7 +36,11 @@ const CHART_POINTS = 3600;
 // Reconnect delays of the event stream: doubling from the first to the last.
 const EVENTS_RETRY_MIN_MS = 500;
 const EVENTS_RETRY_MAX_MS = 10000;
-// Call states after which a call is over.
+// Call states while the call carries audio (the engine says "active").
+const LIVE_STATES = new Set(["active", "connected"]);
+// Ends that are nobody's failure; any other reason is shown as an error.
+const NORMAL_ENDS = new Set(["completed", "hung_up", "hung up", "hung up here", "hung up by the peer", "ended"]);
+// Call states after which a call is over (the engine says "ended", with a reason).
 const FINAL_STATES = new Set([
   "ended", "failed", "rejected", "busy", "no_answer", "unreachable", "lost",
   "hung_up", "hangup", "not_found", "cancelled", "timeout",
@@ -476,8 +480,19 @@ function isFinal(c) {
 
 function isIncomingRinging(c) {
   const state = String(c.state || "").toLowerCase();
-  return !isFinal(c) && (state === "incoming" ||
-    (c.direction === "incoming" && (state === "ringing" || state === "invited")));
+  const incoming = c.direction === "incoming" || c.outgoing === false;
+  return !isFinal(c) && (state === "incoming" || (incoming && (state === "ringing" || state === "invited")));
+}
+
+// Why a call ended, from whichever field the node uses.
+function endReason(c) {
+  const why = c && (c.end_reason || c.end || c.reason);
+  return why ? String(why) : null;
+}
+
+// The peer's name in a call object.
+function peerName(c) {
+  return (c && (c.handle || c.peer_handle || c.fingerprint || c.peer || c.peer_user)) || "";
 }
 
 function callsUnavailable(message) {
@@ -511,7 +526,7 @@ function showCalls(body) {
   else if (!ringing) hideIncoming();
   if (!page.call) {
     const active = calls.find((c) => !isFinal(c) && !isIncomingRinging(c));
-    if (active) adoptCall(callId(active), active.handle || active.peer || "", active);
+    if (active) adoptCall(callId(active), peerName(active), active);
   }
 }
 
@@ -523,7 +538,7 @@ function onCallEvent(kind, data) {
   if (page.incoming && callId(page.incoming) === id && (kind === "call_ended" || isFinal(data))) hideIncoming();
   if (page.call && callId(page.call) === id) {
     if (kind === "call_ended" || isFinal(data)) {
-      endCall(data.reason || data.state || "ended");
+      endCall(endReason(data) || "ended");
     } else {
       // Connected, path switched, ringing: the statistics say the rest.
       pollStats();
@@ -572,7 +587,7 @@ async function placeCall(target, name) {
 function showIncoming(c) {
   page.incoming = c;
   $("incoming").hidden = false;
-  setText("incoming-who", c.handle || c.peer || "someone");
+  setText("incoming-who", peerName(c) || "someone");
   setText("incoming-fingerprint", c.fingerprint || "");
   $("answer").disabled = false;
   $("reject").disabled = false;
@@ -591,7 +606,7 @@ async function answer() {
   $("reject").disabled = true;
   setText("call-error", "");
   if (page.call && !isFinal(page.call)) await hangUp();
-  startCallView(id, c.handle || c.peer || "", "answering");
+  startCallView(id, peerName(c), "answering");
   // Join the audio first, so nothing the caller says is lost.
   await joinAudio(id);
   try {
@@ -628,7 +643,7 @@ async function hangUp() {
       if (!(e instanceof ApiError && (e.status === 404 || e.status === 401))) setText("call-error", "Hang-up failed: " + describe(e));
     }
   }
-  endCall("hung up");
+  endCall("hung up here");
 }
 
 // ---- the call panel and its statistics ---------------------------------------
@@ -702,8 +717,8 @@ const fmt = (v, digits, unit) => (num(v) === null ? "-" : v.toFixed(digits) + un
 function showStats(c, s) {
   const state = s.state || c.state;
   c.state = state;
-  if (!c.connectedAt && String(state).toLowerCase() === "connected") c.connectedAt = performance.now();
-  setCallState(state, s.handle || c.name || s.peer || "");
+  if (!c.connectedAt && LIVE_STATES.has(String(state).toLowerCase())) c.connectedAt = performance.now();
+  setCallState(state, peerName(s) || c.name);
   setText("st-path", s.path_kind || "-");
   setText("st-switches", num(s.path_switches) === null ? "-" : String(s.path_switches));
   setText("st-rtt", fmt(s.rtt_ms, 1, " ms"));
@@ -721,7 +736,7 @@ function showStats(c, s) {
   c.history.push({ t, rtt: num(s.rtt_ms), loss: num(s.loss), switched, path: s.path_kind || "" });
   if (c.history.length > CHART_POINTS) c.history.shift();
   drawChart();
-  if (isFinal(s)) endCall(s.reason || s.end_reason || state);
+  if (isFinal(s)) endCall(endReason(s) || state);
 }
 
 function endCall(reason) {
@@ -734,7 +749,12 @@ function endCall(reason) {
     setCallState("ended", c.name);
     setText("call-timer", "");
     const why = String(reason || "ended").replace(/_/g, " ");
-    setText("audio-state", why === "ended" ? "The call ended." : "The call ended: " + why + ".");
+    if (NORMAL_ENDS.has(why.toLowerCase())) {
+      setText("audio-state", why === "ended" ? "The call ended." : "The call ended: " + why + ".");
+    } else {
+      setText("audio-state", "");
+      setText("call-error", "Call failed: " + why + ".");
+    }
   }
   page.call = null;
 }
