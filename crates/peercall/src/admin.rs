@@ -335,8 +335,8 @@ async fn same_origin(request: Request, next: Next) -> Response {
     }
 }
 
-/// Headers on every answer: no type sniffing, no referrer, no framing; a
-/// restrictive content policy unless the handler set its own (the pages do).
+/// Headers on every answer: no type sniffing, no referrer, no framing; no caching
+/// and a restrictive content policy unless the handler set its own (the pages do).
 async fn security_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(
@@ -352,6 +352,10 @@ async fn security_headers(mut response: Response) -> Response {
         HeaderName::from_static("cross-origin-resource-policy"),
         HeaderValue::from_static("same-origin"),
     );
+    // Answers are live state, some of it personal (contacts): never cached.
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
         headers.insert(
             header::CONTENT_SECURITY_POLICY,

@@ -179,6 +179,7 @@ fn page_is_served_strictly_and_the_api_needs_the_token() {
     let r = node.get("/status");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
     assert_eq!(
         r.header("content-security-policy"),
         Some("default-src 'none'; frame-ancestors 'none'")
