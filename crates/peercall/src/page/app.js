@@ -82,7 +82,7 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, { json, text, contentType } = {}) {
+async function api(method, path, { json, text, contentType, keepalive = false } = {}) {
   if (!page.token) throw new ApiError(401, "not signed in", false);
   const headers = { "Authorization": "Bearer " + page.token };
   let body;
@@ -95,7 +95,7 @@ async function api(method, path, { json, text, contentType } = {}) {
   }
   let response;
   try {
-    response = await fetch(path, { method, headers, body, cache: "no-store", redirect: "error" });
+    response = await fetch(path, { method, headers, body, cache: "no-store", redirect: "error", keepalive });
   } catch (e) {
     throw new ApiError(0, "the node does not answer (is it still running?)", false);
   }
@@ -586,6 +586,7 @@ async function placeCall(target, name) {
 
 function showIncoming(c) {
   page.incoming = c;
+  document.title = `Incoming call from ${peerName(c) || "someone"} · peercall`;
   $("incoming").hidden = false;
   setText("incoming-who", peerName(c) || "someone");
   setText("incoming-fingerprint", c.fingerprint || "");
@@ -595,6 +596,7 @@ function showIncoming(c) {
 
 function hideIncoming() {
   page.incoming = null;
+  document.title = "peercall";
   $("incoming").hidden = true;
 }
 
@@ -817,7 +819,8 @@ function leaveAudio() {
   stopTracks(audio.mic);
   $("remote-audio").srcObject = null;
   if (audio.session !== null && page.token) {
-    api("DELETE", `/v1/webrtc/sessions/${encodeURIComponent(audio.session)}`).catch(() => {});
+    // keepalive: the request outlives a closing tab, so the node frees the session now.
+    api("DELETE", `/v1/webrtc/sessions/${encodeURIComponent(audio.session)}`, { keepalive: true }).catch(() => {});
   }
 }
 
