@@ -85,6 +85,10 @@ pub const SAMPLE_SIZE: usize = 16;
 pub const HOST_SAMPLE_INTERVAL: Duration = Duration::from_secs(300);
 /// Candidates report to their home this often.
 pub const CANDIDATE_INTERVAL: Duration = Duration::from_secs(60);
+/// A candidate not ready to report yet (no home, or its reflexive address unknown)
+/// looks again this soon: attaching and a STUN exchange take a round trip or two,
+/// and waiting a whole [`CANDIDATE_INTERVAL`] would delay the first report a minute.
+pub const CANDIDATE_SETTLE: Duration = Duration::from_secs(3);
 /// A dialer waits this long for the candidate's STUN answer.
 pub const DIALBACK_WAIT: Duration = Duration::from_secs(2);
 /// A home forgets a dial-back it asked for after this long.
@@ -402,7 +406,10 @@ impl Overlay {
             o.arm(Periodic::Attach, now);
         }
         o.arm(Periodic::Refresh, now + o.cfg.refresh_interval);
-        o.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
+        // The first report goes out once the node meets the minimum uptime (reports
+        // before then would only be refused), and not before it had time to settle.
+        let first = o.cfg.election.min_uptime.max(CANDIDATE_SETTLE);
+        o.arm(Periodic::Candidate, now + first);
         o
     }
 
@@ -1296,10 +1303,16 @@ impl Overlay {
     }
 
     fn candidacy(&mut self, now: Time) {
-        self.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
-        if self.role != Role::Auto || self.sn.is_some() || self.homes.is_empty() {
+        if self.role != Role::Auto || self.sn.is_some() {
+            self.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
             return;
         }
+        if self.homes.is_empty() || self.reflexive.is_none() {
+            // Not attached yet: a home could not validate the report.
+            self.arm(Periodic::Candidate, now + CANDIDATE_SETTLE);
+            return;
+        }
+        self.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
         self.contacted
             .retain(|_, t| *t == Time::MAX || now.saturating_since(*t) < RECENT_CONTACT);
         let caps = self.capabilities(now);
@@ -1658,6 +1671,22 @@ impl Overlay {
             return false;
         }
         sn.members.handle_join(now, from, addr, incarnation, load);
+        if sn.members.my_addr().is_none() {
+            // A seed that started before the others never had its own joins
+            // answered, so it does not know the address the tier reaches it at and
+            // cannot announce itself: the joiner would never learn of it. Joining
+            // back gets it a `Welcome` with that address.
+            let load = self.my_load();
+            let inc = self.sn.as_ref().map_or(0, |sn| sn.members.incarnation());
+            self.send(
+                from,
+                addr,
+                &Msg::Join {
+                    incarnation: inc,
+                    load,
+                },
+            );
+        }
         true
     }
 
