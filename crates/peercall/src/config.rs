@@ -395,8 +395,8 @@ pub enum ConfigError {
         key: String,
         /// Which layer set it.
         origin: Origin,
-        /// What is wrong.
-        error: KeyError,
+        /// What is wrong (boxed: the variants carry the offending text).
+        error: Box<KeyError>,
     },
     /// The config file is missing or is not valid TOML.
     #[error("config file {path}: {error}")]
@@ -617,7 +617,7 @@ fn flag_layer(flags: &Flags) -> Result<Layer, ConfigError> {
         let text = dir.to_str().ok_or_else(|| ConfigError::Key {
             key: "data_dir".into(),
             origin: Origin::Flag("data-dir".into()),
-            error: KeyError::NotUnicode,
+            error: Box::new(KeyError::NotUnicode),
         })?;
         l.set("data_dir", &origin("data-dir"), text);
     }
@@ -647,7 +647,7 @@ fn env_map(env: &[(OsString, OsString)]) -> Result<Map<String, String>, ConfigEr
         let value = value.to_str().ok_or_else(|| ConfigError::Key {
             key: key.to_lowercase(),
             origin: Origin::Env(name.to_string()),
-            error: KeyError::NotUnicode,
+            error: Box::new(KeyError::NotUnicode),
         })?;
         map.insert(name.into_owned(), value.to_owned());
     }
@@ -690,7 +690,7 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
         return Err(ConfigError::Key {
             key: key.clone(),
             origin: Origin::of(key, value.origin(), file),
-            error: KeyError::Unknown,
+            error: Box::new(KeyError::Unknown),
         });
     }
     let p = Parser {
@@ -812,7 +812,7 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
         return Err(ConfigError::Key {
             key: e.key.to_owned(),
             origin: Origin::Default,
-            error: KeyError::Overlay(e.reason),
+            error: Box::new(KeyError::Overlay(e.reason)),
         });
     }
     Ok(settings)
@@ -833,12 +833,12 @@ impl Parser<'_> {
         let value = self.values.get(key).ok_or(ConfigError::Key {
             key: key.into(),
             origin: Origin::Default,
-            error: KeyError::Missing,
+            error: Box::new(KeyError::Missing),
         })?;
         parse(value).map_err(|error| ConfigError::Key {
             key: key.into(),
             origin: Origin::of(key, value.origin(), self.file),
-            error,
+            error: Box::new(error),
         })
     }
 }
@@ -1152,7 +1152,7 @@ mod tests {
 
     fn key_error(sources: &Sources) -> (String, Origin, KeyError) {
         match load(sources).unwrap_err() {
-            ConfigError::Key { key, origin, error } => (key, origin, error),
+            ConfigError::Key { key, origin, error } => (key, origin, *error),
             other => panic!("expected a key error, got {other}"),
         }
     }

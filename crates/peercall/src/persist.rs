@@ -104,7 +104,7 @@ mod tests {
         let second = p.save("a.json", b"22".to_vec());
         assert_eq!(first.await.unwrap(), Ok(()));
         assert_eq!(second.await.unwrap(), Ok(()));
-        let _ = p.save("b.json", b"3".to_vec());
+        drop(p.save("b.json", b"3".to_vec()));
         p.finish().await;
         assert_eq!(dir.read_private("a.json", 10).unwrap().unwrap(), b"22");
         assert_eq!(dir.read_private("b.json", 10).unwrap().unwrap(), b"3");
