@@ -676,33 +676,80 @@ fn tier_promotes_a_desktop_and_directory_and_presence_survive_a_supernode_crash(
         (at - t).as_secs_f64()
     );
 
+    // A record just published, looked up from every ordinary node: the homes have
+    // no fresh copy (only the watcher's home follows erin), so these go to storers.
+    let mut cold = Vec::new();
+    for &i in &ordinary {
+        let (r, took) = desktops[i].lookup("erin");
+        assert_eq!(r.status, 200, "{}: {}", desktops[i].name, r.body);
+        assert_record_of(&r.json(), &erin, Some("erin"), "erin");
+        cold.push(took);
+    }
+    println!(
+        "lookup of a just-published record through the admin API: median {:.1} ms over {}",
+        median(cold.clone()).as_secs_f64() * 1e3,
+        cold.len()
+    );
+
     // Kill -9 one of the watcher's homes: a supernode that also stores records.
     let victim_key = desktops[w].homes()[0].clone();
     let victim = seeds
-        .iter()
-        .position(|s| s.key() == victim_key)
-        .expect("a watcher's home is a seed (the promoted node has no clients yet)");
-    println!("killing {} (a home of {})", seeds[victim].name, desktops[w].name);
+        .iter_mut()
+        .chain([&mut desktops[p]])
+        .find(|s| s.key() == victim_key)
+        .expect("a watcher's home is a supernode");
+    println!("killing {} (a home of the watcher)", victim.name);
     let killed = Instant::now();
-    seeds[victim].kill();
+    victim.kill();
 
     // Lookups recover: every ordinary node finds every user, and every record names
     // live homes only (the nodes re-attached and re-published).
     let live_ordinary: Vec<&Node> = ordinary.iter().map(|&i| &desktops[i]).collect();
     let mut failures = 0u32;
-    let recovered = wait(RECOVERY_BOUND, "lookups recovered", || {
-        let ok = live_ordinary.iter().all(|looker| {
-            desktops.iter().chain([&erin]).all(|target| {
-                if looker.name == target.name {
-                    return true;
+    let mut last = String::new();
+    let whole = eventually(RECOVERY_BOUND, || {
+        let mut bad = Vec::new();
+        for looker in &live_ordinary {
+            for target in desktops.iter().chain([&erin]) {
+                if looker.name == target.name || target.daemon.is_none() {
+                    continue;
                 }
                 let (r, _) = looker.lookup(&target.user());
-                r.status == 200 && !record_homes(&r.json()).contains(&victim_key)
-            })
-        });
-        failures += u32::from(!ok);
-        ok
+                if r.status != 200 {
+                    bad.push(format!("{} -> {}: {}", looker.name, target.name, r.body));
+                } else if record_homes(&r.json()).contains(&victim_key) {
+                    let b = r.json();
+                    bad.push(format!(
+                        "{} -> {}: lists the dead home: seq {} homes {} (target: supernode {} members {} homes {:?})",
+                        looker.name,
+                        target.name,
+                        b["seq"],
+                        b["home_supernodes"],
+                        target.status()["supernode"],
+                        target.status()["members"],
+                        target.homes()
+                    ));
+                }
+            }
+        }
+        failures += u32::from(!bad.is_empty());
+        last = bad.join("\n");
+        bad.is_empty()
     });
+    let recovered = killed.elapsed();
+    if !whole {
+        let states: Vec<String> = desktops
+            .iter()
+            .chain([&erin])
+            .filter(|n| n.daemon.is_some())
+            .map(|n| format!("{}: homes {:?}", n.name, n.homes()))
+            .collect();
+        panic!(
+            "lookups not whole {RECOVERY_BOUND:?} after the kill:\n{last}\n{}\n{}",
+            states.join("\n"),
+            desktops[w].stderr()
+        );
+    }
     println!(
         "recovery: lookups whole again {:.1} s after the kill ({failures} incomplete rounds)",
         recovered.as_secs_f64()
@@ -710,7 +757,13 @@ fn tier_promotes_a_desktop_and_directory_and_presence_survive_a_supernode_crash(
     for d in &live_ordinary {
         let homes = d.homes();
         assert!(!homes.contains(&victim_key), "{}: {homes:?}", d.name);
-        assert!(!homes.is_empty(), "{} re-attached", d.name);
+        // With a supernode gone the tier is loaded again and may promote another
+        // desktop; the others re-attached.
+        if d.is_supernode() {
+            println!("{} promoted after the kill", d.name);
+        } else {
+            assert!(!homes.is_empty(), "{} re-attached", d.name);
+        }
     }
 
     // Presence recovers: erin leaves gracefully, then comes back; the watcher, whose
@@ -739,13 +792,9 @@ fn tier_promotes_a_desktop_and_directory_and_presence_survive_a_supernode_crash(
     assert_eq!(contacts["contacts"][0]["online"], true);
     drop(events);
 
-    erin.stop();
-    for d in desktops.iter_mut() {
-        d.stop();
-    }
-    for (i, s) in seeds.iter_mut().enumerate() {
-        if i != victim {
-            s.stop();
+    for n in seeds.iter_mut().chain(desktops.iter_mut()).chain([&mut erin]) {
+        if n.daemon.is_some() {
+            n.stop();
         }
     }
 }
