@@ -1630,7 +1630,12 @@ impl Overlay {
             .iter()
             .filter(|h| h.key == from)
             .map(|h| h.addr)
-            .chain(self.host_cache.iter().filter(|h| h.key == from).map(|h| h.addr))
+            .chain(
+                self.host_cache
+                    .iter()
+                    .filter(|h| h.key == from)
+                    .map(|h| h.addr),
+            )
             .next()
         else {
             return false;
@@ -1638,7 +1643,11 @@ impl Overlay {
         self.become_supernode(now);
         // The coordinator admitted this node already; its homes and the seeds may
         // not have heard yet and refuse the join. The coordinator answers at once.
-        if self.sn.as_ref().is_some_and(|sn| !sn.join_sent.contains(&from)) {
+        if self
+            .sn
+            .as_ref()
+            .is_some_and(|sn| !sn.join_sent.contains(&from))
+        {
             self.send_join(from, promoter);
         }
         self.event(OverlayEvent::RoleChanged { supernode: true });
@@ -1663,12 +1672,15 @@ impl Overlay {
         if self.reflexive.is_none() {
             self.reflexive = Some(observed);
         }
-        // A promoted node no longer needs homes: it is its own.
+        // A promoted node no longer needs homes: it is its own, and follows its
+        // contacts at their storers itself from now on.
         if !self.homes.is_empty() {
             for h in std::mem::take(&mut self.homes) {
                 self.send(h.key, h.addr, &Msg::Detach);
             }
             self.event(OverlayEvent::HomesChanged { homes: Vec::new() });
+            let contacts: Vec<UserId> = self.contacts.iter().copied().collect();
+            self.send_subscriptions(now, &contacts);
         }
         self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
         true
