@@ -8,8 +8,11 @@
 //!
 //! Every node listens on its own address in 127.0.0.0/8: the tier only validates a
 //! candidate through a supernode on another IP than the candidate's and its home's,
-//! as it would on the Internet. The figures measured (promotion time, lookup latency,
-//! recovery time) are printed; run with `--nocapture` to see them.
+//! as it would on the Internet. For the same reason the promotion test pins three
+//! seeds, not two: the dialer must be a supernode the candidate never had a session
+//! with, and with two seeds every desktop is attached to both (two homes), so no
+//! candidate could ever be validated. The figures measured (promotion time, lookup
+//! latency, recovery time) are printed; run with `--nocapture` to see them.
 
 mod common;
 
