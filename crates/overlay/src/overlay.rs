@@ -83,8 +83,15 @@ pub const CLIENT_SUBSCRIBE_RATE: (u32, u32) = (2, 30);
 pub const SAMPLE_SIZE: usize = 16;
 /// Clients get a fresh host-cache sample this often (piggybacked on a ping answer).
 pub const HOST_SAMPLE_INTERVAL: Duration = Duration::from_secs(300);
+/// The most join requests a supernode remembers (to accept their answers): its
+/// homes and seeds, and the coordinator that promoted it.
+pub const MAX_JOIN_SENT: usize = 32;
 /// Candidates report to their home this often.
 pub const CANDIDATE_INTERVAL: Duration = Duration::from_secs(60);
+/// A candidate not ready to report yet (no home, or its reflexive address unknown)
+/// looks again this soon: attaching and a STUN exchange take a round trip or two,
+/// and waiting a whole [`CANDIDATE_INTERVAL`] would delay the first report a minute.
+pub const CANDIDATE_SETTLE: Duration = Duration::from_secs(3);
 /// A dialer waits this long for the candidate's STUN answer.
 pub const DIALBACK_WAIT: Duration = Duration::from_secs(2);
 /// A home forgets a dial-back it asked for after this long.
@@ -256,6 +263,8 @@ struct Super {
     promotions: VecDeque<Time>,
     cooldown_until: Time,
     joined: Vec<PeerKey>,
+    /// The supernodes this one asked to join (their answers are trusted).
+    join_sent: Vec<PeerKey>,
     departed: Vec<PeerKey>,
     least_loaded: Vec<SnInfo>,
     handoff: bool,
@@ -402,7 +411,10 @@ impl Overlay {
             o.arm(Periodic::Attach, now);
         }
         o.arm(Periodic::Refresh, now + o.cfg.refresh_interval);
-        o.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
+        // The first report goes out once the node meets the minimum uptime (reports
+        // before then would only be refused), and not before it had time to settle.
+        let first = o.cfg.election.min_uptime.max(CANDIDATE_SETTLE);
+        o.arm(Periodic::Candidate, now + first);
         o
     }
 
@@ -516,16 +528,7 @@ impl Overlay {
         }
         if learned {
             if self.sn.is_some() {
-                let load = self.my_load();
-                let inc = self.sn.as_ref().map_or(0, |sn| sn.members.incarnation());
-                self.send(
-                    peer,
-                    addr,
-                    &Msg::Join {
-                        incarnation: inc,
-                        load,
-                    },
-                );
+                self.send_join(peer, addr);
             } else {
                 self.arm(Periodic::Attach, now);
             }
@@ -914,6 +917,21 @@ impl Overlay {
         }
     }
 
+    /// Asks supernode `to` to let this supernode join the tier; its `Welcome` and
+    /// member list are accepted because of this request.
+    fn send_join(&mut self, to: PeerKey, addr: SocketAddr) {
+        let load = self.my_load();
+        let Some(sn) = self.sn.as_mut() else { return };
+        let incarnation = sn.members.incarnation();
+        if !sn.join_sent.contains(&to) {
+            if sn.join_sent.len() >= MAX_JOIN_SENT {
+                sn.join_sent.remove(0);
+            }
+            sn.join_sent.push(to);
+        }
+        self.send(to, addr, &Msg::Join { incarnation, load });
+    }
+
     fn stun(&mut self, now: Time, to: SocketAddr) {
         self.stun_pending
             .retain(|p| now.saturating_since(p.2) < STUN_TIMEOUT);
@@ -1296,10 +1314,16 @@ impl Overlay {
     }
 
     fn candidacy(&mut self, now: Time) {
-        self.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
-        if self.role != Role::Auto || self.sn.is_some() || self.homes.is_empty() {
+        if self.role != Role::Auto || self.sn.is_some() {
+            self.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
             return;
         }
+        if self.homes.is_empty() || self.reflexive.is_none() {
+            // Not attached yet: a home could not validate the report.
+            self.arm(Periodic::Candidate, now + CANDIDATE_SETTLE);
+            return;
+        }
+        self.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
         self.contacted
             .retain(|_, t| *t == Time::MAX || now.saturating_since(*t) < RECENT_CONTACT);
         let caps = self.capabilities(now);
@@ -1399,10 +1423,11 @@ impl Overlay {
             Msg::Welcome {
                 observed,
                 incarnation,
-            } => self.on_welcome(now, observed, incarnation),
+            } => self.on_welcome(now, from, observed, incarnation),
             Msg::Members { members } => match self.sn.as_mut() {
                 Some(sn)
                     if sn.members.is_live(&from)
+                        || sn.join_sent.contains(&from)
                         || self.bootstrap.iter().any(|b| b.key == Some(from)) =>
                 {
                     sn.members.apply_all(now, &members);
@@ -1570,6 +1595,7 @@ impl Overlay {
             promotions: VecDeque::new(),
             cooldown_until: now + ELECT_INTERVAL,
             joined: Vec::new(),
+            join_sent: Vec::new(),
             departed: Vec::new(),
             least_loaded: Vec::new(),
             handoff: false,
@@ -1585,16 +1611,8 @@ impl Overlay {
                 .iter()
                 .filter_map(|b| b.key.map(|k| (k, b.addr))),
         );
-        let inc = 0;
         for (k, a) in via {
-            self.send(
-                k,
-                a,
-                &Msg::Join {
-                    incarnation: inc,
-                    load,
-                },
-            );
+            self.send_join(k, a);
         }
         self.arm(Periodic::Probe, now + PROBE_INTERVAL);
         self.arm(Periodic::Maintain, now + MAINTAIN_INTERVAL);
@@ -1607,30 +1625,62 @@ impl Overlay {
             return false;
         }
         // Only a supernode this node knows may promote it.
-        let known = self.homes.iter().any(|h| h.key == from)
-            || self.host_cache.iter().any(|h| h.key == from);
-        if !known {
+        let Some(promoter) = self
+            .homes
+            .iter()
+            .filter(|h| h.key == from)
+            .map(|h| h.addr)
+            .chain(
+                self.host_cache
+                    .iter()
+                    .filter(|h| h.key == from)
+                    .map(|h| h.addr),
+            )
+            .next()
+        else {
             return false;
-        }
+        };
         self.become_supernode(now);
+        // The coordinator admitted this node already; its homes and the seeds may
+        // not have heard yet and refuse the join. The coordinator answers at once.
+        if self
+            .sn
+            .as_ref()
+            .is_some_and(|sn| !sn.join_sent.contains(&from))
+        {
+            self.send_join(from, promoter);
+        }
         self.event(OverlayEvent::RoleChanged { supernode: true });
         true
     }
 
-    fn on_welcome(&mut self, now: Time, observed: SocketAddr, incarnation: u32) -> bool {
+    fn on_welcome(
+        &mut self,
+        now: Time,
+        from: PeerKey,
+        observed: SocketAddr,
+        incarnation: u32,
+    ) -> bool {
         let Some(sn) = self.sn.as_mut() else {
             return false;
         };
+        // Only the answer to a join this node sent.
+        if !sn.join_sent.contains(&from) {
+            return false;
+        }
         sn.members.handle_welcome(observed, incarnation);
         if self.reflexive.is_none() {
             self.reflexive = Some(observed);
         }
-        // A promoted node no longer needs homes: it is its own.
+        // A promoted node no longer needs homes: it is its own, and follows its
+        // contacts at their storers itself from now on.
         if !self.homes.is_empty() {
             for h in std::mem::take(&mut self.homes) {
                 self.send(h.key, h.addr, &Msg::Detach);
             }
             self.event(OverlayEvent::HomesChanged { homes: Vec::new() });
+            let contacts: Vec<UserId> = self.contacts.iter().copied().collect();
+            self.send_subscriptions(now, &contacts);
         }
         self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
         true
@@ -1658,6 +1708,13 @@ impl Overlay {
             return false;
         }
         sn.members.handle_join(now, from, addr, incarnation, load);
+        if sn.members.my_addr().is_none() {
+            // A seed that started before the others never had its own joins
+            // answered, so it does not know the address the tier reaches it at and
+            // cannot announce itself: the joiner would never learn of it. Joining
+            // back gets it a `Welcome` with that address.
+            self.send_join(from, addr);
+        }
         true
     }
 
@@ -1753,17 +1810,9 @@ impl Overlay {
             sn.members.set_load(now, load);
         }
         if rejoin {
-            let inc = self.sn.as_ref().map_or(0, |sn| sn.members.incarnation());
             for b in self.bootstrap.clone() {
                 if let Some(k) = b.key {
-                    self.send(
-                        k,
-                        b.addr,
-                        &Msg::Join {
-                            incarnation: inc,
-                            load,
-                        },
-                    );
+                    self.send_join(k, b.addr);
                 }
             }
         }
@@ -2342,8 +2391,11 @@ impl Overlay {
                 && view::expires(bytes) > now.as_secs()
                 && (now.saturating_since(*at) < CACHE_FRESH || sn.watching.contains_key(&user))
             {
+                // Not `answer`: that would re-date the cached copy, and a record
+                // looked up more often than `CACHE_FRESH` would never be fetched
+                // again (a re-published record would stay unseen until expiry).
                 let bytes = bytes.clone();
-                self.answer(now, origin, Some(bytes));
+                self.reply(now, origin, Some(bytes));
                 return;
             }
         }
@@ -2444,6 +2496,11 @@ impl Overlay {
             self.answer(now, f.origin, None);
         }
         let Some(best) = f.best else { return };
+        // The first reply answered; the newest of all of them is what the cache
+        // keeps (it may be newer than the first).
+        if let Some(user) = claimed_user(&best) {
+            self.cache_put(now, user, best.clone());
+        }
         let seq = view::seq(&best);
         for (k, held) in f.replied {
             if held.is_none_or(|s| s < seq) {
@@ -2464,12 +2521,18 @@ impl Overlay {
         }
     }
 
+    /// Answers `origin` with a record the storers gave, caching it.
     fn answer(&mut self, now: Time, origin: Origin, record: Option<Vec<u8>>) {
         if let Some(b) = &record
             && let Some(user) = claimed_user(b)
         {
             self.cache_put(now, user, b.clone());
         }
+        self.reply(now, origin, record);
+    }
+
+    /// Sends `record` to whoever asked.
+    fn reply(&mut self, now: Time, origin: Origin, record: Option<Vec<u8>>) {
         match origin {
             Origin::Client(k, req) => {
                 let addr = self

@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use peercall_crypto::{Handle, Identity, UserId};
+use peercall_crypto::{Handle, Identity, PeerKey, UserId};
 use peercall_engine::{
     Config, Contact, Event, Lookup, LookupError, Node, OverlayEvent, RequestId, Role,
 };
@@ -405,6 +405,51 @@ fn nodes_reattach_when_a_home_dies() {
             .iter()
             .all(|h| h.key != w.ids[victim].peer_key())
     );
+}
+
+/// A record looked up more often than homes keep cached copies fresh is still
+/// fetched again: after its node re-attaches and re-publishes, a looker that asks
+/// every 2 s sees the new homes within the cache freshness, not at expiry.
+#[test]
+fn records_looked_up_often_are_refetched_after_they_change() {
+    let mut w = World::new(40, Spec::new(4, 16));
+    w.run(secs(20));
+    let victim = 0;
+    let victim_key = w.ids[victim].peer_key();
+    let homes_of = |w: &World, i: usize| -> Vec<PeerKey> {
+        w.node(i).status().homes.iter().map(|h| h.0).collect()
+    };
+    let target = w
+        .ordinary()
+        .find(|&i| homes_of(&w, i).contains(&victim_key))
+        .expect("a client of the victim");
+    // Attached to none of the target's homes: its home learns the new record only
+    // by fetching it.
+    let target_homes = homes_of(&w, target);
+    let looker = w
+        .ordinary()
+        .find(|&i| i != target && homes_of(&w, i).iter().all(|h| !target_homes.contains(h)))
+        .expect("a node attached elsewhere");
+    let ask = |w: &mut World| {
+        let id = w.lookup(looker, Lookup::User(w.user(target)));
+        w.run(secs(2));
+        let (_, result) = w.lookup_result(looker, id).expect("answered");
+        result.expect("found").record.body.supernodes
+    };
+    for _ in 0..3 {
+        assert!(ask(&mut w).iter().any(|h| h.key == victim_key));
+    }
+    w.sim.set_online(w.nodes[victim], false);
+    // Re-attach (under 16 s, see above), then at most one cache freshness period.
+    let bound = secs(16) + peercall_overlay::CACHE_FRESH + secs(4);
+    let mut waited = Duration::ZERO;
+    while ask(&mut w).iter().any(|h| h.key == victim_key) {
+        waited += secs(2);
+        assert!(
+            waited <= bound,
+            "the looker still sees the dead home after {waited:?}"
+        );
+    }
 }
 
 #[test]
