@@ -19,8 +19,21 @@
 //! by [`Config::rng_seed`], so the same inputs at the same times give the same
 //! outputs: simulations replay exactly from their seed.
 
+mod call;
+pub mod msg;
 mod node;
+mod paths;
+pub mod relay;
 mod stats;
+
+pub use call::{
+    CallConfig, CallCounters, CallError, CallId, CallPathStats, CallState, CallStats, CallTarget,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_LOST_TIMEOUT, DEFAULT_MAX_CALLS, DEFAULT_RING_TIMEOUT,
+    DIRECT_PATH, ENDED_LINGER, EndReason, SETUP_BUCKETS_MS, Side, Unreachable, kind_index,
+};
+pub use peercall_media::FRAME_SAMPLES;
+pub use peercall_router::{PathKind, PathState, RedundancyMode};
+pub use relay::{RelayConfig, RelayDrop, RelayStats};
 
 pub use node::{
     Config, Contact, DEFAULT_IDLE_TIMEOUT, Event, Node, Role, SessionInfo, Status, Transmit,

@@ -15,7 +15,8 @@ use peercall_wire::{Frame, MAX_DATAGRAM, Protocol, Time, classify};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use crate::call::{CallConfig, CallEvent, Calls};
+use crate::call::{CallConfig, CallId, Calls, EndReason};
+use peercall_router::PathKind;
 use crate::paths::{BufPool, Origin, Route};
 use crate::relay::{RelayConfig, RelayServer};
 use crate::stats::{DropReason, Stats};
@@ -102,8 +103,45 @@ pub enum Event {
     },
     /// Something the overlay reports: lookups done, presence, role and home changes.
     Overlay(OverlayEvent),
-    /// A call changed: incoming, ringing, connected, path switch, ended.
-    Call(CallEvent),
+    /// Someone calls: answer with [`Node::answer`] or decline with [`Node::reject`]
+    /// (unless `auto_answer` answered already: [`Event::CallConnected`] follows).
+    CallIncoming {
+        /// The call.
+        call: CallId,
+        /// The caller's user id (from its verified record).
+        from: UserId,
+        /// The caller's handle, if its record claims one.
+        handle: Option<Handle>,
+    },
+    /// The callee's phone rings (outgoing calls).
+    CallRinging {
+        /// The call.
+        call: CallId,
+    },
+    /// The call was answered; media flows. `path` is the active path's kind, if one
+    /// works yet (media starts on the first that does).
+    CallConnected {
+        /// The call.
+        call: CallId,
+        /// Active path kind.
+        path: Option<PathKind>,
+    },
+    /// The active path changed.
+    CallPathSwitched {
+        /// The call.
+        call: CallId,
+        /// The kind left, if any.
+        from: Option<PathKind>,
+        /// The kind now active.
+        to: PathKind,
+    },
+    /// The call is over.
+    CallEnded {
+        /// The call.
+        call: CallId,
+        /// Why.
+        reason: EndReason,
+    },
 }
 
 /// One established session, for `/status`.
@@ -185,8 +223,9 @@ pub(crate) struct Peer {
     /// When the session last carried an overlay or relay control message; `None` if
     /// never.
     pub(crate) last_control: Option<Time>,
-    /// This node opened the session to send overlay messages.
-    on_demand: bool,
+    /// This node opened the session to send overlay messages (or it carried a call
+    /// that ended): closed when idle.
+    pub(crate) on_demand: bool,
     /// The time of this peer's live entry in the timer heap (`Time::MAX`: none).
     armed: Time,
 }

@@ -955,6 +955,8 @@ mod tests {
         let _ = allocated(&mut s, k(2));
         assert!(s.forward(T0, &k(1), a, 900).is_ok());
         assert_eq!(s.forward(T0, &k(1), a, 200), Err(RelayDrop::Quota));
+        // (Client 1 was told its channel is ready.)
+        assert!(matches!(s.poll_output(), Some((to, _, RelayMsg::Ready { channel })) if to == k(1) && channel == a));
         // A client on a private address is refused.
         e.addr = "10.1.2.3:4000".parse().expect("addr");
         s.handle(T0, &e, k(4), e.addr, RelayMsg::Allocate { peer: k(1).0, via: None });

@@ -267,6 +267,18 @@ fn log_event(event: &Event) {
             info!(peer = %short_key(peer), reason, "session down");
         }
         Event::Overlay(e) => debug!(event = ?e, "overlay"),
+        Event::CallIncoming { call, .. } => info!(%call, "incoming call"),
+        Event::CallRinging { call } => info!(%call, "ringing"),
+        Event::CallConnected { call, path } => {
+            info!(%call, path = path.map_or("none", |k| k.label()), "call connected")
+        }
+        Event::CallPathSwitched { call, from, to } => info!(
+            %call,
+            from = from.map_or("none", |k| k.label()),
+            to = to.label(),
+            "call path switched"
+        ),
+        Event::CallEnded { call, reason } => info!(%call, %reason, "call ended"),
     }
 }
 
