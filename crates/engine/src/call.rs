@@ -1252,8 +1252,10 @@ impl Node {
             .calls
             .iter()
             .filter_map(|c| {
-                let lost = (c.live() && c.peer.is_some() && c.state != CallState::Resolving)
-                    .then(|| c.last_heard + self.calls.cfg.lost_timeout);
+                let lost = (c.live()
+                    && c.peer.is_some()
+                    && !matches!(c.state, CallState::Resolving | CallState::Connecting))
+                .then(|| c.last_heard + self.calls.cfg.lost_timeout);
                 match (c.next_timeout(), lost) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -1442,7 +1444,11 @@ impl Node {
         let Some(until) = call.punch_until else {
             return;
         };
-        if call.direct.is_some() || now >= until || call.next_punch > now {
+        if call.direct.is_some() || now >= until {
+            call.punch_until = None;
+            return;
+        }
+        if call.next_punch > now {
             return;
         }
         call.next_punch = now + PUNCH_INTERVAL;
@@ -1499,9 +1505,12 @@ impl Node {
         let Some(key) = call.peer else {
             return;
         };
-        if !call.live() || !self.peers.contains_key(&key) {
+        if !call.live() {
             return;
         }
+        // Without a session the probes are drained and dropped (nothing to encrypt
+        // them with); the router counts them unanswered.
+        let session = self.peers.contains_key(&key);
         let mut frames: Vec<(Route, Frame<'static>)> = Vec::new();
         let mut unroutable = 0u64;
         while let Some(p) = call.router.poll_probe(now) {
@@ -1570,8 +1579,10 @@ impl Node {
         {
             p.via = Some(route);
         }
-        for (route, frame) in frames {
-            self.send_on(now, key, route, &frame);
+        if session {
+            for (route, frame) in frames {
+                self.send_on(now, key, route, &frame);
+            }
         }
         self.events.extend(events);
     }
