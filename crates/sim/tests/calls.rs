@@ -106,14 +106,16 @@ fn net(seed: u64, users: &[Site], link_ms: u64, tweak: impl Fn(usize, &mut Confi
     };
     // Attach, learn reflexive addresses, publish records.
     let users_at = SEEDS..total;
-    let ok = n.sim.run_until_pred(n.sim.now() + secs(30), |s| {
-        users_at.clone().all(|i| {
+    let ok = n.sim.run_until_pred(n.sim.now() + secs(60), |s| {
+        (0..SEEDS).all(|i| s.node(n.nodes[i]).overlay().members().len() == SEEDS - 1)
+            && users_at.clone().all(|i| {
             let node = s.node(n.nodes[i]);
             node.overlay().homes().len() >= 2 && node.overlay().own_record().is_some()
         })
     });
     assert!(ok, "users attached and published");
-    n.sim.run_for(secs(2));
+    // Records reach their storers, supernode views settle.
+    n.sim.run_for(secs(5));
     n
 }
 
@@ -270,3 +272,80 @@ fn two_public_nodes_call_talk_and_hang_up() {
     assert_eq!(counters.ended[0], 1, "{counters:?}");
     assert_eq!(counters.active, 0);
 }
+
+/// The kinds of paths that are up (usable) on a call.
+fn kinds_up(s: &CallStats) -> Vec<PathKind> {
+    s.paths
+        .iter()
+        .filter(|p| !matches!(p.state, peercall_engine::PathState::Silent | peercall_engine::PathState::Unvalidated))
+        .map(|p| p.kind)
+        .collect()
+}
+
+#[test]
+fn port_restricted_nats_punch_a_direct_path() {
+    let nat = Site::Nat(NatType::PortRestricted);
+    let mut n = net(502, &[nat, nat], 25, auto_answer);
+    let (ca, cb) = n.connect(0, 1, secs(5));
+    n.talk(&[(0, ca), (1, cb)], secs(4));
+    let (sa, sb) = (n.stats(0, ca), n.stats(1, cb));
+    eprintln!("caller: {sa:?}");
+    assert_eq!(sa.active_path, Some(PathKind::Direct), "{sa:?}");
+    assert_eq!(sb.active_path, Some(PathKind::Direct), "{sb:?}");
+    assert_flowing(&sa, 4);
+    assert_flowing(&sb, 4);
+    // Relayed paths stay warm as standbys.
+    assert!(kinds_up(&sa).len() >= 2, "{sa:?}");
+}
+
+#[test]
+fn symmetric_nats_talk_through_relays() {
+    let nat = Site::Nat(NatType::Symmetric);
+    let mut n = net(503, &[nat, nat], 25, auto_answer);
+    let (ca, cb) = n.connect(0, 1, secs(5));
+    n.talk(&[(0, ca), (1, cb)], secs(4));
+    let (sa, sb) = (n.stats(0, ca), n.stats(1, cb));
+    eprintln!("caller: {sa:?}");
+    assert!(
+        matches!(sa.active_path, Some(PathKind::Relay1 | PathKind::Relay2)),
+        "{sa:?}"
+    );
+    assert!(!kinds_up(&sa).contains(&PathKind::Direct), "{sa:?}");
+    assert_flowing(&sa, 4);
+    assert_flowing(&sb, 4);
+    // The relays forwarded it, and never saw a packet they could not place.
+    let relayed: u64 = (0..SEEDS)
+        .map(|i| n.sim.node(n.nodes[i]).stats().relay.packets)
+        .sum();
+    assert!(relayed > 400, "relayed {relayed}");
+}
+
+#[test]
+fn a_relayed_call_upgrades_to_direct() {
+    let nat = Site::Nat(NatType::PortRestricted);
+    let mut n = net(504, &[nat, nat], 25, auto_answer);
+    // The direct way between the two NATs is down at first.
+    let (a, b) = (n.site(0), n.site(1));
+    let now = n.sim.now();
+    let cut = n.sim.cut(now, &[a], &[b]).expect("cut");
+    let (ca, cb) = n.connect(0, 1, secs(5));
+    n.talk(&[(0, ca), (1, cb)], secs(2));
+    let sa = n.stats(0, ca);
+    assert!(
+        matches!(sa.active_path, Some(PathKind::Relay1 | PathKind::Relay2)),
+        "{sa:?}"
+    );
+    let healed = n.sim.now();
+    n.sim.heal(healed, cut).expect("heal");
+    n.talk(&[(0, ca), (1, cb)], secs(10));
+    let (sa, sb) = (n.stats(0, ca), n.stats(1, cb));
+    eprintln!("caller: {sa:?}");
+    assert_eq!(sa.active_path, Some(PathKind::Direct), "{sa:?}");
+    assert_eq!(sb.active_path, Some(PathKind::Direct), "{sb:?}");
+    let switched = n.events(0).iter().any(|(at, e)| {
+        *at >= healed
+            && matches!(e, Event::CallPathSwitched { to: PathKind::Direct, call, .. } if *call == ca)
+    });
+    assert!(switched);
+}
+
