@@ -2154,3 +2154,134 @@ fn call_stats(c: &Call, now: Time) -> CallStats {
 /// A placeholder address (never sent to).
 const UNSPECIFIED: SocketAddr =
     SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Config, Contact};
+    use crate::stats::DropReason;
+    use peercall_crypto::Identity;
+    use peercall_crypto::record::RecordBody;
+
+    const T0: Time = Time::from_secs(1_700_000_000);
+
+    fn addr(last: u8) -> SocketAddr {
+        SocketAddr::from(([198, 51, 100, last], 7000))
+    }
+
+    /// Delivers every transmit between the two nodes (fixed addresses) until quiet.
+    fn pump(now: Time, a: &mut Node, b: &mut Node) {
+        loop {
+            let mut moved = false;
+            while let Some(t) = a.poll_transmit() {
+                if t.dest == addr(2) {
+                    b.handle_datagram(now, addr(1), &t.bytes);
+                    moved = true;
+                }
+            }
+            while let Some(t) = b.poll_transmit() {
+                if t.dest == addr(1) {
+                    a.handle_datagram(now, addr(2), &t.bytes);
+                    moved = true;
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn pair() -> (Node, Node, PeerKey) {
+        let ia = Identity::from_seed([1; 32]);
+        let ib = Identity::from_seed([2; 32]);
+        let kb = ib.peer_key();
+        let mut a = Node::new(Config::new(ia, [3; 32]), T0);
+        let mut b = Node::new(Config::new(ib, [4; 32]), T0);
+        a.connect(
+            T0,
+            Contact {
+                addr: addr(2),
+                key: Some(kb),
+            },
+        );
+        pump(T0, &mut a, &mut b);
+        assert!(a.peers.contains_key(&kb), "session up");
+        (a, b, kb)
+    }
+
+    fn incoming(n: &mut Node) -> usize {
+        let mut count = 0;
+        while let Some(e) = n.poll_event() {
+            count += usize::from(matches!(e, Event::CallIncoming { .. }));
+        }
+        count
+    }
+
+    #[test]
+    fn forged_invites_are_dropped_and_counted() {
+        let (mut a, mut b, kb) = pair();
+        // A record signed by someone else, naming someone else's static key.
+        let mallory = Identity::from_seed([9; 32]);
+        let body = RecordBody {
+            handle: None,
+            static_key: mallory.peer_key(),
+            endpoints: vec![addr(9)],
+            supernodes: Vec::new(),
+        };
+        let record = Record::sign(&mallory, 1, T0.as_secs() + 600, &body).expect("signs");
+        let invite = CallMsg::Invite { call: 7, record }.encode().expect("encodes");
+        assert!(a.send_on(T0, kb, Route::Direct(addr(2)), &Frame::Call(&invite)));
+        // Garbage inside an authenticated call frame, and a bogus record.
+        assert!(a.send_on(T0, kb, Route::Direct(addr(2)), &Frame::Call(&[1, 200, 3])));
+        let bogus = CallMsg::Invite { call: 8, record: vec![1; 200] }.encode().expect("encodes");
+        assert!(a.send_on(T0, kb, Route::Direct(addr(2)), &Frame::Call(&bogus)));
+        pump(T0, &mut a, &mut b);
+        assert_eq!(incoming(&mut b), 0);
+        let c = b.stats().calls;
+        assert_eq!(c.forged_invites, 2, "{c:?}");
+        assert_eq!(c.bad_messages, 1, "{c:?}");
+        assert_eq!(c.incoming, 0);
+        assert!(b.calls(T0).is_empty());
+    }
+
+    #[test]
+    fn relay_frames_for_unknown_channels_are_dropped_and_counted() {
+        let (mut a, mut b, kb) = pair();
+        let inner = [4u8; 48];
+        assert!(a.send_relayed(T0, kb, 0xdead_beef, &inner));
+        pump(T0, &mut a, &mut b);
+        let r = b.stats().relay;
+        assert_eq!(r.dropped(crate::relay::RelayDrop::UnknownChannel), 1, "{r:?}");
+        assert_eq!(r.packets, 0);
+        // A relay message that does not decode.
+        assert!(a.send_on(T0, kb, Route::Direct(addr(2)), &Frame::RelayControl(&[1, 99, 99])));
+        let before = b.stats().dropped(DropReason::Malformed);
+        pump(T0, &mut a, &mut b);
+        assert_eq!(b.stats().dropped(DropReason::Malformed), before + 1);
+    }
+
+    #[test]
+    fn commands_on_unknown_or_wrong_calls_are_errors() {
+        let (mut a, _b, _) = pair();
+        let nope = CallId(42);
+        assert_eq!(a.answer(T0, nope), Err(CallError::UnknownCall(nope)));
+        assert_eq!(a.hangup(T0, nope), Err(CallError::UnknownCall(nope)));
+        let mut pcm = [0i16; FRAME_SAMPLES];
+        assert_eq!(a.pull_audio(T0, nope, &mut pcm), Err(CallError::UnknownCall(nope)));
+        // Not attached: the lookup fails at once or times out; either way the call
+        // ends unreachable, never panics.
+        let id = a.call(T0, CallTarget::User(Identity::from_seed([7; 32]).user_id()));
+        assert!(matches!(
+            a.answer(T0, id),
+            Err(CallError::State { what: "answer", .. })
+        ));
+        let mut t = T0;
+        for _ in 0..200 {
+            t = t + Duration::from_millis(100);
+            a.handle_timeout(t);
+        }
+        let s = a.call_stats(t, id).expect("lingers");
+        assert_eq!(s.state, CallState::Ended);
+        assert!(matches!(s.end, Some(EndReason::Unreachable(_))), "{s:?}");
+    }
+}

@@ -910,6 +910,13 @@ impl Node {
         self.drain_overlay(now);
     }
 
+    /// Changes the relay service's limits (config reload); channels already granted
+    /// keep going, new requests see the new limits.
+    pub fn set_relay_config(&mut self, relay: RelayConfig) {
+        self.relay.set_config(relay.clone());
+        self.config.relay = relay;
+    }
+
     /// Claims `handle` (or none) in the directory record and re-publishes.
     pub fn set_handle(&mut self, now: Time, handle: Option<Handle>) {
         self.overlay.set_handle(now, handle);

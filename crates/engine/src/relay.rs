@@ -357,6 +357,11 @@ impl RelayServer {
         &self.cfg
     }
 
+    /// New limits; existing channels keep going, new requests see them.
+    pub(crate) fn set_config(&mut self, cfg: RelayConfig) {
+        self.cfg = cfg;
+    }
+
     pub(crate) fn count_drop(&mut self, reason: RelayDrop) {
         self.stats.drops[reason as usize] += 1;
     }
