@@ -553,3 +553,50 @@ fn relay_quota_refusals_are_counted_and_the_call_goes_on() {
     assert!(quota >= 2, "quota refusals {quota}");
     let _ = cb;
 }
+
+/// Set-up to first audio with 50 ms one-way links (100 ms RTT, ± 10 ms jitter, 1 %
+/// loss) everywhere, both users behind port-restricted NATs, over many seeds: the
+/// caller's time from `call` to the callee's first audio played, p50 ≤ 1 s.
+#[test]
+fn setup_to_first_audio_p50_with_50ms_links() {
+    let nat = Site::Nat(NatType::PortRestricted);
+    let base = seed_from_env(600).expect("PEERCALL_SIM_SEED must be a u64");
+    let mut first_audio = Vec::new();
+    let mut setup = Vec::new();
+    for k in 0..15 {
+        let mut n = net(base + k, &[nat, nat], 50, auto_answer);
+        // 50 ± 10 ms, 1 % loss on every link, so each seed draws its own run.
+        let sites = n.sites.clone();
+        for &x in &sites {
+            for &y in &sites {
+                if x != y {
+                    let link = LinkConfig {
+                        jitter: ms(10),
+                        fifo: true,
+                        loss: 0.01,
+                        ..LinkConfig::new(ms(50))
+                    };
+                    n.sim.set_link(x, y, link).expect("link");
+                }
+            }
+        }
+        let (ca, _) = n.connect(0, 1, secs(10));
+        let s = n.stats(0, ca);
+        setup.push(s.setup_ms.expect("connected"));
+        first_audio.push(s.first_audio_ms.expect("audio"));
+    }
+    setup.sort_unstable();
+    first_audio.sort_unstable();
+    let p50 = |v: &[u64]| v[v.len() / 2];
+    eprintln!(
+        "setup ms p50 {} (min {}, max {}); first audio ms p50 {} (min {}, max {}) over {} seeds from {base}",
+        p50(&setup),
+        setup[0],
+        setup[setup.len() - 1],
+        p50(&first_audio),
+        first_audio[0],
+        first_audio[first_audio.len() - 1],
+        first_audio.len()
+    );
+    assert!(p50(&first_audio) <= 1_000, "{first_audio:?}");
+}
