@@ -894,7 +894,7 @@ impl Node {
         };
         match audio.receiver.pull(now, out) {
             Pulled::Idle => {}
-            Pulled::Decoded { .. } | Pulled::FecRecovered { .. } => {
+            Pulled::Decoded { .. } | Pulled::FecRecovered { .. } | Pulled::DredRecovered { .. } => {
                 if call.first_audio_at.is_none() {
                     call.first_audio_at = Some(now);
                 }
