@@ -1252,13 +1252,11 @@ impl Node {
         for id in ids {
             self.call_timer(now, id);
         }
-        let before = self.calls.calls.len();
+        // Ended calls released their channels when they ended; their snapshots go
+        // after the linger.
         self.calls
             .calls
             .retain(|c| c.ended_at.is_none_or(|t| now < t + ENDED_LINGER));
-        if before != self.calls.calls.len() {
-            self.calls.channels.retain(|_, _| true);
-        }
     }
 
     /// The earliest call timer.

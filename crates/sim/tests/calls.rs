@@ -654,3 +654,98 @@ fn setup_to_first_audio_p50_with_50ms_links() {
     );
     assert!(p50(&first_audio) <= 1_000, "{first_audio:?}");
 }
+
+/// Both users behind symmetric NATs, and each cut off from every supernode but one
+/// of its homes (different ones): only the two-relay path (caller's supernode →
+/// callee's supernode) can carry the call.
+#[test]
+fn two_relay_path_carries_the_call_when_one_relay_paths_die() {
+    let sym = Site::Nat(NatType::Symmetric);
+    let base = seed_from_env(520).expect("PEERCALL_SIM_SEED must be a u64");
+    // The first seed whose users have a home the other has not.
+    let mut n = None;
+    for k in 0..20 {
+        let net = net(base + k, &[sym, sym], 25, auto_answer);
+        let ha: Vec<_> = net
+            .node(0)
+            .overlay()
+            .homes()
+            .into_iter()
+            .map(|h| h.0)
+            .collect();
+        let hb: Vec<_> = net
+            .node(1)
+            .overlay()
+            .homes()
+            .into_iter()
+            .map(|h| h.0)
+            .collect();
+        if hb.iter().any(|b| *b != ha[0]) {
+            n = Some((net, ha, hb));
+            break;
+        }
+    }
+    let (mut n, ha, hb) = n.expect("a seed with distinct homes");
+    let (ca, cb) = n.connect(0, 1, secs(5));
+    n.talk(&[(0, ca), (1, cb)], secs(3));
+    let sa = n.stats(0, ca);
+    assert!(
+        sa.paths
+            .iter()
+            .any(|p| p.kind == PathKind::Relay2 && p.rtt.is_some()),
+        "a working two-relay path: {sa:?}"
+    );
+    // The caller's side of the two-relay path is its first home; the callee's is
+    // its first home that differs.
+    let sa_key = ha[0];
+    let sb_key = *hb.iter().find(|b| **b != sa_key).expect("distinct");
+    let seed_of = |k| {
+        (0..SEEDS)
+            .find(|&i| n.sim.node(n.nodes[i]).status().peer_key == k)
+            .expect("a seed")
+    };
+    let (ia, ib) = (seed_of(sa_key), seed_of(sb_key));
+    let others_a: Vec<HostId> = (0..SEEDS)
+        .filter(|&i| i != ia)
+        .map(|i| n.sites[i])
+        .collect();
+    let others_b: Vec<HostId> = (0..SEEDS)
+        .filter(|&i| i != ib)
+        .map(|i| n.sites[i])
+        .collect();
+    let now = n.sim.now();
+    let (a, b) = (n.site(0), n.site(1));
+    n.sim.cut(now, &[a], &others_a).expect("cut");
+    n.sim.cut(now, &[b], &others_b).expect("cut");
+    n.talk(&[(0, ca), (1, cb)], secs(5));
+    let (sa, sb) = (n.stats(0, ca), n.stats(1, cb));
+    eprintln!("caller: {sa:?}");
+    assert_eq!(sa.state, CallState::Active, "{sa:?}");
+    assert_eq!(sa.active_path, Some(PathKind::Relay2), "{sa:?}");
+    assert_eq!(sb.active_path, Some(PathKind::Relay2), "{sb:?}");
+    // Audio kept flowing: the last seconds were not concealed.
+    assert!(sa.max_gap_ms <= 500, "{sa:?}");
+    let before = sa.frames_received;
+    n.talk(&[(0, ca), (1, cb)], secs(2));
+    assert!(n.stats(0, ca).frames_received >= before + 90);
+}
+
+#[test]
+fn a_vanished_peer_ends_the_call_as_lost() {
+    let mut n = net(513, &[Site::Public, Site::Public], 25, auto_answer);
+    let (ca, cb) = n.connect(0, 1, secs(5));
+    n.talk(&[(0, ca), (1, cb)], secs(2));
+    let gone = n.nodes[n.user(1)];
+    n.sim.set_online(gone, false);
+    let at = n.sim.now();
+    n.talk(&[(0, ca)], secs(12));
+    assert_eq!(n.ended(0, ca), Some(EndReason::Lost));
+    let when = n
+        .events(0)
+        .iter()
+        .find_map(|(t, e)| matches!(e, Event::CallEnded { .. }).then_some(*t))
+        .expect("ended");
+    let after = when.saturating_since(at);
+    assert!(after <= secs(11), "ended after {after:?}");
+    assert_eq!(n.node(0).stats().calls.ended[6], 1);
+}
