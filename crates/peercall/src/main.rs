@@ -19,6 +19,7 @@ mod logging;
 mod media_eval;
 mod metrics;
 mod node;
+mod page;
 mod persist;
 mod resources;
 mod runtime;
@@ -55,6 +56,8 @@ enum Command {
     Status(cli::StatusArgs),
     /// List, add or remove contacts (pinned by user id; presence is followed).
     Contacts(cli::ContactsArgs),
+    /// Print a link that opens the local node's call page in a browser, signed in.
+    Page(cli::PageArgs),
     /// Run a WAV file through the audio pipeline over a simulated network.
     MediaEval(media_eval::MediaEvalArgs),
 }
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Lookup(args) => cli::lookup(args),
         Command::Status(args) => cli::status(args),
         Command::Contacts(args) => cli::contacts(args),
+        Command::Page(args) => cli::page(args),
         Command::MediaEval(args) => media_eval::run(args),
     };
     match result {
