@@ -2326,6 +2326,110 @@ mod tests {
         assert_eq!(b.stats().dropped(DropReason::Malformed), before + 1);
     }
 
+    /// A supernode forwarding between two clients allocates no buffer per packet
+    /// once warm, when its owner hands transmit buffers back.
+    #[test]
+    fn relay_forwarding_allocates_nothing_per_packet() {
+        let ids: Vec<Identity> = (1..=3).map(|i| Identity::from_seed([i; 32])).collect();
+        let keys: Vec<PeerKey> = ids.iter().map(|i| i.peer_key()).collect();
+        let mut nodes: Vec<Node> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let mut c = Config::new(id.clone(), [10 + i as u8; 32]);
+                if i == 1 {
+                    c.role = crate::Role::Supernode;
+                }
+                Node::new(c, T0)
+            })
+            .collect();
+        // Node i sits at addr(i + 1); the supernode is node 1.
+        let deliver = |nodes: &mut Vec<Node>, now: Time| {
+            let mut buf = vec![0u8; peercall_wire::MAX_DATAGRAM];
+            loop {
+                let mut moved = false;
+                for i in 0..3 {
+                    loop {
+                        let (dest, len) = if i == 1 {
+                            match nodes[1].poll_transmit_into(&mut buf) {
+                                Some(t) => t,
+                                None => break,
+                            }
+                        } else {
+                            match nodes[i].poll_transmit() {
+                                Some(t) => {
+                                    let n = t.bytes.len();
+                                    buf[..n].copy_from_slice(&t.bytes);
+                                    (t.dest, n)
+                                }
+                                None => break,
+                            }
+                        };
+                        if let Some(j) = (0..3).find(|&j| addr(j as u8 + 1) == dest) {
+                            nodes[j].handle_datagram(now, addr(i as u8 + 1), &buf[..len]);
+                            moved = true;
+                        }
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+        };
+        for i in [0, 2] {
+            nodes[i].connect(
+                T0,
+                Contact {
+                    addr: addr(2),
+                    key: Some(keys[1]),
+                },
+            );
+        }
+        deliver(&mut nodes, T0);
+        assert!(nodes[1].peers.contains_key(&keys[0]) && nodes[1].peers.contains_key(&keys[2]));
+        // Both clients ask the relay for each other (straight into the service).
+        let mut channels = Vec::new();
+        for (c, p) in [(0, 2), (2, 0)] {
+            let s = &mut nodes[1];
+            let env = Env {
+                overlay: &s.overlay,
+                peers: &s.peers,
+            };
+            let msg = RelayMsg::Allocate {
+                peer: keys[p].0,
+                via: None,
+            };
+            s.relay.handle(T0, &env, keys[c], addr(c as u8 + 1), msg);
+            while let Some((to, _, m)) = s.relay.poll_output() {
+                if let (true, RelayMsg::Allocated { channel, .. }) = (to == keys[c], m) {
+                    channels.push(channel);
+                }
+            }
+        }
+        let inner = [7u8; 120];
+        let mut t = T0;
+        let send = |nodes: &mut Vec<Node>, t: Time| {
+            assert!(nodes[0].send_relayed(t, keys[1], channels[0], &inner));
+            deliver(nodes, t);
+        };
+        for _ in 0..20 {
+            t = t + Duration::from_millis(20);
+            send(&mut nodes, t);
+        }
+        let warm = nodes[1].stats().buffers_allocated;
+        let forwarded = nodes[1].stats().relay.packets;
+        for _ in 0..1_000 {
+            t = t + Duration::from_millis(20);
+            send(&mut nodes, t);
+        }
+        let s = nodes[1].stats();
+        assert_eq!(s.relay.packets, forwarded + 1_000, "{:?}", s.relay);
+        assert_eq!(
+            s.buffers_allocated, warm,
+            "buffers allocated while forwarding"
+        );
+    }
+
     #[test]
     fn commands_on_unknown_or_wrong_calls_are_errors() {
         let (mut a, _b, _) = pair();
