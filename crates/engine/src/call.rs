@@ -1224,7 +1224,7 @@ impl Node {
             RelayMsg::Refused { peer, via, reason } => {
                 self.calls.stats.relay_refusals += 1;
                 tracing::debug!(reason = reason.label(), "relay refused a channel");
-                self.relay_path_gone(now, from, PeerKey(peer), via, None);
+                self.relay_path_gone(now, from, PeerKey(peer), via);
             }
             RelayMsg::Closed { channel } => {
                 if let Some(id) = self.calls.channels.remove(&(from, channel))
@@ -1935,14 +1935,7 @@ impl Node {
         self.drive_call(now, id);
     }
 
-    fn relay_path_gone(
-        &mut self,
-        now: Time,
-        relay: PeerKey,
-        peer: PeerKey,
-        via: Option<[u8; 32]>,
-        _channel: Option<u32>,
-    ) {
+    fn relay_path_gone(&mut self, now: Time, relay: PeerKey, peer: PeerKey, via: Option<[u8; 32]>) {
         let Some(id) = self.calls.by_peer(&peer) else {
             return;
         };
