@@ -837,42 +837,42 @@ impl Node {
         let Some(peer) = call.peer else {
             return Ok(());
         };
-        let Some(audio) = call.audio.as_mut() else {
+        // The audio state leaves the call while its packet is sent (the payload
+        // borrows its buffer): no copy, no allocation per frame.
+        let Some(mut audio) = call.audio.take() else {
             return Ok(());
         };
-        let n = audio
-            .encoder
-            .encode(pcm, &mut audio.buf)
-            .map_err(|e| CallError::Media(e.to_string()))?;
+        let n = match audio.encoder.encode(pcm, &mut audio.buf) {
+            Ok(n) => n,
+            Err(e) => {
+                call.audio = Some(audio);
+                return Err(CallError::Media(e.to_string()));
+            }
+        };
         let plan = call.router.send_plan(now);
-        let Some(frame) = audio.packetizer.packetize(&audio.buf[..n]) else {
-            return Ok(());
-        };
-        if plan.primary.is_none() {
-            return Ok(());
-        }
-        call.frames_sent += 1;
-        let redundant = plan.redundant.is_some();
-        let payload = frame.payload.to_vec();
-        let (seq, timestamp, flags) = (frame.seq, frame.timestamp, frame.flags);
-        let mut sends = Vec::with_capacity(2);
-        for path in plan.paths() {
-            if let (Ok(path_seq), Some(route)) =
-                (call.router.on_media_sent(now, path), route_of(call, path))
-            {
-                sends.push((path, path_seq, route));
+        let mut sends: [Option<(PathId, u32, Route)>; 2] = [None, None];
+        let frame = audio.packetizer.packetize(&audio.buf[..n]);
+        if let (Some(frame), Some(_)) = (&frame, plan.primary) {
+            call.frames_sent += 1;
+            for (slot, path) in sends.iter_mut().zip(plan.paths()) {
+                if let (Ok(path_seq), Some(route)) =
+                    (call.router.on_media_sent(now, path), route_of(call, path))
+                {
+                    *slot = Some((path, path_seq, route));
+                }
+            }
+            let redundant = plan.redundant.is_some();
+            for (path, path_seq, route) in sends.into_iter().flatten() {
+                let media = frame.to_media(path, path_seq);
+                let media = Media {
+                    flags: media.flags | if redundant { Media::FLAG_REDUNDANT } else { 0 },
+                    ..media
+                };
+                self.send_on(now, peer, route, &Frame::Media(media));
             }
         }
-        for (path, path_seq, route) in sends {
-            let media = Media {
-                path,
-                path_seq,
-                seq,
-                timestamp,
-                flags: flags | if redundant { Media::FLAG_REDUNDANT } else { 0 },
-                payload: &payload,
-            };
-            self.send_on(now, peer, route, &Frame::Media(media));
+        if let Some(call) = find_mut(&mut self.calls.calls, id) {
+            call.audio = Some(audio);
         }
         self.drive_call(now, id);
         Ok(())
