@@ -11,7 +11,7 @@ use peercall_engine::{
     Node, PathKind, RedundancyMode, RelayDrop, Role, Side,
 };
 use peercall_overlay::OverlayConfig;
-use peercall_sim::{HostId, LinkConfig, NatConfig, NatType, NodeId, Sim, seed_from_env};
+use peercall_sim::{CutId, HostId, LinkConfig, NatConfig, NatType, NodeId, Sim, seed_from_env};
 use peercall_wire::Time;
 
 const PORT: u16 = 7600;
@@ -368,14 +368,14 @@ fn a_relayed_call_upgrades_to_direct() {
 
 /// Cuts the direct way between the two users mid-call; returns, per side, how long
 /// after the cut the call left the direct path, and both calls' stats after 5 s.
-fn cut_direct_mid_call(n: &mut Net) -> ([Duration; 2], CallStats, CallStats) {
+fn cut_direct_mid_call(n: &mut Net) -> ([Duration; 2], CallStats, CallStats, CutId) {
     let (ca, cb) = n.connect(0, 1, secs(5));
     n.talk(&[(0, ca), (1, cb)], secs(5));
     assert_eq!(n.stats(0, ca).active_path, Some(PathKind::Direct));
     let before = [n.stats(0, ca), n.stats(1, cb)];
     let cut_at = n.sim.now();
     let (a, b) = (n.site(0), n.site(1));
-    n.sim.cut(cut_at, &[a], &[b]).expect("cut");
+    let cut = n.sim.cut(cut_at, &[a], &[b]).expect("cut");
     n.talk(&[(0, ca), (1, cb)], secs(5));
     let mut left = [Duration::MAX; 2];
     for (side, (u, call)) in [(0, ca), (1, cb)].into_iter().enumerate() {
@@ -400,13 +400,13 @@ fn cut_direct_mid_call(n: &mut Net) -> ([Duration; 2], CallStats, CallStats) {
     );
     eprintln!("caller: {sa:?}");
     eprintln!("callee: {sb:?}");
-    (left, sa, sb)
+    (left, sa, sb, cut)
 }
 
 #[test]
 fn a_dead_direct_path_is_left_fast_with_little_concealment() {
     let mut n = net(505, &[Site::Public, Site::Public], 25, auto_answer);
-    let (left, sa, sb) = cut_direct_mid_call(&mut n);
+    let (left, sa, sb, cut) = cut_direct_mid_call(&mut n);
     // RTT 50 ms: max(3 × RTT, 150 ms) = 150 ms.
     let bound = ms(150);
     assert!(left.iter().all(|d| *d <= bound), "left after {left:?}");
@@ -435,7 +435,7 @@ fn with_redundancy_no_frame_is_lost_when_a_path_dies() {
         c.calls.auto_answer = true;
         c.calls.redundancy = RedundancyMode::Always;
     });
-    let (left, sa, sb) = cut_direct_mid_call(&mut n);
+    let (left, sa, sb, _) = cut_direct_mid_call(&mut n);
     assert!(left.iter().all(|d| *d <= ms(150)), "left after {left:?}");
     for s in [&sa, &sb] {
         assert_eq!(s.media.lost, 0, "{s:?}");
