@@ -506,6 +506,8 @@ struct Call {
     next_feedback: Time,
     paths_used: Vec<PathKind>,
     unreachable: Option<Unreachable>,
+    /// Ended and its relay channels given back.
+    settled: bool,
 }
 
 impl Call {
@@ -555,6 +557,7 @@ impl Call {
             next_feedback: now,
             paths_used: Vec::new(),
             unreachable: None,
+            settled: false,
         }
     }
 
@@ -1321,8 +1324,12 @@ impl Node {
         }
         call.resends.retain(|r| r.left > 0 || r.next > now);
         let ended = !call.live();
+        let settle = ended && call.resends.is_empty();
         for msg in due {
             self.send_call_msg(now, id, &msg);
+        }
+        if settle {
+            self.settle_call(now, id);
         }
         if ended {
             return;
@@ -1688,9 +1695,13 @@ impl Node {
                     self.end_call(now, id, why);
                 }
             }
-            CallMsg::HangupAck { .. } => call
-                .resends
-                .retain(|r| !matches!(r.msg, CallMsg::Hangup { .. } | CallMsg::Reject { .. })),
+            CallMsg::HangupAck { .. } => {
+                call.resends
+                    .retain(|r| !matches!(r.msg, CallMsg::Hangup { .. } | CallMsg::Reject { .. }));
+                if !live && call.resends.is_empty() {
+                    self.settle_call(now, id);
+                }
+            }
             CallMsg::Paths { version, paths, .. } => {
                 if !outgoing && version >= call.offer_version && call.live() {
                     self.adopt_paths(now, id, version, paths);
@@ -2022,6 +2033,25 @@ impl Node {
         if let Some(a) = &call.audio {
             self.calls.stats.frames_concealed += a.receiver.stats().concealed;
         }
+        let settled = call.resends.is_empty();
+        self.events.push_back(Event::CallEnded { call: id, reason });
+        if settled {
+            self.settle_call(now, id);
+        }
+    }
+
+    /// An ended call whose last messages were answered (or given up): its relay
+    /// channels go back, and a session that only its relays carried is closed (its
+    /// route is gone); a direct one is left to close when idle.
+    fn settle_call(&mut self, now: Time, id: CallId) {
+        let Some(call) = find_mut(&mut self.calls.calls, id) else {
+            return;
+        };
+        if call.live() || call.settled {
+            return;
+        }
+        call.settled = true;
+        call.resends.clear();
         let peer = call.peer;
         let mut releases = Vec::new();
         for p in call.paths.drain(..) {
@@ -2038,17 +2068,28 @@ impl Node {
                 ));
             }
         }
-        for (relay, msg) in releases {
-            self.send_relay_msg(now, relay, None, &msg);
-        }
-        // The session with the peer may go once idle.
-        if let Some(peer) = peer
-            && let Some(p) = self.peers.get_mut(&peer)
-        {
+        let Some(peer) = peer else {
+            return;
+        };
+        let relayed = self.peers.get(&peer).is_some_and(|p| p.via.is_some());
+        let needed = self.calls.by_peer(&peer).is_some()
+            || self.overlay.keeps_session(&peer)
+            || self.relay.keeps_session(&peer);
+        if relayed && !needed {
+            self.send_frame(
+                now,
+                peer,
+                &Frame::Close(peercall_wire::frame::CloseReason::SHUTDOWN),
+            );
+            self.peer_down(now, peer, "call ended");
+        } else if let Some(p) = self.peers.get_mut(&peer) {
+            // The session may go once idle.
             p.last_control = Some(now);
             p.on_demand = true;
         }
-        self.events.push_back(Event::CallEnded { call: id, reason });
+        for (relay, msg) in releases {
+            self.send_relay_msg(now, relay, None, &msg);
+        }
     }
 
     /// Sends `msg` now and again until answered.

@@ -335,6 +335,18 @@ fn symmetric_nats_talk_through_relays() {
         .map(|i| n.sim.node(n.nodes[i]).stats().relay.packets)
         .sum();
     assert!(relayed > 400, "relayed {relayed}");
+    // Hang-up: both ends give their channels back, and the relayed session closes.
+    n.sim
+        .with_node(n.nodes[n.user(1)], |node, now| node.hangup(now, cb))
+        .expect("hang up");
+    n.sim.run_for(secs(2));
+    assert_eq!(n.ended(0, ca), Some(EndReason::HungUp(Side::Remote)));
+    let channels: u64 = (0..SEEDS)
+        .map(|i| n.sim.node(n.nodes[i]).stats().relay.channels)
+        .sum();
+    assert_eq!(channels, 0);
+    let callee = n.node(1).status().peer_key;
+    assert!(n.node(0).status().sessions.iter().all(|s| s.peer != callee));
 }
 
 #[test]
