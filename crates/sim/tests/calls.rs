@@ -439,6 +439,24 @@ fn a_dead_direct_path_is_left_fast_with_little_concealment() {
             s.concealed_ms
         );
     }
+    // The direct way comes back: the call returns to it once the router trusts it
+    // again. The router's selector holds an active path for 30 s after a switch and
+    // tries a once-failed path with media at most every 30 s, so that takes up to a
+    // minute (measured: 46 s after the heal here).
+    let now = n.sim.now();
+    n.sim.heal(now, cut).expect("heal");
+    let (ca, cb) = (sa.id, sb.id);
+    n.talk(&[(0, ca), (1, cb)], secs(65));
+    let back = n.events(0).iter().find_map(|(at, e)| match e {
+        Event::CallPathSwitched {
+            to: PathKind::Direct,
+            ..
+        } if *at > now => Some(at.saturating_since(now)),
+        _ => None,
+    });
+    eprintln!("back on the direct path {back:?} after the heal");
+    assert_eq!(n.stats(0, ca).active_path, Some(PathKind::Direct));
+    assert_eq!(n.stats(1, cb).active_path, Some(PathKind::Direct));
 }
 
 #[test]
