@@ -16,7 +16,11 @@ use peercall_wire::{Frame, MAX_DATAGRAM, Protocol, Time, classify};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
+use crate::call::{CallConfig, CallId, Calls, EndReason};
+use crate::paths::{BufPool, Origin, Route};
+use crate::relay::{RelayConfig, RelayServer};
 use crate::stats::{DropReason, Stats};
+use peercall_router::PathKind;
 
 /// A peer to reach: its address and, when known, its static key (IK) or not (XX).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +51,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Overlay settings (host cache, handle, capacity, election).
     pub overlay: OverlayConfig,
+    /// Call settings (answering, limits, timeouts, codec, jitter buffer).
+    pub calls: CallConfig,
+    /// Relay service settings (used while the node is a supernode).
+    pub relay: RelayConfig,
 }
 
 impl Config {
@@ -61,11 +69,14 @@ impl Config {
             session_timeout: Duration::from_secs(35),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             overlay: OverlayConfig::default(),
+            calls: CallConfig::default(),
+            relay: RelayConfig::default(),
         }
     }
 }
 
-/// A datagram to send.
+/// A datagram to send. Its buffer may be handed back with [`Node::recycle`] once
+/// sent, so the node reuses it instead of allocating.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     /// Destination.
@@ -93,6 +104,45 @@ pub enum Event {
     },
     /// Something the overlay reports: lookups done, presence, role and home changes.
     Overlay(OverlayEvent),
+    /// Someone calls: answer with [`Node::answer`] or decline with [`Node::reject`]
+    /// (unless `auto_answer` answered already: [`Event::CallConnected`] follows).
+    CallIncoming {
+        /// The call.
+        call: CallId,
+        /// The caller's user id (from its verified record).
+        from: UserId,
+        /// The caller's handle, if its record claims one.
+        handle: Option<Handle>,
+    },
+    /// The callee's phone rings (outgoing calls).
+    CallRinging {
+        /// The call.
+        call: CallId,
+    },
+    /// The call was answered; media flows. `path` is the active path's kind, if one
+    /// works yet (media starts on the first that does).
+    CallConnected {
+        /// The call.
+        call: CallId,
+        /// Active path kind.
+        path: Option<PathKind>,
+    },
+    /// The active path changed.
+    CallPathSwitched {
+        /// The call.
+        call: CallId,
+        /// The kind left, if any.
+        from: Option<PathKind>,
+        /// The kind now active.
+        to: PathKind,
+    },
+    /// The call is over.
+    CallEnded {
+        /// The call.
+        call: CallId,
+        /// Why.
+        reason: EndReason,
+    },
 }
 
 /// One established session, for `/status`.
@@ -159,17 +209,24 @@ const STUN_ANSWER_RATE: (u32, u32) = (200, 400);
 
 /// An established session with a peer.
 #[derive(Debug, Clone)]
-struct Peer {
-    addr: SocketAddr,
+pub(crate) struct Peer {
+    /// The peer's address (for a call peer reached only through relays: its best
+    /// known direct candidate, for status).
+    pub(crate) addr: SocketAddr,
+    /// How node-level traffic reaches a call peer that is not reached at `addr`: a
+    /// relay channel or signalling. `None`: straight to `addr`.
+    pub(crate) via: Option<Route>,
     established: Time,
     last_received: Time,
-    last_sent: Time,
+    pub(crate) last_sent: Time,
     /// When to next ask the crypto layer whether this session needs new keys.
     next_rekey_check: Time,
-    /// When the session last carried an overlay message; `None` if never.
-    last_control: Option<Time>,
-    /// This node opened the session to send overlay messages.
-    on_demand: bool,
+    /// When the session last carried an overlay or relay control message; `None` if
+    /// never.
+    pub(crate) last_control: Option<Time>,
+    /// This node opened the session to send overlay messages (or it carried a call
+    /// that ended): closed when idle.
+    pub(crate) on_demand: bool,
     /// The time of this peer's live entry in the timer heap (`Time::MAX`: none).
     armed: Time,
 }
@@ -186,11 +243,11 @@ struct Dial {
 
 /// The sans-IO node. See the crate documentation for the driving contract.
 pub struct Node {
-    config: Config,
+    pub(crate) config: Config,
     started: Time,
-    endpoint: Endpoint,
-    overlay: Overlay,
-    peers: Map<PeerKey, Peer>,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) overlay: Overlay,
+    pub(crate) peers: Map<PeerKey, Peer>,
     /// Per-peer deadlines (keepalive, timeout, rekey, idle): `(time, peer)` entries,
     /// live only when equal to the peer's `armed` time, so `poll_timeout` is O(1)
     /// however many sessions a supernode holds.
@@ -203,12 +260,22 @@ pub struct Node {
     pending: Map<PeerKey, VecDeque<Vec<u8>>>,
     stun_bucket: TokenBucket,
     closing: bool,
-    transmits: VecDeque<Transmit>,
-    events: VecDeque<Event>,
-    stats: Stats,
-    /// Scratch for decrypted plaintext and outgoing frames.
+    pub(crate) transmits: VecDeque<Transmit>,
+    pub(crate) events: VecDeque<Event>,
+    pub(crate) stats: Stats,
+    /// Scratch for handshake messages written by the crypto layer.
     buf: Box<[u8; MAX_DATAGRAM]>,
-    frame_buf: Box<[u8; MAX_DATAGRAM]>,
+    /// Scratch for outgoing frames before encryption.
+    pub(crate) frame_buf: Box<[u8; MAX_DATAGRAM]>,
+    /// Scratch buffers for decrypted plaintext: one per nesting level (a hop packet,
+    /// then the end-to-end packet a relay delivered inside it).
+    rx: Vec<Vec<u8>>,
+    /// Recycled transmit buffers.
+    pub(crate) pool: BufPool,
+    /// The relay service (active while a supernode).
+    pub(crate) relay: RelayServer,
+    /// Calls, their paths, and relay channels held as a client.
+    pub(crate) calls: Calls,
 }
 
 impl std::fmt::Debug for Node {
@@ -229,6 +296,10 @@ impl Node {
         rng.fill_bytes(&mut endpoint_seed);
         let mut overlay_seed = [0u8; 32];
         rng.fill_bytes(&mut overlay_seed);
+        let mut relay_seed = [0u8; 32];
+        rng.fill_bytes(&mut relay_seed);
+        let mut calls_seed = [0u8; 32];
+        rng.fill_bytes(&mut calls_seed);
         let endpoint = Endpoint::new(&config.identity, EndpointConfig::default(), endpoint_seed)
             .expect("the default endpoint configuration is valid");
         let bootstrap = config
@@ -273,6 +344,10 @@ impl Node {
             stats: Stats::default(),
             buf: Box::new([0; MAX_DATAGRAM]),
             frame_buf: Box::new([0; MAX_DATAGRAM]),
+            rx: vec![vec![0; MAX_DATAGRAM], vec![0; MAX_DATAGRAM]],
+            pool: BufPool::default(),
+            relay: RelayServer::new(config.relay.clone(), relay_seed),
+            calls: Calls::new(config.calls.clone(), calls_seed),
             config,
         }
     }
@@ -282,7 +357,7 @@ impl Node {
         self.stats.datagrams_in += 1;
         self.stats.bytes_in += datagram.len() as u64;
         match classify(datagram) {
-            Protocol::Peercall(_) => self.handle_peercall(now, from, datagram),
+            Protocol::Peercall(_) => self.handle_peercall(now, Origin::Direct(from), datagram),
             Protocol::Stun => self.handle_stun(now, from, datagram),
             _ => self.stats.drop(DropReason::UnknownProtocol),
         }
@@ -315,37 +390,59 @@ impl Node {
         }
     }
 
-    fn handle_peercall(&mut self, now: Time, from: SocketAddr, datagram: &[u8]) {
-        let received = match self.endpoint.handle(now, from, datagram, &mut self.buf[..]) {
-            Ok(r) => r,
-            Err(reject) => {
-                self.stats.drop(drop_reason(&reject));
-                return;
-            }
+    /// Handles one peercall packet: a datagram (`Origin::Direct`), or an end-to-end
+    /// packet a relay or a signalling supernode delivered.
+    pub(crate) fn handle_peercall(&mut self, now: Time, origin: Origin, datagram: &[u8]) {
+        let from = match origin {
+            Origin::Direct(a) => a,
+            Origin::Relay { relay, .. } => self.peers.get(&relay).map_or(UNSPECIFIED, |p| p.addr),
+            Origin::Signal { observed, .. } => observed,
         };
-        match received {
-            Received::Reply { len } => self.queue(from, len),
-            Received::Established {
+        let mut out = self.rx.pop().unwrap_or_else(|| vec![0; MAX_DATAGRAM]);
+        match self.endpoint.handle(now, from, datagram, &mut out[..]) {
+            Err(reject) => self.stats.drop(drop_reason(&reject)),
+            Ok(Received::Reply { len }) => self.send_bytes(now, origin.reply_route(), &out[..len]),
+            Ok(Received::Established {
                 peer,
                 initiator,
                 reply,
-            } => {
+            }) => {
                 if reply > 0 {
-                    self.queue(from, reply);
+                    self.send_bytes(now, origin.reply_route(), &out[..reply]);
+                    // A handshake answered through signalling is answered straight
+                    // to the sender as well: that opens our NAT towards it.
+                    if let Origin::Signal { observed, .. } = origin {
+                        self.send_bytes(now, Route::Direct(observed), &out[..reply]);
+                    }
                 }
-                self.established(now, peer, from, initiator);
+                self.established(now, peer, origin, initiator);
             }
-            Received::Data { peer, len } => self.handle_data(now, peer, from, len),
+            Ok(Received::Data { peer, len }) => self.handle_data(now, peer, origin, &out[..len]),
         }
+        self.rx.push(out);
     }
 
-    fn established(&mut self, now: Time, key: PeerKey, from: SocketAddr, initiator: bool) {
+    fn established(&mut self, now: Time, key: PeerKey, origin: Origin, initiator: bool) {
         self.stats.handshakes_completed += 1;
-        let on_demand = self.dials.remove(&from).is_some_and(|d| d.on_demand);
-        self.learned.insert(from, key);
+        let direct = origin.direct();
+        let on_demand =
+            direct.is_some_and(|from| self.dials.remove(&from).is_some_and(|d| d.on_demand));
+        if let Some(from) = direct {
+            self.learned.insert(from, key);
+        }
         let fresh = !self.peers.contains_key(&key);
+        let (addr, via) = match direct {
+            Some(from) => (from, None),
+            None => (
+                self.calls
+                    .address_hint(&key, &origin)
+                    .unwrap_or(UNSPECIFIED),
+                Some(origin.reply_route()),
+            ),
+        };
         let peer = self.peers.entry(key).or_insert(Peer {
-            addr: from,
+            addr,
+            via,
             established: now,
             last_received: now,
             last_sent: now,
@@ -354,15 +451,17 @@ impl Node {
             on_demand,
             armed: Time::MAX,
         });
-        peer.addr = from;
+        if let Some(from) = direct
+            && peer.via.is_none()
+        {
+            peer.addr = from;
+        }
         peer.established = now;
         peer.last_received = now;
         peer.next_rekey_check = now + REKEY_FIRST_CHECK;
+        let addr = peer.addr;
         if fresh {
-            self.events.push_back(Event::PeerUp {
-                peer: key,
-                addr: from,
-            });
+            self.events.push_back(Event::PeerUp { peer: key, addr });
         }
         if initiator {
             // Confirms the new keys to the responder, which sends on them only after
@@ -370,7 +469,7 @@ impl Node {
             self.send_frame(now, key, &Frame::Keepalive);
             self.stats.keepalives_sent += 1;
         }
-        if fresh {
+        if fresh && let Some(from) = direct {
             self.overlay.handle_peer_up(now, key, from);
         }
         if let Some(queued) = self.pending.remove(&key) {
@@ -378,11 +477,12 @@ impl Node {
                 self.send_control_now(now, key, &msg);
             }
         }
+        self.on_session_established(now, key, origin);
         self.arm_peer(key);
     }
 
-    fn handle_data(&mut self, now: Time, key: PeerKey, from: SocketAddr, len: usize) {
-        let frame = match Frame::parse(&self.buf[..len]) {
+    fn handle_data(&mut self, now: Time, key: PeerKey, origin: Origin, plaintext: &[u8]) {
+        let frame = match Frame::parse(plaintext) {
             Ok(f) => f,
             Err(_) => {
                 self.stats.drop(DropReason::Malformed);
@@ -395,9 +495,14 @@ impl Node {
             return;
         };
         peer.last_received = now;
-        let roamed = peer.addr != from;
-        if roamed {
+        let direct = origin.direct();
+        let mut roamed = false;
+        if let Some(from) = direct
+            && peer.via.is_none()
+            && peer.addr != from
+        {
             // The peer roamed (new NAT mapping); follow its authenticated packets.
+            roamed = true;
             peer.addr = from;
             self.events.push_back(Event::PeerUp {
                 peer: key,
@@ -405,29 +510,70 @@ impl Node {
             });
         }
         match frame {
-            Frame::Keepalive => self.stats.keepalives_received += 1,
+            Frame::Keepalive => {
+                self.stats.keepalives_received += 1;
+                self.on_call_keepalive(now, key, origin);
+            }
             Frame::Close(_) => self.peer_down(now, key, "closed by peer"),
             Frame::Control(body) => {
+                let Some(from) = direct else {
+                    // Overlay messages travel on direct sessions only.
+                    self.stats.drop(DropReason::Unexpected);
+                    return;
+                };
                 peer.last_control = Some(now);
                 self.stats.control_in += 1;
                 if roamed {
                     self.overlay.handle_peer_up(now, key, from);
                 }
-                // The body borrows the scratch buffer the overlay never touches.
-                let body = body.to_vec();
-                self.overlay.handle_message(now, key, from, &body);
+                self.overlay.handle_message(now, key, from, body);
             }
-            _ => self.stats.drop(DropReason::Unexpected),
+            Frame::Relay(r) => match direct {
+                // A relay frame inside a relayed packet is never valid: no nesting.
+                None => self.stats.drop(DropReason::Unexpected),
+                Some(_) => self.on_relay_frame(now, key, r.channel, r.packet),
+            },
+            Frame::RelayControl(body) => match direct {
+                None => self.stats.drop(DropReason::Unexpected),
+                Some(from) => {
+                    peer.last_control = Some(now);
+                    self.on_relay_control(now, key, from, body);
+                }
+            },
+            Frame::Probe(_)
+            | Frame::ProbeAck(_)
+            | Frame::Media(_)
+            | Frame::Report(_)
+            | Frame::Call(_) => self.on_call_frame(now, key, origin, &frame),
         }
     }
 
-    fn peer_down(&mut self, now: Time, key: PeerKey, reason: &'static str) {
+    /// A `Frame::Relay` on the hop session with `from`: a packet a relay delivers to
+    /// us on one of our channels, or one to forward as a relay.
+    fn on_relay_frame(&mut self, now: Time, from: PeerKey, channel: u32, packet: &[u8]) {
+        if self.calls.is_our_channel(&from, channel) {
+            self.handle_peercall(
+                now,
+                Origin::Relay {
+                    relay: from,
+                    channel,
+                },
+                packet,
+            );
+        } else {
+            self.forward_relay(now, from, channel, packet);
+        }
+    }
+
+    pub(crate) fn peer_down(&mut self, now: Time, key: PeerKey, reason: &'static str) {
         let Some(peer) = self.peers.remove(&key) else {
             return;
         };
         self.endpoint.remove_peer(&key);
         self.events.push_back(Event::PeerDown { peer: key, reason });
         self.overlay.handle_peer_down(now, key);
+        self.relay.peer_down(&key);
+        self.on_session_down(now, key);
         // Seeds are kept connected while the overlay needs them (not attached or
         // joined yet): dial again right away (with back-off).
         if self.overlay.wants_seeds()
@@ -457,7 +603,10 @@ impl Node {
 
     /// Whether an idle session with `key` may be closed at `now`, and when it may be.
     fn reap_at(&self, key: &PeerKey, peer: &Peer) -> Option<Time> {
-        if self.overlay.keeps_session(key) {
+        if self.overlay.keeps_session(key)
+            || self.calls.keeps_session(key)
+            || self.relay.keeps_session(key)
+        {
             return None;
         }
         if self.is_seed(key, &peer.addr) {
@@ -505,6 +654,9 @@ impl Node {
         if self.closing {
             return;
         }
+        self.relay.handle_timeout(now);
+        self.drain_relay(now);
+        self.calls_timeout(now);
         while let Some(&Reverse((at, key))) = self.timers.peek() {
             if at > now {
                 break;
@@ -553,7 +705,11 @@ impl Node {
             if let Some(p) = self.peers.get_mut(&key) {
                 p.next_rekey_check = now + REKEY_RECHECK;
             }
-            if self.endpoint.needs_rekey(now, &key) {
+            if self.endpoint.needs_rekey(now, &key) && peer.via.is_some() {
+                // A call peer reached through a relay: the new handshake takes the
+                // same way (retried at the next check if it fails).
+                self.rekey_via(now, key);
+            } else if self.endpoint.needs_rekey(now, &key) {
                 let addr = peer.addr;
                 self.dials.entry(addr).or_insert(Dial {
                     contact: Contact {
@@ -593,6 +749,7 @@ impl Node {
                         reason: "unreachable",
                     });
                     self.overlay.handle_peer_down(now, key);
+                    self.on_session_down(now, key);
                 }
             }
             return;
@@ -612,6 +769,50 @@ impl Node {
                 self.queue(addr, len);
             }
             Err(e) => tracing::debug!(%addr, error = %e, "cannot initiate handshake"),
+        }
+    }
+
+    /// Opens a session with `key` at `addr` for messages that wait for it (an
+    /// on-demand dial, given up after a few attempts), unless one is up or dialing.
+    pub(crate) fn dial_on_demand(&mut self, now: Time, key: PeerKey, addr: SocketAddr) {
+        if self.peers.contains_key(&key) || self.closing {
+            return;
+        }
+        if let std::collections::hash_map::Entry::Vacant(e) = self.dials.entry(addr) {
+            e.insert(Dial {
+                contact: Contact {
+                    addr,
+                    key: Some(key),
+                },
+                attempts: 0,
+                next_attempt: now,
+                on_demand: true,
+            });
+            self.attempt(now, addr);
+        }
+    }
+
+    /// Whether [`Node::close`] was called.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    /// Starts a new handshake with call peer `key` along its relay route.
+    fn rekey_via(&mut self, now: Time, key: PeerKey) {
+        let Some(route) = self.peer_route(&key) else {
+            return;
+        };
+        let addr = self.peers.get(&key).map_or(UNSPECIFIED, |p| p.addr);
+        match self
+            .endpoint
+            .initiate(now, addr, Some(key), &mut self.buf[..])
+        {
+            Ok(len) => {
+                self.stats.handshakes_initiated += 1;
+                let bytes = self.buf[..len].to_vec();
+                self.send_bytes(now, route, &bytes);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot initiate rekey"),
         }
     }
 
@@ -638,7 +839,7 @@ impl Node {
 
     /// Hands the overlay's outputs on: messages onto sessions (dialing when needed),
     /// STUN requests onto the wire, events to the owner.
-    fn drain_overlay(&mut self, now: Time) {
+    pub(crate) fn drain_overlay(&mut self, now: Time) {
         while let Some(out) = self.overlay.poll_output() {
             match out {
                 Output::Send { to, addr, msg } => self.send_control(now, to, addr, msg),
@@ -648,8 +849,20 @@ impl Node {
                         bytes: stun::request(txid),
                     });
                 }
+                Output::Event(OverlayEvent::LookupDone { id, result })
+                    if self.calls.owns_lookup(id) =>
+                {
+                    self.on_call_lookup(now, id, result);
+                }
                 Output::Event(e) => self.events.push_back(Event::Overlay(e)),
             }
+        }
+    }
+
+    /// Sends the relay service's messages.
+    pub(crate) fn drain_relay(&mut self, now: Time) {
+        while let Some((to, addr, msg)) = self.relay.poll_output() {
+            self.send_relay_msg(now, to, addr, &msg);
         }
     }
 
@@ -711,6 +924,13 @@ impl Node {
         self.drain_overlay(now);
     }
 
+    /// Changes the relay service's limits (config reload); channels already granted
+    /// keep going, new requests see the new limits.
+    pub fn set_relay_config(&mut self, relay: RelayConfig) {
+        self.relay.set_config(relay.clone());
+        self.config.relay = relay;
+    }
+
     /// Claims `handle` (or none) in the directory record and re-publishes.
     pub fn set_handle(&mut self, now: Time, handle: Option<Handle>) {
         self.overlay.set_handle(now, handle);
@@ -743,6 +963,7 @@ impl Node {
     /// Graceful shutdown: the overlay says goodbye (offline record, hand-off), then
     /// every peer is told the session is closing and dialing stops.
     pub fn close(&mut self, now: Time) {
+        self.hangup_all(now);
         self.overlay.close(now);
         self.closing = true;
         self.drain_overlay(now);
@@ -757,39 +978,48 @@ impl Node {
         self.peers.clear();
     }
 
-    fn send_frame(&mut self, now: Time, key: PeerKey, frame: &Frame<'_>) {
-        let Some(peer) = self.peers.get_mut(&key) else {
+    pub(crate) fn send_frame(&mut self, now: Time, key: PeerKey, frame: &Frame<'_>) {
+        let Some(route) = self.peer_route(&key) else {
             return;
         };
-        let Ok(n) = frame.encode(&mut self.frame_buf[..]) else {
-            return;
-        };
-        match self
-            .endpoint
-            .encrypt(now, &key, &self.frame_buf[..n], &mut self.buf[..])
-        {
-            Ok(len) => {
-                peer.last_sent = now;
-                let addr = peer.addr;
-                self.queue(addr, len);
-            }
-            Err(e) => tracing::debug!(error = %e, "cannot send frame"),
-        }
+        self.send_on(now, key, route, frame);
     }
 
     fn queue(&mut self, dest: SocketAddr, len: usize) {
-        self.transmits.push_back(Transmit {
-            dest,
-            bytes: self.buf[..len].to_vec(),
-        });
+        let mut b = self.pool.take();
+        b[..len].copy_from_slice(&self.buf[..len]);
+        b.truncate(len);
+        self.push_transmit(dest, b);
     }
 
-    /// The next datagram to send.
+    /// The next datagram to send. Hand its buffer back with [`Node::recycle`] after
+    /// sending it, or use [`Node::poll_transmit_into`], so the node reuses buffers.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         let t = self.transmits.pop_front()?;
         self.stats.datagrams_out += 1;
         self.stats.bytes_out += t.bytes.len() as u64;
         Some(t)
+    }
+
+    /// Copies the next datagram to send into `buf` (at least [`MAX_DATAGRAM`]
+    /// bytes) and returns its destination and length; the node keeps the buffer for
+    /// reuse. A datagram longer than `buf` is dropped (counted as sent, never
+    /// happens with a buffer of [`MAX_DATAGRAM`] bytes).
+    pub fn poll_transmit_into(&mut self, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        let t = self.poll_transmit()?;
+        let n = t.bytes.len();
+        let fits = n <= buf.len();
+        if fits {
+            buf[..n].copy_from_slice(&t.bytes);
+        }
+        let dest = t.dest;
+        self.pool.give(t.bytes);
+        Some((dest, if fits { n } else { 0 }))
+    }
+
+    /// Gives a sent transmit's buffer back for reuse.
+    pub fn recycle(&mut self, bytes: Vec<u8>) {
+        self.pool.give(bytes);
     }
 
     /// The next event.
@@ -813,6 +1043,12 @@ impl Node {
             if let Some(t) = self.overlay.poll_timeout() {
                 consider(t);
             }
+            if let Some(t) = self.relay.poll_timeout() {
+                consider(t);
+            }
+            if let Some(t) = self.calls_poll_timeout() {
+                consider(t);
+            }
         }
         next
     }
@@ -822,6 +1058,9 @@ impl Node {
         let mut stats = self.stats.clone();
         stats.sessions = self.peers.len() as u64;
         stats.overlay = self.overlay.stats();
+        stats.relay = self.relay.stats();
+        stats.calls = self.calls.counters();
+        stats.buffers_allocated = self.pool.allocated;
         stats
     }
 
@@ -854,6 +1093,12 @@ impl Node {
         }
     }
 }
+
+/// A placeholder address for sessions known only through relays; never sent to.
+const UNSPECIFIED: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::UNSPECIFIED,
+    0,
+));
 
 /// The first rekey check of a session: the crypto layer's rekey-after time (120 s);
 /// earlier checks could only answer no.

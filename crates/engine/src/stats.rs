@@ -98,6 +98,12 @@ pub struct Stats {
     pub sessions_reaped: u64,
     /// The overlay's counters and gauges.
     pub overlay: peercall_overlay::OverlayStats,
+    /// The relay service's counters and gauges (a supernode's).
+    pub relay: crate::relay::RelayStats,
+    /// Calls: by outcome, set-up times, paths, concealment.
+    pub calls: crate::call::CallCounters,
+    /// Transmit buffers allocated because none was free to reuse.
+    pub buffers_allocated: u64,
 }
 
 impl Stats {

@@ -290,6 +290,8 @@ pub struct Overlay {
     stats: OverlayStats,
     closing: bool,
     reflexive: Option<SocketAddr>,
+    /// The latest online record this node signed (for call invitations).
+    own_record: Option<Vec<u8>>,
     stun_pending: Vec<([u8; 12], SocketAddr, Time)>,
     bootstrap: Vec<Bootstrap>,
     homes: Vec<Home>,
@@ -380,6 +382,7 @@ impl Overlay {
             stats: OverlayStats::default(),
             closing: false,
             reflexive: None,
+            own_record: None,
             stun_pending: Vec::new(),
             bootstrap: bootstrap
                 .into_iter()
@@ -832,6 +835,28 @@ impl Overlay {
         self.reflexive
     }
 
+    /// This node's latest published (online) signed record, if any: calls send it
+    /// to the callee, who verifies it against the session's static key.
+    pub fn own_record(&self) -> Option<&[u8]> {
+        self.own_record.as_deref()
+    }
+
+    /// Whether `peer` is attached to this supernode as a client.
+    pub fn is_client(&self, peer: &PeerKey) -> bool {
+        self.sn
+            .as_ref()
+            .is_some_and(|sn| !sn.handoff && sn.clients.contains_key(peer))
+    }
+
+    /// The address of `key` if it is a live supernode in this supernode's view.
+    pub fn member_addr(&self, key: &PeerKey) -> Option<SocketAddr> {
+        self.sn
+            .as_ref()
+            .and_then(|sn| sn.members.get(key))
+            .filter(|m| m.is_live())
+            .map(|m| m.addr)
+    }
+
     /// Whether the engine should keep the session with `peer` (a home, an attach in
     /// progress, or a client): such sessions are never reaped when idle.
     pub fn keeps_session(&self, peer: &PeerKey) -> bool {
@@ -1033,6 +1058,7 @@ impl Overlay {
         let Some(bytes) = self.sign_record(now, online) else {
             return;
         };
+        self.own_record = online.then(|| bytes.clone());
         self.stats.publishes += 1;
         if is_super {
             self.store_and_forward(now, bytes);

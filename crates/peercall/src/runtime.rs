@@ -512,6 +512,20 @@ impl Engine {
                 );
             }
             Event::Overlay(e) => self.overlay_event(e),
+            // Calls are logged only; the admin API and metrics for calls come with
+            // the daemon side of issue 5.
+            Event::CallIncoming { call, .. } => info!(%call, "incoming call"),
+            Event::CallRinging { call } => info!(%call, "ringing"),
+            Event::CallConnected { call, path } => {
+                info!(%call, path = path.map_or("none", |k| k.label()), "call connected")
+            }
+            Event::CallPathSwitched { call, from, to } => info!(
+                %call,
+                from = from.map_or("none", |k| k.label()),
+                to = to.label(),
+                "call path switched"
+            ),
+            Event::CallEnded { call, reason } => info!(%call, %reason, "call ended"),
         }
     }
 

@@ -458,6 +458,12 @@ impl<S: PathSelector> Router<S> {
         &self.selector
     }
 
+    /// The selector, to adjust its policy mid-call (say, redundancy for the first
+    /// seconds of media). Takes effect at the next decision.
+    pub fn selector_mut(&mut self) -> &mut S {
+        &mut self.selector
+    }
+
     /// A snapshot of every path's figures.
     pub fn stats(&self, now: Time) -> RouterStats {
         let paths = self

@@ -11,7 +11,14 @@
 //! 6 probe ack  | path 2 | seq 4 | echo 8 | held_us 4 |
 //! 7 media      | path 2 | path_seq 4 | seq 4 | timestamp 4 | flags 1 | opus 1..=1275 |
 //! 8 report     | path 2 | highest_seq 4 | lost 4 | jitter_us 4 |
+//! 9 call       | body 1.. |                         end-to-end call control bytes
+//! 10 relay ctl | body 1.. |            relay service and signalling message bytes
 //! ```
+//!
+//! `call` bodies travel on the end-to-end session between two callers (invite,
+//! ringing, accept, hang-up, path offers); `relay ctl` bodies travel on a hop
+//! session with a supernode (relay channel requests, signalling, links between
+//! relays). Both are versioned message sets defined by the engine.
 //!
 //! Path fields name the path a frame was sent on, so the receiver measures each
 //! path on its own; `seq` and `timestamp` of media belong to the audio stream
@@ -128,6 +135,11 @@ pub enum Frame<'a> {
     Media(Media<'a>),
     /// Receiver report.
     Report(Report),
+    /// End-to-end call control (between the two callers).
+    Call(&'a [u8]),
+    /// Relay service control and signalling (between a node and a supernode, or two
+    /// supernodes).
+    RelayControl(&'a [u8]),
 }
 
 mod tag {
@@ -139,6 +151,8 @@ mod tag {
     pub const PROBE_ACK: u8 = 6;
     pub const MEDIA: u8 = 7;
     pub const REPORT: u8 = 8;
+    pub const CALL: u8 = 9;
+    pub const RELAY_CONTROL: u8 = 10;
 }
 
 const MEDIA_HEADER_LEN: usize = 1 + 2 + 4 + 4 + 4 + 1;
@@ -197,6 +211,10 @@ impl<'a> Frame<'a> {
                 lost: r.u32()?,
                 jitter_us: r.u32()?,
             }),
+            tag::CALL => Frame::Call(r.rest("call", 1, MAX_TRANSPORT_PLAINTEXT)?),
+            tag::RELAY_CONTROL => {
+                Frame::RelayControl(r.rest("relay control", 1, MAX_TRANSPORT_PLAINTEXT)?)
+            }
             other => return Err(WireError::UnknownFrame(other)),
         };
         r.finish()?;
@@ -214,6 +232,8 @@ impl<'a> Frame<'a> {
             Frame::ProbeAck(_) => "probe_ack",
             Frame::Media(_) => "media",
             Frame::Report(_) => "report",
+            Frame::Call(_) => "call",
+            Frame::RelayControl(_) => "relay_control",
         }
     }
 
@@ -228,6 +248,7 @@ impl<'a> Frame<'a> {
             Frame::ProbeAck(_) => 19,
             Frame::Media(m) => MEDIA_HEADER_LEN + m.payload.len(),
             Frame::Report(_) => 15,
+            Frame::Call(body) | Frame::RelayControl(body) => 1 + body.len(),
         }
     }
 
@@ -243,6 +264,10 @@ impl<'a> Frame<'a> {
         };
         match self {
             Frame::Control(body) => check("control", body.len(), MAX_TRANSPORT_PLAINTEXT - 1)?,
+            Frame::Call(body) => check("call", body.len(), MAX_TRANSPORT_PLAINTEXT - 1)?,
+            Frame::RelayControl(body) => {
+                check("relay control", body.len(), MAX_TRANSPORT_PLAINTEXT - 1)?
+            }
             Frame::Relay(r) => check("packet", r.packet.len(), MAX_TRANSPORT_PLAINTEXT - 5)?,
             Frame::Media(m) => {
                 check("opus", m.payload.len(), MAX_OPUS_PACKET)?;
@@ -297,6 +322,14 @@ impl<'a> Frame<'a> {
                 w.u32(rep.lost);
                 w.u32(rep.jitter_us);
             }
+            Frame::Call(body) => {
+                w.u8(tag::CALL);
+                w.put(body);
+            }
+            Frame::RelayControl(body) => {
+                w.u8(tag::RELAY_CONTROL);
+                w.put(body);
+            }
         }
         Ok(w.done())
     }
@@ -310,6 +343,15 @@ mod tests {
     fn malformed_frames_are_errors() {
         assert_eq!(Frame::parse(&[]), Err(WireError::Truncated { needed: 1 }));
         assert_eq!(Frame::parse(&[99]), Err(WireError::UnknownFrame(99)));
+        assert!(matches!(
+            Frame::parse(&[tag::CALL]),
+            Err(WireError::Length { .. })
+        ));
+        assert!(matches!(
+            Frame::parse(&[tag::RELAY_CONTROL]),
+            Err(WireError::Length { .. })
+        ));
+        assert_eq!(Frame::parse(&[tag::CALL, 1]), Ok(Frame::Call(&[1])));
         assert_eq!(
             Frame::parse(&[tag::KEEPALIVE, 0]),
             Err(WireError::Trailing(1))

@@ -99,6 +99,8 @@ enum F {
     Ack(u16, u32, u64, u32),
     Media(u16, u32, u32, u32, u8, Vec<u8>),
     Report(u16, u32, u32, u32),
+    Call(Vec<u8>),
+    RelayControl(Vec<u8>),
 }
 
 fn frame_input() -> impl Strategy<Value = F> {
@@ -122,6 +124,8 @@ fn frame_input() -> impl Strategy<Value = F> {
             .prop_map(|(a, b, c, d, e, p)| F::Media(a, b, c, d, e, p)),
         (any::<u16>(), any::<u32>(), any::<u32>(), any::<u32>())
             .prop_map(|(a, b, c, d)| F::Report(a, b, c, d)),
+        body(packet::MAX_TRANSPORT_PLAINTEXT - 1).prop_map(F::Call),
+        body(packet::MAX_TRANSPORT_PLAINTEXT - 1).prop_map(F::RelayControl),
     ]
 }
 
@@ -159,6 +163,8 @@ fn frame_view(f: &F) -> Frame<'_> {
             lost: *lost,
             jitter_us: *jitter_us,
         }),
+        F::Call(b) => Frame::Call(b),
+        F::RelayControl(b) => Frame::RelayControl(b),
     }
 }
 
