@@ -6,6 +6,7 @@
 //! an `Args` struct and a `run` function.
 
 mod admin;
+mod bench;
 mod book;
 mod cli;
 mod client;
@@ -23,6 +24,7 @@ mod persist;
 mod resources;
 mod runtime;
 mod store;
+mod udp;
 #[cfg(feature = "webrtc")]
 mod webrtc;
 
@@ -55,6 +57,8 @@ enum Command {
     Status(cli::StatusArgs),
     /// List, add or remove contacts (pinned by user id; presence is followed).
     Contacts(cli::ContactsArgs),
+    /// Load tools: `bench relay` drives voice streams through a relay process.
+    Bench(bench::BenchArgs),
     /// Run a WAV file through the audio pipeline over a simulated network.
     MediaEval(media_eval::MediaEvalArgs),
 }
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cli::status(args),
         Command::Contacts(args) => cli::contacts(args),
         Command::MediaEval(args) => media_eval::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

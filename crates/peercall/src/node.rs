@@ -173,6 +173,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     engine_config.keepalive_interval = settings.keepalive();
     engine_config.session_timeout = settings.session_timeout();
     engine_config.overlay = settings.overlay_config();
+    engine_config.relay = settings.relay_config();
     engine_config.overlay.host_cache = host_cache;
     engine_config.overlay.local_addrs =
         resources::local_endpoints(&settings.local_addrs, udp_local);
@@ -231,6 +232,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         persister: Persister::start(dir.clone(), metrics.clone()),
         save_interval: settings.state_save(),
     };
+    let socket = crate::udp::BatchSocket::new(socket).context("could not set up the UDP socket")?;
     let engine = Engine::new(node, socket, clock, command_rx, metrics, user);
     #[cfg(feature = "webrtc")]
     let engine = engine.with_webrtc(webrtc);
