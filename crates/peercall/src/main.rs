@@ -20,6 +20,7 @@ mod logging;
 mod media_eval;
 mod metrics;
 mod node;
+mod page;
 mod persist;
 mod resources;
 mod runtime;
@@ -57,6 +58,8 @@ enum Command {
     Status(cli::StatusArgs),
     /// List, add or remove contacts (pinned by user id; presence is followed).
     Contacts(cli::ContactsArgs),
+    /// Print a link that opens the local node's call page in a browser, signed in.
+    Page(cli::PageArgs),
     /// Load tools: `bench relay` drives voice streams through a relay process.
     Bench(bench::BenchArgs),
     /// Run a WAV file through the audio pipeline over a simulated network.
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Lookup(args) => cli::lookup(args),
         Command::Status(args) => cli::status(args),
         Command::Contacts(args) => cli::contacts(args),
+        Command::Page(args) => cli::page(args),
         Command::MediaEval(args) => media_eval::run(args),
         Command::Bench(args) => bench::run(args),
     };
