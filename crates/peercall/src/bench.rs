@@ -132,6 +132,8 @@ struct Report {
     relay_cpu_us_per_packet: f64,
     /// Share of one core the relay used in the window.
     relay_cpu_cores: f64,
+    /// Calls one core of this relay carries at this cost (`calls / relay_cpu_cores`).
+    calls_per_core: f64,
     added_latency_us_p50: f64,
     added_latency_us_p99: f64,
     relay_latency_us_p50: f64,
@@ -200,6 +202,7 @@ fn print_report(r: &Report) {
         r.relay_cpu_us_per_packet,
         r.relay_cpu_cores * 100.0
     );
+    println!("calls per relay core   {:.0}", r.calls_per_core);
     println!(
         "added latency          p50 {:.0} µs, p99 {:.0} µs",
         r.added_latency_us_p50, r.added_latency_us_p99
@@ -537,6 +540,7 @@ async fn phases(
             cpu_used.as_secs_f64() * 1e6 / packets as f64
         },
         relay_cpu_cores: cpu_used.as_secs_f64() / duration.as_secs_f64(),
+        calls_per_core: f64::from(args.calls) * duration.as_secs_f64() / cpu_used.as_secs_f64(),
         added_latency_us_p50: relay_lat.0 - base_lat.0,
         added_latency_us_p99: relay_lat.1 - base_lat.1,
         relay_latency_us_p50: relay_lat.0,
