@@ -447,12 +447,7 @@ impl Engine {
 
     /// Sends what the batch holds.
     async fn flush(&mut self) {
-        if self.tx.is_empty() {
-            return;
-        }
-        let (calls, failed) = self.socket.flush(&mut self.tx).await;
-        self.metrics.udp_send_calls.inc_by(calls);
-        self.metrics.udp_send_errors.inc_by(failed);
+        flush(&self.socket, &mut self.tx, &self.metrics).await;
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -489,16 +484,26 @@ impl Engine {
             w.handle_events(self.clock.now(), &self.metrics.webrtc);
             while let Some(t) = w.poll_transmit() {
                 if !self.tx.has_room() {
-                    self.flush().await;
+                    flush(&self.socket, &mut self.tx, &self.metrics).await;
                 }
                 if !self.tx.push(t.dest, &t.bytes) {
                     self.metrics.udp_send_errors.inc();
                     debug!(dest = %t.dest, len = t.bytes.len(), "datagram too long to send");
                 }
             }
-            self.flush().await;
+            flush(&self.socket, &mut self.tx, &self.metrics).await;
         }
     }
+}
+
+/// Sends what `tx` holds on `socket`, counting calls and failures.
+async fn flush(socket: &BatchSocket, tx: &mut TxBatch, metrics: &Metrics) {
+    if tx.is_empty() {
+        return;
+    }
+    let (calls, failed) = socket.flush(tx).await;
+    metrics.udp_send_calls.inc_by(calls);
+    metrics.udp_send_errors.inc_by(failed);
 }
 
 /// Body of `session_up` events.
