@@ -307,8 +307,11 @@ struct EngineParts {
 impl EngineParts {
     /// Runs the engine to its end on this thread, on a runtime of its own.
     fn run(self) -> anyhow::Result<runtime::Final> {
+        // Sockets and timers only: the signal and process drivers would be polled at
+        // every park for nothing (signals are the main runtime's).
         let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_io()
+            .enable_time()
             .build()
             .context("could not start the engine's runtime")?;
         rt.block_on(async move {
