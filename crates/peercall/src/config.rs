@@ -28,7 +28,7 @@ use crate::contact::{PeerSpec, PeerSpecError};
 pub const ENV_PREFIX: &str = "PEERCALL_";
 
 /// Every config key, in documentation order.
-pub const KEYS: [&str; 25] = [
+pub const KEYS: [&str; 27] = [
     "data_dir",
     "listen",
     "admin",
@@ -43,6 +43,8 @@ pub const KEYS: [&str; 25] = [
     "supernode_attach_rate",
     "supernode_attach_burst",
     "bandwidth_mbps",
+    "relay_allow_private_targets",
+    "relay_max_channels",
     "record_ttl_secs",
     "record_refresh_secs",
     "election_min_uptime_secs",
@@ -197,6 +199,11 @@ pub struct Settings {
     pub supernode_attach_burst: NonZeroU32,
     /// Upstream bandwidth offered for promotion, kbit/s (configured in Mbit/s).
     pub bandwidth_kbps: u32,
+    /// Relay to loopback, private, link-local and multicast addresses (loopback
+    /// demos, private test networks, `peercall bench relay`).
+    pub relay_allow_private_targets: bool,
+    /// Relay channels (two per relayed call) held at once as a supernode.
+    pub relay_max_channels: NonZeroU32,
     /// Lifetime of the signed directory record.
     pub record_ttl_secs: NonZeroU64,
     /// Re-publication interval of the record; always shorter than its lifetime.
@@ -223,6 +230,16 @@ impl Settings {
     /// The host cache save interval.
     pub fn state_save(&self) -> Duration {
         Duration::from_secs(self.state_save_secs.get())
+    }
+
+    /// The relay service settings these keys make (the rest keep the engine's
+    /// defaults).
+    pub fn relay_config(&self) -> peercall_engine::RelayConfig {
+        peercall_engine::RelayConfig {
+            allow_private_targets: self.relay_allow_private_targets,
+            max_channels: self.relay_max_channels.get() as usize,
+            ..peercall_engine::RelayConfig::default()
+        }
     }
 
     /// The overlay settings these keys make. The host cache, the local addresses and
@@ -575,6 +592,9 @@ fn defaults(data_dir: Option<&Path>) -> Layer {
         o,
         kbps_to_mbps(d.resources.bandwidth_kbps),
     );
+    let r = peercall_engine::RelayConfig::default();
+    l.set("relay_allow_private_targets", o, r.allow_private_targets);
+    l.set("relay_max_channels", o, r.max_channels as u64);
     l.set("record_ttl_secs", o, d.record_ttl.as_secs());
     l.set("record_refresh_secs", o, d.refresh_interval.as_secs());
     let e = d.election;
@@ -800,6 +820,8 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
         supernode_attach_rate: p.key("supernode_attach_rate", parse_capacity)?,
         supernode_attach_burst: p.key("supernode_attach_burst", parse_capacity)?,
         bandwidth_kbps: p.key("bandwidth_mbps", parse_mbps)?,
+        relay_allow_private_targets: p.key("relay_allow_private_targets", parse_bool)?,
+        relay_max_channels: p.key("relay_max_channels", parse_capacity)?,
         record_ttl_secs,
         record_refresh_secs,
         election,
@@ -1025,6 +1047,22 @@ fn permille_to_fraction(permille: u16) -> f64 {
     f64::from(permille) / 1000.0
 }
 
+fn parse_bool(v: &Value) -> Result<bool, KeyError> {
+    match &v.kind {
+        ValueKind::Boolean(b) => Ok(*b),
+        // Environment variables are always strings.
+        ValueKind::String(s) => match s.trim() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            other => Err(choice(other, "true, false")),
+        },
+        other => Err(KeyError::Type {
+            expected: "true or false",
+            found: kind_name(other),
+        }),
+    }
+}
+
 fn parse_capacity(v: &Value) -> Result<NonZeroU32, KeyError> {
     let n = parse_uint(
         v,
@@ -1173,6 +1211,8 @@ mod tests {
             supernode_attach_rate: NonZeroU32::new(20).unwrap(),
             supernode_attach_burst: NonZeroU32::new(40).unwrap(),
             bandwidth_kbps: 0,
+            relay_allow_private_targets: false,
+            relay_max_channels: NonZeroU32::new(4_096).unwrap(),
             record_ttl_secs: NonZeroU64::new(120).unwrap(),
             record_refresh_secs: NonZeroU64::new(60).unwrap(),
             election: overlay::ElectionConfig {

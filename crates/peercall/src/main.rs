@@ -6,6 +6,7 @@
 //! an `Args` struct and a `run` function.
 
 mod admin;
+mod bench;
 mod book;
 mod cli;
 mod client;
@@ -24,6 +25,7 @@ mod persist;
 mod resources;
 mod runtime;
 mod store;
+mod udp;
 #[cfg(feature = "webrtc")]
 mod webrtc;
 
@@ -58,6 +60,8 @@ enum Command {
     Contacts(cli::ContactsArgs),
     /// Print a link that opens the local node's call page in a browser, signed in.
     Page(cli::PageArgs),
+    /// Load tools: `bench relay` drives voice streams through a relay process.
+    Bench(bench::BenchArgs),
     /// Run a WAV file through the audio pipeline over a simulated network.
     MediaEval(media_eval::MediaEvalArgs),
 }
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Command::Contacts(args) => cli::contacts(args),
         Command::Page(args) => cli::page(args),
         Command::MediaEval(args) => media_eval::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -351,6 +351,11 @@ pub struct Metrics {
     pub udp_send_errors: IntCounter,
     /// Failed UDP receives (e.g. ICMP errors reported on the socket).
     pub udp_receive_errors: IntCounter,
+    /// Batched receive system calls (recvmmsg) that returned datagrams.
+    pub udp_receive_calls: IntCounter,
+    /// Send system calls (one per destination run; a GSO run carries several
+    /// datagrams).
+    pub udp_send_calls: IntCounter,
     /// Admin requests refused for a missing or wrong bearer token.
     pub admin_unauthorized: IntCounter,
     /// The WebRTC gateway's series.
@@ -454,6 +459,15 @@ impl Metrics {
             udp_receive_errors: counter(
                 "peercall_udp_receive_errors_total",
                 "UDP receive calls that failed (such as ICMP errors reported on the socket).",
+            )?,
+            udp_receive_calls: counter(
+                "peercall_udp_receive_calls_total",
+                "Batched UDP receive calls (recvmmsg) that returned datagrams; datagrams \
+                 received divided by this is the mean batch.",
+            )?,
+            udp_send_calls: counter(
+                "peercall_udp_send_calls_total",
+                "UDP send calls; datagrams sent divided by this is the mean GSO run.",
             )?,
             admin_unauthorized: counter(
                 "peercall_admin_unauthorized_total",

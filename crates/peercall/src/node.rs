@@ -48,6 +48,11 @@ use crate::store::{
 /// Commands queued for the engine task before senders wait. Admin requests are few;
 /// this only absorbs bursts (a scrape racing a connect).
 const COMMAND_QUEUE: usize = 64;
+/// UDP socket buffers asked for, each way: a relay forwarding 100,000 packets a
+/// second fills the kernel's default (about 200 KiB, a few hundred packets) in a
+/// couple of milliseconds of descheduling; 4 MiB rides out tens of milliseconds.
+/// The kernel caps it at `net.core.rmem_max` / `wmem_max`.
+const UDP_SOCKET_BUFFER: usize = 4 << 20;
 /// How long in-flight admin requests may take to finish once the engine has stopped.
 const ADMIN_DRAIN: Duration = Duration::from_secs(2);
 /// How often CPU headroom is measured for the election: often enough to follow a
@@ -173,6 +178,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     engine_config.keepalive_interval = settings.keepalive();
     engine_config.session_timeout = settings.session_timeout();
     engine_config.overlay = settings.overlay_config();
+    engine_config.relay = settings.relay_config();
     engine_config.overlay.host_cache = host_cache;
     engine_config.overlay.local_addrs =
         resources::local_endpoints(&settings.local_addrs, udp_local);
@@ -232,11 +238,35 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         persister: Persister::start(dir.clone(), metrics.clone()),
         save_interval: settings.state_save(),
     };
-    let engine = Engine::new(node, socket, clock, command_rx, metrics, user);
-    #[cfg(feature = "webrtc")]
-    let engine = engine.with_webrtc(webrtc);
-    // The engine runs here, on this task: it owns the node until shutdown.
-    let last = engine.run().await;
+    // The engine runs on its own thread with a single-threaded runtime: the thread
+    // that waits in epoll for the socket runs the engine itself, so a datagram costs
+    // no wake-up of another thread (on the shared runtime, a worker found the socket
+    // readable and woke the engine's task elsewhere, which cost more than relaying).
+    let socket = socket.into_std().context("UDP socket")?;
+    let (done_tx, done_rx) = oneshot::channel();
+    let parts = EngineParts {
+        node,
+        socket,
+        clock,
+        commands: command_rx,
+        metrics,
+        user,
+        #[cfg(feature = "webrtc")]
+        webrtc,
+    };
+    let engine_thread = std::thread::Builder::new()
+        .name("peercall-engine".into())
+        .spawn(move || {
+            // The receiver waits below; it is gone only if this task was dropped.
+            let _ = done_tx.send(parts.run());
+        })
+        .context("could not start the engine thread")?;
+    let last = done_rx
+        .await
+        .context("the engine thread stopped without a result")??;
+    if engine_thread.join().is_err() {
+        warn!("the engine thread panicked after it finished");
+    }
 
     // Event streams end, so the admin server's graceful shutdown does not wait on
     // them.
@@ -260,6 +290,48 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     dir.remove(UDP_ADDR_FILE)?;
     info!("stopped");
     Ok(())
+}
+
+/// What the engine thread is made of.
+struct EngineParts {
+    node: Node,
+    socket: std::net::UdpSocket,
+    clock: Clock,
+    commands: mpsc::Receiver<Command>,
+    metrics: Arc<Metrics>,
+    user: UserState,
+    #[cfg(feature = "webrtc")]
+    webrtc: crate::webrtc::WebRtc,
+}
+
+impl EngineParts {
+    /// Runs the engine to its end on this thread, on a runtime of its own.
+    fn run(self) -> anyhow::Result<runtime::Final> {
+        // Sockets and timers only: the signal and process drivers would be polled at
+        // every park for nothing (signals are the main runtime's).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .context("could not start the engine's runtime")?;
+        rt.block_on(async move {
+            let socket = UdpSocket::from_std(self.socket).context("UDP socket")?;
+            let socket =
+                crate::udp::BatchSocket::new(socket).context("could not set up the UDP socket")?;
+            socket.set_buffers(UDP_SOCKET_BUFFER);
+            let engine = Engine::new(
+                self.node,
+                socket,
+                self.clock,
+                self.commands,
+                self.metrics,
+                self.user,
+            );
+            #[cfg(feature = "webrtc")]
+            let engine = engine.with_webrtc(self.webrtc);
+            Ok(engine.run().await)
+        })
+    }
 }
 
 /// Measures CPU headroom every [`CPU_SAMPLE_INTERVAL`] and hands it, with the

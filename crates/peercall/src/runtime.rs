@@ -3,7 +3,11 @@
 //! It waits on the command channel, the engine's next deadline and the socket, feeds
 //! whichever comes first to the node with the current time, then drains the node's
 //! outputs (transmits are sent, events logged), as the driving contract in
-//! `peercall_engine` requires. On shutdown it closes the node, sends the resulting
+//! `peercall_engine` requires. The socket is batched ([`crate::udp`]): one wake-up
+//! receives up to a batch of datagrams with `recvmmsg`, feeds them all to the node,
+//! then sends the node's transmits together (GSO runs where the destinations allow),
+//! copying them out with `Node::poll_transmit_into` so the node reuses its buffers
+//! and forwarding allocates nothing per packet. On shutdown it closes the node, sends the resulting
 //! transmits (peers are told) and returns.
 //!
 //! It also owns what the node knows of the overlay on the user's behalf: the
@@ -29,7 +33,6 @@ use peercall_engine::{
 };
 use peercall_wire::Time;
 use serde::Serialize;
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -41,10 +44,8 @@ use crate::logging::short_key;
 use crate::metrics::Metrics;
 use crate::persist::{Persister, Saved};
 use crate::store::{CONTACTS_FILE, HOSTS_FILE};
+use crate::udp::{BatchSocket, TxBatch};
 
-/// Receive buffer: the largest UDP payload, so an oversized datagram reaches the
-/// engine whole and is counted as malformed rather than silently truncated.
-const RECV_BUFFER: usize = 65_535;
 /// Longest single timer sleep. Deadlines further away (or at `Time::MAX`) are
 /// re-checked after this, which costs nothing and keeps tokio's timer wheel in range.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
@@ -164,7 +165,9 @@ pub struct Final {
 #[derive(Debug)]
 pub struct Engine {
     node: Node,
-    socket: UdpSocket,
+    socket: BatchSocket,
+    /// Transmits waiting for the next batched send.
+    tx: TxBatch,
     clock: Clock,
     commands: mpsc::Receiver<Command>,
     metrics: Arc<Metrics>,
@@ -195,7 +198,7 @@ impl Engine {
     /// An engine task over `node` and `socket`.
     pub fn new(
         node: Node,
-        socket: UdpSocket,
+        socket: BatchSocket,
         clock: Clock,
         commands: mpsc::Receiver<Command>,
         metrics: Arc<Metrics>,
@@ -205,6 +208,7 @@ impl Engine {
             me: node.status().user_id,
             saved_hosts: hosts::to_json(node.host_cache()),
             node,
+            tx: TxBatch::new(socket.max_gso_segments()),
             socket,
             clock,
             commands,
@@ -230,7 +234,6 @@ impl Engine {
     /// then closes the node, sends its last transmits and hands back what must be
     /// saved.
     pub async fn run(mut self) -> Final {
-        let mut buf = vec![0u8; RECV_BUFFER];
         let now = self.clock.now();
         // Contacts are followed from the start; the overlay subscribes through the
         // first home supernode as soon as it has one.
@@ -278,8 +281,11 @@ impl Engine {
                         self.handle_timeout(now);
                     }
                 }
-                received = self.socket.recv_from(&mut buf) => match received {
-                    Ok((len, from)) => self.handle_datagram(self.clock.now(), from, &buf[..len]),
+                received = self.socket.recv_batch() => match received {
+                    Ok(filled) => {
+                        self.metrics.udp_receive_calls.inc();
+                        self.handle_batch(filled);
+                    }
                     Err(e) => {
                         // Typically an ICMP error for an earlier send; the socket is fine.
                         self.metrics.udp_receive_errors.inc();
@@ -421,15 +427,27 @@ impl Engine {
         }
     }
 
-    /// Hands a datagram to the gateway if it is a browser's, else to the node.
-    fn handle_datagram(&mut self, now: Time, from: SocketAddr, datagram: &[u8]) {
+    /// Hands each received datagram to the gateway if it is a browser's, else to the
+    /// node, all at one `now` (they arrived together).
+    fn handle_batch(&mut self, filled: usize) {
+        let now = self.clock.now();
+        let node = &mut self.node;
         #[cfg(feature = "webrtc")]
-        if let Some(w) = &mut self.webrtc
-            && w.handle_datagram(now, from, datagram)
-        {
-            return;
-        }
-        self.node.handle_datagram(now, from, datagram);
+        let webrtc = &mut self.webrtc;
+        self.socket.for_each(filled, |from, datagram| {
+            #[cfg(feature = "webrtc")]
+            if let Some(w) = webrtc.as_mut()
+                && w.handle_datagram(now, from, datagram)
+            {
+                return;
+            }
+            node.handle_datagram(now, from, datagram);
+        });
+    }
+
+    /// Sends what the batch holds.
+    async fn flush(&mut self) {
+        flush(&self.socket, &mut self.tx, &self.metrics).await;
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -445,14 +463,18 @@ impl Engine {
         }
     }
 
-    /// Sends every pending transmit and logs every pending event.
+    /// Sends every pending transmit (batched) and logs every pending event.
     async fn drain(&mut self) {
-        while let Some(t) = self.node.poll_transmit() {
-            if let Err(e) = self.socket.send_to(&t.bytes, t.dest).await {
-                self.metrics.udp_send_errors.inc();
-                debug!(dest = %t.dest, error = %e, "UDP send failed");
+        loop {
+            if !self.tx.has_room() {
+                self.flush().await;
+            }
+            let node = &mut self.node;
+            if !self.tx.fill(|buf| node.poll_transmit_into(buf)) {
+                break;
             }
         }
+        self.flush().await;
         while let Some(event) = self.node.poll_event() {
             self.handle_event(event);
         }
@@ -461,13 +483,27 @@ impl Engine {
             // Events first: echoing audio produces more transmits.
             w.handle_events(self.clock.now(), &self.metrics.webrtc);
             while let Some(t) = w.poll_transmit() {
-                if let Err(e) = self.socket.send_to(&t.bytes, t.dest).await {
+                if !self.tx.has_room() {
+                    flush(&self.socket, &mut self.tx, &self.metrics).await;
+                }
+                if !self.tx.push(t.dest, &t.bytes) {
                     self.metrics.udp_send_errors.inc();
-                    debug!(dest = %t.dest, error = %e, "UDP send failed");
+                    debug!(dest = %t.dest, len = t.bytes.len(), "datagram too long to send");
                 }
             }
+            flush(&self.socket, &mut self.tx, &self.metrics).await;
         }
     }
+}
+
+/// Sends what `tx` holds on `socket`, counting calls and failures.
+async fn flush(socket: &BatchSocket, tx: &mut TxBatch, metrics: &Metrics) {
+    if tx.is_empty() {
+        return;
+    }
+    let (calls, failed) = socket.flush(tx).await;
+    metrics.udp_send_calls.inc_by(calls);
+    metrics.udp_send_errors.inc_by(failed);
 }
 
 /// Body of `session_up` events.

@@ -1,0 +1,369 @@
+//! Batched UDP for the engine task, through `quinn-udp`.
+//!
+//! Receive: one `recvmmsg` returns up to [`quinn_udp::BATCH_SIZE`] datagrams (and,
+//! where the kernel coalesced a flow with GRO, several datagrams per slot, split by
+//! their stride). Send: the engine's transmits are copied back to back into one
+//! buffer ([`TxBatch`]); consecutive datagrams to the same destination with the same
+//! size form a *run* sent with one `sendmsg` and UDP GSO where the kernel offers it,
+//! every other datagram with one `sendmsg` each. quinn-udp offers no `sendmmsg`, and
+//! the workspace forbids the unsafe code calling it ourselves would need, so sends
+//! to many destinations still cost one system call each.
+//!
+//! Nothing here allocates per datagram: the receive slots and the send buffer are
+//! allocated once, and the engine's transmit buffers go back to its pool through
+//! `Node::poll_transmit_into`.
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+
+use peercall_wire::MAX_DATAGRAM;
+use quinn_udp::{BATCH_SIZE, RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// Bytes per receive slot: the largest UDP payload, so an oversized datagram reaches
+/// the engine whole (and is counted as malformed rather than silently truncated),
+/// and a GRO-coalesced slot (at most 64 KiB by the kernel's limit) fits.
+pub const RECV_SLOT: usize = 65_535;
+/// Datagrams the send buffer holds before it is flushed: two receive batches'
+/// worth, so a batch that makes each received datagram answer once (a relay) goes
+/// out in one flush.
+pub const TX_DATAGRAMS: usize = 2 * BATCH_SIZE;
+/// The kernel's cap on one GSO send: 64 KiB of payload.
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// A UDP socket with batched receive and send.
+#[derive(Debug)]
+pub struct BatchSocket {
+    socket: UdpSocket,
+    state: UdpSocketState,
+    /// `BATCH_SIZE` receive slots of [`RECV_SLOT`] bytes, back to back.
+    rx: Box<[u8]>,
+    meta: [RecvMeta; BATCH_SIZE],
+}
+
+impl BatchSocket {
+    /// Wraps a bound socket (made non-blocking, GRO and receive timestamps turned on
+    /// where available).
+    pub fn new(socket: UdpSocket) -> io::Result<BatchSocket> {
+        let state = UdpSocketState::new((&socket).into())?;
+        Ok(BatchSocket {
+            socket,
+            state,
+            rx: vec![0; RECV_SLOT * BATCH_SIZE].into_boxed_slice(),
+            meta: [RecvMeta::default(); BATCH_SIZE],
+        })
+    }
+
+    /// The bound address.
+    #[cfg(test)]
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Waits for datagrams and receives one batch; returns how many slots were
+    /// filled (read them with [`BatchSocket::for_each`]). Cancel-safe: nothing is
+    /// received unless the call completes.
+    pub async fn recv_batch(&mut self) -> io::Result<usize> {
+        let BatchSocket {
+            socket,
+            state,
+            rx,
+            meta,
+        } = self;
+        loop {
+            let socket: &UdpSocket = socket;
+            socket.readable().await?;
+            let mut chunks = rx.chunks_mut(RECV_SLOT);
+            let mut slices: [IoSliceMut<'_>; BATCH_SIZE] = std::array::from_fn(|_| {
+                IoSliceMut::new(chunks.next().expect("BATCH_SIZE slots were allocated"))
+            });
+            match socket.try_io(Interest::READABLE, || {
+                state.recv(socket.into(), &mut slices, meta)
+            }) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Calls `f` with the source and contents of every datagram of the last
+    /// `filled` slots (GRO slots split into their datagrams).
+    pub fn for_each(&self, filled: usize, mut f: impl FnMut(SocketAddr, &[u8])) {
+        self.for_each_stamped(filled, |from, _, d| f(from, d));
+    }
+
+    /// As [`BatchSocket::for_each`], with the kernel's receive time (since the Unix
+    /// epoch) where the platform stamps datagrams.
+    pub fn for_each_stamped(
+        &self,
+        filled: usize,
+        mut f: impl FnMut(SocketAddr, Option<std::time::Duration>, &[u8]),
+    ) {
+        for (meta, slot) in self.meta.iter().zip(self.rx.chunks(RECV_SLOT)).take(filled) {
+            let data = &slot[..meta.len.min(slot.len())];
+            if data.is_empty() {
+                // An empty datagram is still one (the engine counts it as junk).
+                f(meta.addr, meta.timestamp, data);
+                continue;
+            }
+            let stride = if meta.stride == 0 {
+                data.len()
+            } else {
+                meta.stride
+            };
+            for datagram in data.chunks(stride) {
+                f(meta.addr, meta.timestamp, datagram);
+            }
+        }
+    }
+
+    /// Asks for socket buffers of `bytes` each way (the kernel may cap them); a
+    /// refusal leaves the defaults.
+    pub fn set_buffers(&self, bytes: usize) {
+        let r = self
+            .state
+            .set_recv_buffer_size((&self.socket).into(), bytes);
+        let s = self
+            .state
+            .set_send_buffer_size((&self.socket).into(), bytes);
+        if let Err(e) = r.and(s) {
+            tracing::debug!(error = %e, "socket buffer size not set");
+        }
+    }
+
+    /// Sends everything in `tx` and empties it; returns (send calls, failed calls).
+    /// A send that fails is dropped (UDP is lossy; the engine's protocols retry).
+    pub async fn flush(&self, tx: &mut TxBatch) -> (u64, u64) {
+        let mut calls = 0;
+        let mut failed = 0;
+        for run in &tx.runs {
+            let transmit = Transmit {
+                destination: run.dest,
+                ecn: None,
+                contents: &tx.buf[run.start..run.start + run.len],
+                segment_size: (run.count > 1).then_some(run.segment),
+                src_ip: None,
+            };
+            calls += 1;
+            loop {
+                let sent = self.socket.try_io(Interest::WRITABLE, || {
+                    self.state.try_send((&self.socket).into(), &transmit)
+                });
+                match sent {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = self.socket.writable().await {
+                            tracing::debug!(error = %e, "UDP socket not writable");
+                            failed += 1;
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(dest = %run.dest, error = %e, "UDP send failed");
+                        failed += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        tx.clear();
+        (calls, failed)
+    }
+
+    /// Datagrams one GSO send may carry here (1 where GSO is unavailable).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+}
+
+/// Consecutive datagrams to one destination, back to back in [`TxBatch::buf`].
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    dest: SocketAddr,
+    start: usize,
+    len: usize,
+    /// Size of each datagram but possibly the last.
+    segment: usize,
+    count: usize,
+    /// The last datagram was shorter: nothing more may join (GSO's rule).
+    closed: bool,
+}
+
+/// Datagrams waiting to be sent, packed for GSO.
+#[derive(Debug)]
+pub struct TxBatch {
+    buf: Box<[u8]>,
+    len: usize,
+    runs: Vec<Run>,
+    max_segments: usize,
+}
+
+impl TxBatch {
+    /// An empty batch; runs carry at most `max_segments` datagrams.
+    pub fn new(max_segments: usize) -> TxBatch {
+        TxBatch {
+            buf: vec![0; TX_DATAGRAMS * MAX_DATAGRAM].into_boxed_slice(),
+            len: 0,
+            runs: Vec::with_capacity(TX_DATAGRAMS),
+            max_segments: max_segments.max(1),
+        }
+    }
+
+    /// Whether another datagram of up to [`MAX_DATAGRAM`] bytes fits.
+    pub fn has_room(&self) -> bool {
+        self.len + MAX_DATAGRAM <= self.buf.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Fills the next datagram with `fill`, which writes into the buffer it is given
+    /// ([`MAX_DATAGRAM`] bytes) and returns the destination and length, or `None`
+    /// when it has nothing. Returns whether a datagram was added. Call only when
+    /// [`TxBatch::has_room`].
+    pub fn fill(&mut self, fill: impl FnOnce(&mut [u8]) -> Option<(SocketAddr, usize)>) -> bool {
+        let start = self.len;
+        let Some((dest, n)) = fill(&mut self.buf[start..start + MAX_DATAGRAM]) else {
+            return false;
+        };
+        self.commit(dest, n.min(MAX_DATAGRAM));
+        true
+    }
+
+    /// Copies `bytes` in as a datagram to `dest`; false (nothing copied) if it is
+    /// longer than [`MAX_DATAGRAM`] or there is no room.
+    #[cfg_attr(
+        not(any(test, feature = "webrtc")),
+        expect(dead_code, reason = "only the WebRTC gateway's transmits are pushed")
+    )]
+    pub fn push(&mut self, dest: SocketAddr, bytes: &[u8]) -> bool {
+        if bytes.len() > MAX_DATAGRAM || !self.has_room() {
+            return false;
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.commit(dest, bytes.len());
+        true
+    }
+
+    fn commit(&mut self, dest: SocketAddr, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let max = self.max_segments;
+        match self.runs.last_mut() {
+            Some(r)
+                if r.dest == dest
+                    && !r.closed
+                    && n <= r.segment
+                    && r.count < max
+                    && r.len + n <= GSO_MAX_BYTES =>
+            {
+                r.len += n;
+                r.count += 1;
+                r.closed = n < r.segment;
+            }
+            _ => self.runs.push(Run {
+                dest,
+                start: self.len,
+                len: n,
+                segment: n,
+                count: 1,
+                closed: false,
+            }),
+        }
+        self.len += n;
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.runs.clear();
+    }
+
+    /// Send calls the batch will take (for tests).
+    #[cfg(test)]
+    fn calls(&self) -> usize {
+        self.runs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn runs_group_same_destination_and_size() {
+        let mut tx = TxBatch::new(4);
+        for (port, n) in [(1, 100), (1, 100), (1, 60), (1, 100), (2, 100), (2, 100)] {
+            assert!(tx.push(addr(port), &vec![7; n]));
+        }
+        // [100,100,60] to 1 (closed by the short one), [100] to 1, [100,100] to 2.
+        assert_eq!(tx.calls(), 3);
+        assert_eq!(tx.runs[0].count, 3);
+        assert_eq!(tx.runs[1].start, 260);
+        // The segment cap splits long runs.
+        let mut tx = TxBatch::new(2);
+        for _ in 0..5 {
+            assert!(tx.push(addr(1), &[1; 10]));
+        }
+        assert_eq!(tx.calls(), 3);
+        // Oversized datagrams are refused, and a full batch takes no more.
+        assert!(!tx.push(addr(1), &vec![0; MAX_DATAGRAM + 1]));
+        let mut tx = TxBatch::new(64);
+        let mut pushed = 0;
+        while tx.push(addr(3), &[0; MAX_DATAGRAM]) {
+            pushed += 1;
+        }
+        assert_eq!(pushed, TX_DATAGRAMS);
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_out_and_comes_back_in_order() {
+        let a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let mut b = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let to = b.local_addr().unwrap();
+        let mut tx = TxBatch::new(a.max_gso_segments());
+        for i in 0..40u8 {
+            assert!(tx.fill(|buf| {
+                buf[..3].copy_from_slice(&[i, i, i]);
+                Some((to, 3))
+            }));
+        }
+        let (calls, failed) = a.flush(&mut tx).await;
+        assert_eq!(failed, 0);
+        assert!((1..=40).contains(&calls));
+        assert!(tx.is_empty());
+        let mut got = Vec::new();
+        while got.len() < 40 {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), b.recv_batch())
+                .await
+                .expect("datagrams arrive")
+                .unwrap();
+            b.for_each(n, |from, d| {
+                assert_eq!(from, a.local_addr().unwrap());
+                got.push(d.to_vec());
+            });
+        }
+        let want: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 3]).collect();
+        assert_eq!(got, want);
+        // An empty datagram arrives as one.
+        a.socket.send_to(&[], to).await.unwrap();
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), b.recv_batch())
+            .await
+            .expect("the empty datagram arrives")
+            .unwrap();
+        let mut empties = 0;
+        b.for_each(n, |_, d| {
+            assert!(d.is_empty());
+            empties += 1;
+        });
+        assert_eq!(empties, 1);
+    }
+}
