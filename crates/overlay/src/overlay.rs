@@ -230,6 +230,8 @@ struct Nominee {
     addr: SocketAddr,
     score: u32,
     at: Time,
+    /// The home that validated it, which relays the promotion.
+    via: PeerKey,
 }
 
 /// Supernode state.
@@ -402,7 +404,9 @@ impl Overlay {
             o.arm(Periodic::Attach, now);
         }
         o.arm(Periodic::Refresh, now + o.cfg.refresh_interval);
-        o.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
+        // The first report as soon as the node can qualify, then every interval.
+        let first = o.cfg.election.min_uptime.min(CANDIDATE_INTERVAL);
+        o.arm(Periodic::Candidate, now + first);
         o
     }
 
@@ -672,7 +676,7 @@ impl Overlay {
         self.event(OverlayEvent::LookupDone { id: p.id, result });
     }
 
-    fn on_lookup_reply(&mut self, now: Time, req: u32, record: Option<Vec<u8>>) {
+    fn on_lookup_reply(&mut self, now: Time, req: u32, hops: u8, record: Option<Vec<u8>>) {
         let Some(p) = self.lookups.get(&req) else {
             return;
         };
@@ -696,6 +700,7 @@ impl Overlay {
                     Ok(Found {
                         record: Box::new(r),
                         online,
+                        hops,
                     }),
                 );
             }
@@ -817,6 +822,11 @@ impl Overlay {
     /// The home supernodes (keys and addresses).
     pub fn homes(&self) -> Vec<(PeerKey, SocketAddr)> {
         self.homes.iter().map(|h| (h.key, h.addr)).collect()
+    }
+
+    /// How many home supernodes the node has.
+    pub fn home_count(&self) -> usize {
+        self.homes.len()
     }
 
     /// The host cache, for the shell to persist.
@@ -1351,11 +1361,11 @@ impl Overlay {
                 self.remember_hosts(now, &sample);
                 true
             }
-            Msg::LookupReply { req, record } => {
+            Msg::LookupReply { req, hops, record } => {
                 if !self.homes.iter().any(|h| h.key == from) {
                     return false;
                 }
-                self.on_lookup_reply(now, req, record);
+                self.on_lookup_reply(now, req, hops, record);
                 true
             }
             Msg::Presence { record } => {
@@ -1375,7 +1385,10 @@ impl Overlay {
                 }
             }
             Msg::Refused { user, reason } => self.on_refused(from, UserId(user), reason),
-            Msg::Promote { epoch: _ } => self.on_promote(now, from),
+            Msg::Promote {
+                epoch: _,
+                candidate,
+            } => self.on_promote(now, from, PeerKey(candidate)),
             // Supernode side.
             Msg::Attach { record } => self.on_attach(now, from, addr, &record),
             Msg::Detach => {
@@ -1602,14 +1615,43 @@ impl Overlay {
         self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
     }
 
-    fn on_promote(&mut self, now: Time, from: PeerKey) -> bool {
-        if self.role != Role::Auto || self.sn.is_some() {
+    /// A promotion: as the candidate's home, admit it and pass it on; as the
+    /// candidate, become a supernode if the message comes from a home.
+    fn on_promote(&mut self, now: Time, from: PeerKey, candidate: PeerKey) -> bool {
+        if let Some(sn) = self.sn.as_mut() {
+            if sn.handoff || (from != self.me && !sn.members.is_live(&from)) {
+                return false;
+            }
+            let Some(c) = sn.clients.get(&candidate) else {
+                return false;
+            };
+            let addr = c.addr;
+            let load = Load {
+                clients: 0,
+                capacity: self.cfg.capacity.max_clients,
+                score: 0,
+                pinned: false,
+            };
+            // Admitted here too, so the candidate's join through this home is
+            // accepted before the coordinator's gossip arrives.
+            sn.members.admit(now, candidate, addr, 0, load);
+            let epoch = now.as_secs() / EPOCH.as_secs();
+            self.send(
+                candidate,
+                addr,
+                &Msg::Promote {
+                    epoch,
+                    candidate: candidate.0,
+                },
+            );
+            self.flush_membership(now);
+            return true;
+        }
+        if self.role != Role::Auto || candidate != self.me {
             return false;
         }
-        // Only a supernode this node knows may promote it.
-        let known = self.homes.iter().any(|h| h.key == from)
-            || self.host_cache.iter().any(|h| h.key == from);
-        if !known {
+        // Only a home may promote this node.
+        if !self.homes.iter().any(|h| h.key == from) {
             return false;
         }
         self.become_supernode(now);
@@ -2326,7 +2368,15 @@ impl Overlay {
             && Handle::new(h).is_err()
         {
             let addr = c.addr;
-            self.send(from, addr, &Msg::LookupReply { req, record: None });
+            self.send(
+                from,
+                addr,
+                &Msg::LookupReply {
+                    req,
+                    hops: 0,
+                    record: None,
+                },
+            );
             return true;
         }
         self.start_fetch(now, Origin::Client(from, req), query);
@@ -2343,7 +2393,7 @@ impl Overlay {
                 && (now.saturating_since(*at) < CACHE_FRESH || sn.watching.contains_key(&user))
             {
                 let bytes = bytes.clone();
-                self.answer(now, origin, Some(bytes));
+                self.answer(now, origin, 0, Some(bytes));
                 return;
             }
         }
@@ -2425,7 +2475,8 @@ impl Overlay {
             None
         };
         if let Some((origin, best)) = answer {
-            self.answer(now, origin, best);
+            let hops = u8::from(from != self.me);
+            self.answer(now, origin, hops, best);
         }
         if done {
             self.finish_fetch(now, req);
@@ -2441,7 +2492,7 @@ impl Overlay {
             return;
         };
         if !f.answered {
-            self.answer(now, f.origin, None);
+            self.answer(now, f.origin, 1, None);
         }
         let Some(best) = f.best else { return };
         let seq = view::seq(&best);
@@ -2464,7 +2515,9 @@ impl Overlay {
         }
     }
 
-    fn answer(&mut self, now: Time, origin: Origin, record: Option<Vec<u8>>) {
+    /// Answers a lookup; `hops` counts the overlay hops beyond this home it took
+    /// (0 from its cache or its own share, 1 from another storer).
+    fn answer(&mut self, now: Time, origin: Origin, hops: u8, record: Option<Vec<u8>>) {
         if let Some(b) = &record
             && let Some(user) = claimed_user(b)
         {
@@ -2477,10 +2530,10 @@ impl Overlay {
                     .as_ref()
                     .and_then(|sn| sn.clients.get(&k).map(|c| c.addr));
                 if let Some(a) = addr {
-                    self.send(k, a, &Msg::LookupReply { req, record });
+                    self.send(k, a, &Msg::LookupReply { req, hops, record });
                 }
             }
-            Origin::Local(req) => self.on_lookup_reply(now, req, record),
+            Origin::Local(req) => self.on_lookup_reply(now, req, hops, record),
             Origin::Presence(user) => {
                 let subs = self
                     .sn
@@ -2963,6 +3016,7 @@ impl Overlay {
                 n.addr = addr;
                 n.score = score;
                 n.at = now;
+                n.via = from;
             }
             None => {
                 sn.nominees.push(Nominee {
@@ -2970,6 +3024,7 @@ impl Overlay {
                     addr,
                     score,
                     at: now,
+                    via: from,
                 });
                 sn.nominees
                     .sort_by(|a, b| b.score.cmp(&a.score).then(a.key.cmp(&b.key)));
@@ -3022,36 +3077,61 @@ impl Overlay {
         let mid = (u64::from(cfg.low_watermark) + u64::from(cfg.high_watermark)) / 2;
         let epoch = now.as_secs() / EPOCH.as_secs();
         if avg >= u64::from(cfg.high_watermark) {
-            if sn.promotions.len() as u32 >= cfg.max_promotions_per_min {
-                return;
-            }
-            let Some(best) = sn
+            // The cap grows with the tier: a small tier takes a few promotions a
+            // minute, a large one may at most double in a minute.
+            let cap = u64::from(cfg.max_promotions_per_min).max(n);
+            let budget = cap.saturating_sub(sn.promotions.len() as u64);
+            // Enough supernodes of this one's capacity to bring the average load
+            // down to the midpoint between the watermarks, and no more.
+            let per = u64::from(my_load.capacity.max(1));
+            let wanted = (clients * 1000 / mid.max(1))
+                .saturating_sub(capacity)
+                .div_ceil(per)
+                .max(1);
+            let picked: Vec<Nominee> = sn
                 .nominees
                 .iter()
-                .find(|c| !sn.members.is_live(&c.key))
+                .filter(|c| !sn.members.is_live(&c.key))
+                .take(wanted.min(budget) as usize)
                 .copied()
-            else {
-                return;
-            };
-            // Hysteresis: a promotion that would leave the tier below the low
-            // watermark is not made.
-            let after = clients * 1000 / (capacity + u64::from(my_load.capacity));
-            if after <= u64::from(cfg.low_watermark) {
+                .collect();
+            // Hysteresis: no promotion that would leave the tier below the low
+            // watermark.
+            let mut k = picked.len() as u64;
+            while k > 0 && clients * 1000 / (capacity + k * per) <= u64::from(cfg.low_watermark) {
+                k -= 1;
+            }
+            if k == 0 {
                 return;
             }
             let Some(sn) = self.sn.as_mut() else { return };
-            sn.nominees.retain(|c| c.key != best.key);
-            sn.promotions.push_back(now);
             sn.cooldown_until = now + PROMOTION_COOLDOWN;
-            let load = Load {
-                clients: 0,
-                capacity: my_load.capacity,
-                score: best.score,
-                pinned: false,
-            };
-            sn.members.admit(now, best.key, best.addr, 0, load);
-            self.stats.promotions += 1;
-            self.send(best.key, best.addr, &Msg::Promote { epoch });
+            let mut promote = Vec::new();
+            for best in picked.into_iter().take(k as usize) {
+                sn.nominees.retain(|c| c.key != best.key);
+                sn.promotions.push_back(now);
+                let load = Load {
+                    clients: 0,
+                    capacity: my_load.capacity,
+                    score: best.score,
+                    pinned: false,
+                };
+                sn.members.admit(now, best.key, best.addr, 0, load);
+                promote.push(best);
+            }
+            for best in promote {
+                self.stats.promotions += 1;
+                let msg = Msg::Promote {
+                    epoch,
+                    candidate: best.key.0,
+                };
+                if best.via == self.me {
+                    self.on_promote(now, self.me, best.key);
+                } else if let Some(addr) = self.sn.as_ref().and_then(|sn| self.addr_of(sn, &best.via))
+                {
+                    self.send(best.via, addr, &msg);
+                }
+            }
         } else if avg <= u64::from(cfg.low_watermark) && n > u64::from(cfg.min_supernodes) {
             let mut weakest: Option<(u32, PeerKey, u32)> =
                 (!my_load.pinned).then_some((my_load.score, self.me, my_load.capacity));

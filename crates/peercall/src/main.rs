@@ -15,6 +15,7 @@ mod media_eval;
 mod metrics;
 mod node;
 mod runtime;
+mod sim;
 mod store;
 #[cfg(feature = "webrtc")]
 mod webrtc;
@@ -42,6 +43,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a WAV file through the audio pipeline over a simulated network.
     MediaEval(media_eval::MediaEvalArgs),
+    /// Simulate the overlay at scale (real nodes on a virtual clock and an emulated
+    /// network) and report lookups, presence, supernode load and traffic.
+    Sim(sim::SimArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Node(args) => node::run(&cli.log, args),
         Command::Demo(args) => demo::run(&cli.log, args),
         Command::MediaEval(args) => media_eval::run(args),
+        Command::Sim(args) => sim::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
