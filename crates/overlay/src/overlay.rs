@@ -37,6 +37,17 @@ pub const ATTACH_BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// A home lost (died, left) is replaced after a uniform delay up to this, so the
 /// clients of a dead supernode do not all arrive elsewhere in the same instant.
 pub const HOME_LOSS_JITTER: Duration = Duration::from_secs(1);
+/// A redirect naming a supernode loaded below this (per mille) is followed at once.
+pub const REDIRECT_ROOM_PERMILLE: u16 = 900;
+/// Redirects followed at once in a row; beyond, the node backs off as after any
+/// failure (load figures in redirects may be stale, so chains must end).
+pub const MAX_REDIRECT_FOLLOW: u32 = 4;
+/// A followed redirect waits up to this long (uniform), so a burst of redirected
+/// nodes does not land on the suggested supernodes in one instant.
+pub const REDIRECT_FOLLOW_JITTER: Duration = Duration::from_millis(300);
+/// Supernodes named in a redirect, drawn at random among the least loaded it
+/// knows, so redirected nodes spread instead of all trying the same few.
+pub const REDIRECT_SUGGESTIONS: usize = 4;
 /// A failed supernode is not tried again for this long (unless nothing else is left).
 pub const ATTACH_FAIL_MEMORY: Duration = Duration::from_secs(60);
 /// Nodes ping each home this often: detects a dead home within seconds, far sooner
@@ -44,11 +55,24 @@ pub const ATTACH_FAIL_MEMORY: Duration = Duration::from_secs(60);
 pub const HOME_PING_INTERVAL: Duration = Duration::from_secs(4);
 /// A home silent this long (three pings) is dead.
 pub const HOME_SILENCE: Duration = Duration::from_secs(10);
+/// A home that has left a request unanswered this long is pinged again (so a
+/// lost datagram alone never condemns it).
+pub const HOME_RETRY: Duration = Duration::from_millis(1_000);
+/// A home that leaves a request (and the pings that follow it) unanswered this
+/// long is dead: the node switches to its other home at once and re-attaches.
+/// Far above a WAN round trip plus a home's fetch timeout, far below the silence
+/// rule, so a crashed home is replaced within seconds.
+pub const HOME_DEAD: Duration = Duration::from_secs(3);
+/// A lookup goes to a home that has left a request unanswered this long only if
+/// no other home is better.
+pub const HOME_SUSPECT: Duration = Duration::from_millis(700);
 /// Records are re-published this long after a change, so changes that come together
 /// (two attaches, a reflexive address) make one record.
 pub const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(200);
-/// A lookup waits this long for one home before asking the next.
-pub const LOOKUP_TRY: Duration = Duration::from_millis(1_500);
+/// A lookup waits this long for one home before asking the next: above the p99
+/// of a one-hop lookup on WAN links (two round trips), so a live home is rarely
+/// asked twice, and short enough that a dead home costs well under a second.
+pub const LOOKUP_TRY: Duration = Duration::from_millis(700);
 /// A lookup gives up after this long.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(4);
 /// A home waits this long for storers before answering with what it has.
@@ -157,6 +181,18 @@ struct Home {
     key: PeerKey,
     addr: SocketAddr,
     last_heard: Time,
+    /// When the oldest request (lookup or ping) still unanswered was sent; any
+    /// message from the home clears it.
+    asked: Option<Time>,
+    /// When it was last pinged.
+    pinged: Time,
+}
+
+impl Home {
+    /// A request has been waiting at least `after` for this home.
+    fn waiting(&self, now: Time, after: Duration) -> bool {
+        self.asked.is_some_and(|a| now.saturating_since(a) >= after)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -183,6 +219,9 @@ struct PresenceState {
 struct Client {
     addr: SocketAddr,
     user: UserId,
+    /// Its newest verified record, re-stored by this home when all the record's
+    /// storers die at once (nobody else could re-replicate it).
+    record: Vec<u8>,
     lookups: TokenBucket,
     publishes: TokenBucket,
     subscribes: TokenBucket,
@@ -288,6 +327,8 @@ pub struct Overlay {
     homes: Vec<Home>,
     attaching: Vec<Attaching>,
     attach_failures: u32,
+    /// Redirects followed at once since the last successful attach.
+    redirects_followed: u32,
     next_attach: Time,
     failed: Map<PeerKey, Time>,
     host_cache: Vec<CachedHost>,
@@ -381,6 +422,7 @@ impl Overlay {
             homes: Vec::new(),
             attaching: Vec::new(),
             attach_failures: 0,
+            redirects_followed: 0,
             next_attach: now,
             failed: map(&mut rng),
             host_cache,
@@ -642,9 +684,20 @@ impl Overlay {
             self.timers.push(now + LOOKUP_TRY, Timer::Lookup(req));
             return;
         }
-        let home = self.homes[p.tries % self.homes.len()];
+        // In turn, skipping homes that leave requests unanswered.
+        let n = self.homes.len();
+        let first = p.tries % n;
+        let i = (0..n)
+            .map(|k| (first + k) % n)
+            .find(|&i| !self.homes[i].waiting(now, HOME_SUSPECT))
+            .unwrap_or(first);
         p.tries += 1;
+        let home = self.homes[i];
+        self.homes[i].asked.get_or_insert(now);
         self.timers.push(now + LOOKUP_TRY, Timer::Lookup(req));
+        // The home is checked on once the request has waited a retry period.
+        let check = self.homes[i].asked.map_or(now, |a| a + HOME_RETRY);
+        self.arm(Periodic::HomePing, check);
         self.send(home.key, home.addr, &Msg::Lookup { req, query });
     }
 
@@ -1214,10 +1267,13 @@ impl Overlay {
         self.attaching.remove(i);
         self.failed.remove(&from);
         self.attach_failures = 0;
+        self.redirects_followed = 0;
         self.homes.push(Home {
             key: from,
             addr,
             last_heard: now,
+            asked: None,
+            pinged: now,
         });
         self.remember_hosts(now, sample);
         self.remember_hosts(
@@ -1279,29 +1335,50 @@ impl Overlay {
         self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
     }
 
+    /// Pings each home every [`HOME_PING_INTERVAL`], and a home with a request
+    /// unanswered every [`HOME_RETRY`]; a home that leaves a request unanswered
+    /// for [`HOME_DEAD`] (or is silent for [`HOME_SILENCE`]) is lost.
     fn ping_homes(&mut self, now: Time) {
         if self.sn.is_some() {
             return;
         }
         let mut i = 0;
         while i < self.homes.len() {
-            if now.saturating_since(self.homes[i].last_heard) >= HOME_SILENCE {
+            let h = self.homes[i];
+            if h.waiting(now, HOME_DEAD) || now.saturating_since(h.last_heard) >= HOME_SILENCE {
                 self.lose_home(now, i, &[]);
             } else {
                 i += 1;
             }
         }
-        for h in self.homes.clone() {
-            self.send(h.key, h.addr, &Msg::HomePing);
+        let mut next = Time::MAX;
+        for i in 0..self.homes.len() {
+            let h = self.homes[i];
+            let due = if h.asked.is_some() {
+                HOME_RETRY
+            } else {
+                HOME_PING_INTERVAL
+            };
+            if now.saturating_since(h.pinged) >= due {
+                self.homes[i].pinged = now;
+                self.homes[i].asked.get_or_insert(now);
+                self.send(h.key, h.addr, &Msg::HomePing);
+            }
+            let h = self.homes[i];
+            next = next.min(h.pinged + HOME_PING_INTERVAL);
+            if let Some(a) = h.asked {
+                next = next.min(h.pinged + HOME_RETRY).min(a + HOME_DEAD);
+            }
         }
-        if !self.homes.is_empty() {
-            self.arm(Periodic::HomePing, now + HOME_PING_INTERVAL);
+        if next < Time::MAX {
+            self.arm(Periodic::HomePing, next.max(now + Duration::from_millis(1)));
         }
     }
 
     fn heard_from_home(&mut self, now: Time, from: PeerKey) {
         if let Some(h) = self.homes.iter_mut().find(|h| h.key == from) {
             h.last_heard = now;
+            h.asked = None;
         }
     }
 
@@ -1341,6 +1418,17 @@ impl Overlay {
                 }
                 self.suggestions.truncate(MAX_SAMPLE);
                 self.attach_failed(now, from);
+                // A redirect naming supernodes with room is followed at once (a
+                // few hops in a row), not after a back-off: admission control
+                // already spread the load, the suggestions are where room is.
+                let room = others
+                    .iter()
+                    .any(|s| s.load_permille < REDIRECT_ROOM_PERMILLE);
+                if room && self.redirects_followed < MAX_REDIRECT_FOLLOW {
+                    self.redirects_followed += 1;
+                    self.next_attach = now + jitter(&mut self.rng, REDIRECT_FOLLOW_JITTER);
+                    self.arm(Periodic::Attach, self.next_attach);
+                }
                 true
             }
             Msg::Leave { others } => {
@@ -1914,6 +2002,7 @@ impl Overlay {
             .filter(|k| !sn.members.is_live(k))
             .collect();
         let mut batches: Map<PeerKey, Vec<Vec<u8>>> = map(&mut self.rng);
+        let mut local: Vec<Vec<u8>> = Vec::new();
         if !sn.handoff && (!joined.is_empty() || !departed.is_empty()) {
             for (user, bytes) in sn.store.iter() {
                 let mut objs = vec![user_obj(&user)];
@@ -1944,12 +2033,42 @@ impl Overlay {
                     }
                 }
             }
+            // As home: a client's record whose storers all departed at once has
+            // no storer left to push it; the home does.
+            if !departed.is_empty() {
+                for c in sn.clients.values() {
+                    if c.record.is_empty() {
+                        continue;
+                    }
+                    let mut objs = vec![user_obj(&c.user)];
+                    if let Some(h) = view::handle(&c.record) {
+                        objs.push(handle_obj(h));
+                    }
+                    for obj in objs {
+                        let old = self.placement(&sn, obj, &joined, &departed);
+                        if !old.iter().all(|k| departed.contains(k)) {
+                            continue;
+                        }
+                        for t in self.placement(&sn, obj, &[], &[]) {
+                            if t == self.me {
+                                local.push(c.record.clone());
+                            } else {
+                                batches.entry(t).or_default().push(c.record.clone());
+                            }
+                        }
+                    }
+                }
+            }
         }
         // Homes re-point their watches at the new storers soon.
         if !joined.is_empty() || !departed.is_empty() {
             sn.last_watch_renew = Time::ZERO;
         }
         self.sn = Some(sn);
+        let me = self.me;
+        for bytes in local {
+            self.store_one(now, me, &bytes);
+        }
         self.flush_batches(batches);
         self.arm(Periodic::Maintain, now + REPLICATE_DELAY);
     }
@@ -2048,25 +2167,34 @@ impl Overlay {
             if let (Some(list), Some(sn)) = (fresh, self.sn.as_mut()) {
                 sn.least_loaded = list;
             }
-            let others = {
+            let mut pool = {
                 let sn = self.sn.as_ref().expect("checked above");
-                self.least_loaded(sn, 8)
+                self.least_loaded(sn, MAX_SAMPLE)
             };
+            let mut others = Vec::with_capacity(REDIRECT_SUGGESTIONS);
+            while others.len() < REDIRECT_SUGGESTIONS && !pool.is_empty() {
+                let k = below(&mut self.rng, pool.len());
+                others.push(pool.swap_remove(k));
+            }
             self.send(from, addr, &Msg::Redirect { others });
             return true;
         }
         let user = r.user_id();
         sn.client_by_user.insert(user, from);
         let fresh = !sn.clients.contains_key(&from);
-        sn.clients.entry(from).or_insert_with(|| Client {
+        let c = sn.clients.entry(from).or_insert_with(|| Client {
             addr,
             user,
+            record: Vec::new(),
             lookups: TokenBucket::new(CLIENT_LOOKUP_RATE.0, CLIENT_LOOKUP_RATE.1, now),
             publishes: TokenBucket::new(CLIENT_PUBLISH_RATE.0, CLIENT_PUBLISH_RATE.1, now),
             subscribes: TokenBucket::new(CLIENT_SUBSCRIBE_RATE.0, CLIENT_SUBSCRIBE_RATE.1, now),
             subs: Vec::new(),
             last_sample: now,
         });
+        if c.record.is_empty() || view::seq(&c.record) <= view::seq(record) {
+            c.record = record.to_vec();
+        }
         if fresh {
             self.stats.attaches_admitted += 1;
         }
@@ -2140,6 +2268,9 @@ impl Overlay {
         let user = c.user;
         match Record::verify_at(bytes, now) {
             Ok(r) if r.body.static_key == from && r.user_id() == user => {
+                if c.record.is_empty() || view::seq(&c.record) <= r.seq {
+                    c.record = bytes.to_vec();
+                }
                 self.store_and_forward(now, bytes.to_vec());
             }
             Ok(_) | Err(_) => self.stats.forged_records += 1,

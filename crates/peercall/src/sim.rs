@@ -22,8 +22,12 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 120)]
     pub duration: u64,
     /// Percent of the nodes that leave (and later return) per simulated minute.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, alias = "churn-per-min", default_value_t = 0.0)]
     pub churn: f64,
+    /// Simulated seconds before measurements start (default: a quarter of the
+    /// duration).
+    #[arg(long)]
+    pub warmup: Option<u64>,
     /// Percent of the supernodes that crash at once, at half the duration.
     #[arg(long, default_value_t = 0.0)]
     pub kill_supernodes: f64,
@@ -34,7 +38,7 @@ pub struct SimArgs {
     /// nodes, at least 10).
     #[arg(long)]
     pub lookups_per_s: Option<f64>,
-    /// Pinned seed supernodes (default: one per 200 nodes, at least 3).
+    /// Pinned seed supernodes (default: one per 100 nodes, at least 3).
     #[arg(long)]
     pub seeds: Option<usize>,
     /// Random loss on every path, as a fraction.
@@ -70,6 +74,9 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     opts.restart_storm_pct = args.restart_storm;
     if let Some(r) = args.lookups_per_s {
         opts.lookups_per_s = r;
+    }
+    if let Some(w) = args.warmup {
+        opts.warmup = Duration::from_secs(w);
     }
     if let Some(s) = args.seeds {
         opts.seeds = s;

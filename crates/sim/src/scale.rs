@@ -51,8 +51,10 @@ use serde::Serialize;
 
 use crate::{LinkConfig, NatConfig, NatType, NodeId, START, Sim, SimError};
 
-/// Nodes per seed by default: operators run a few seeds, the tier elects the rest.
-pub const NODES_PER_SEED: usize = 200;
+/// Nodes per seed by default: operators run a few seeds (enough to hold every
+/// node's two homes at full load while the network forms), the tier elects the
+/// rest as load passes its high watermark.
+pub const NODES_PER_SEED: usize = 100;
 /// Seeds at least, so that the tier starts with the directory's three replicas.
 pub const MIN_SEEDS: usize = 3;
 /// Share of the non-seed nodes on public addresses: a minority of desktops.
@@ -91,6 +93,15 @@ pub const LOOKUP_TAIL: Duration = Duration::from_secs(5);
 pub const PRESENCE_DEADLINE: Duration = Duration::from_secs(30);
 /// Lookups after a strike are judged from this long after it ("≥ 99% within 2 s").
 pub const RECOVERY: Duration = Duration::from_secs(2);
+/// Lookups are asked by nodes online at least this long (time to attach).
+pub const ASKER_SETTLE: Duration = Duration::from_secs(2);
+/// Lookups are for users who first came online at least this long ago (time to
+/// attach and publish once); a returning user's old record still answers.
+pub const TARGET_SETTLE: Duration = Duration::from_secs(10);
+/// Draws to find an asker or target that qualifies before the lookup is skipped.
+const PICK_TRIES: usize = 64;
+/// The share of lookups found within [`RECOVERY`] that counts as recovered.
+pub const RECOVERED_SHARE: f64 = 0.99;
 /// Port every node binds.
 const PORT: u16 = 7600;
 /// How often the runner samples supernode load and reports progress.
@@ -113,6 +124,9 @@ pub struct ScaleOptions {
     pub restart_storm_pct: f64,
     /// Lookups per second, all nodes together.
     pub lookups_per_s: f64,
+    /// Simulated time before measurements start (the network forms, the tier
+    /// elects its supernodes).
+    pub warmup: Duration,
     /// Pinned seed supernodes.
     pub seeds: usize,
     /// Users each node follows.
@@ -134,6 +148,7 @@ impl ScaleOptions {
             kill_supernodes_pct: 0.0,
             restart_storm_pct: 0.0,
             lookups_per_s: (nodes as f64 / 500.0).max(10.0),
+            warmup: duration / 4,
             seeds: nodes.div_ceil(NODES_PER_SEED).max(MIN_SEEDS),
             contacts: 3,
             loss: 0.001,
@@ -156,6 +171,9 @@ impl ScaleOptions {
         }
         if self.duration < Duration::from_secs(20) {
             return bad("duration", "at least 20 simulated seconds");
+        }
+        if self.warmup + LOOKUP_TAIL >= self.duration {
+            return bad("warmup", "shorter than the duration less 5 s");
         }
         let pct = |p: f64| (0.0..=100.0).contains(&p);
         if !pct(self.churn_pct_per_min) {
@@ -235,8 +253,13 @@ pub struct ScaleReport {
     /// Share of lookups started from [`RECOVERY`] after the strike that found the
     /// record within [`RECOVERY`].
     pub strike_success_within_2s: Option<f64>,
-    /// Per second after the strike: lookups started, and the share that succeeded.
+    /// Per second after the strike (its first 30 s): lookups started, and the
+    /// share that found the record within [`RECOVERY`].
     pub strike_timeline: Vec<(u64, f64)>,
+    /// Seconds after the strike from which every second of the timeline has at
+    /// least [`RECOVERED_SHARE`] of its lookups found within [`RECOVERY`] (0: it
+    /// never dipped).
+    pub recovery_s: Option<f64>,
     /// Simulator events processed.
     pub sim_events: u64,
 }
@@ -305,6 +328,9 @@ struct Scenario<'a> {
     /// Online nodes, and each node's position in it (`usize::MAX`: offline).
     online: Vec<usize>,
     online_pos: Vec<usize>,
+    /// When each node last started, and first started (`Time::MAX`: never).
+    online_since: Vec<Time>,
+    first_online: Vec<Time>,
     supernode: Vec<bool>,
     /// Nodes replaced, offline or promoted during the window: not counted for upkeep.
     disturbed: Vec<bool>,
@@ -392,7 +418,7 @@ impl<'a> Scenario<'a> {
             .map(|i| Handle::new(&format!("u{i}")).expect("short ascii handles are valid"))
             .collect();
         let end = START + opts.duration;
-        let window_start = START + opts.duration / 4;
+        let window_start = START + opts.warmup;
         let mut s = Scenario {
             opts,
             sim,
@@ -408,6 +434,8 @@ impl<'a> Scenario<'a> {
             seed_contacts: Vec::new(),
             online: Vec::with_capacity(n),
             online_pos: vec![usize::MAX; n],
+            online_since: vec![Time::MAX; n],
+            first_online: vec![Time::MAX; n],
             supernode: vec![false; n],
             disturbed: vec![false; n],
             agenda: BinaryHeap::new(),
@@ -615,6 +643,11 @@ impl<'a> Scenario<'a> {
             }
         };
         self.set_online(i, true);
+        let now = self.sim.now();
+        self.online_since[i] = now;
+        if self.first_online[i] == Time::MAX {
+            self.first_online[i] = now;
+        }
         self.supernode[i] = i < self.opts.seeds;
         let contacts: Vec<UserId> = self.contacts[i]
             .iter()
@@ -721,8 +754,15 @@ impl<'a> Scenario<'a> {
         if self.online.len() < 2 {
             return;
         }
-        let from = self.online[below(&mut self.rng, self.online.len())];
-        let to = self.online[below(&mut self.rng, self.online.len())];
+        // An asker online for a moment (it has had the time to attach); a target
+        // that has had the time to publish once (a node that has not cannot be
+        // found, and that says nothing about the directory).
+        let Some(from) = self.pick_online(now, |s, i| s.online_since[i] + ASKER_SETTLE <= now) else {
+            return;
+        };
+        let Some(to) = self.pick_online(now, |s, i| s.first_online[i] + TARGET_SETTLE <= now) else {
+            return;
+        };
         self.by_handle = !self.by_handle;
         let what = if self.by_handle {
             Lookup::Handle(self.handles[to].clone())
@@ -741,6 +781,17 @@ impl<'a> Scenario<'a> {
         );
         // Answers produced synchronously (a supernode's own cache) come as events.
         self.drain_events();
+    }
+
+    /// A random online node meeting `ok`, if one turns up in a few draws.
+    fn pick_online(&mut self, _now: Time, ok: impl Fn(&Self, usize) -> bool) -> Option<usize> {
+        for _ in 0..PICK_TRIES {
+            let i = self.online[below(&mut self.rng, self.online.len())];
+            if ok(self, i) {
+                return Some(i);
+            }
+        }
+        None
     }
 
     fn churn(&mut self, now: Time) {
@@ -978,6 +1029,8 @@ impl<'a> Scenario<'a> {
         let mut hops: Vec<f64> = t.hops.iter().map(|&h| f64::from(h)).collect();
         let mut strike_ok = None;
         let mut timeline = Vec::new();
+        let mut recovery: Option<u64> = None;
+        let mut recovery_s = None;
         if let Some(s) = self.strike {
             let after: Vec<&(Time, Option<Duration>)> = self
                 .strike_lookups
@@ -1003,9 +1056,17 @@ impl<'a> Scenario<'a> {
                 if bucket.is_empty() {
                     continue;
                 }
-                let ok = bucket.iter().filter(|(_, t)| t.is_some()).count();
-                timeline.push((bucket.len() as u64, ok as f64 / bucket.len() as f64));
+                let ok = bucket
+                    .iter()
+                    .filter(|(_, t)| t.is_some_and(|d| d <= RECOVERY))
+                    .count();
+                let share = ok as f64 / bucket.len() as f64;
+                if share < RECOVERED_SHARE {
+                    recovery = Some(k + 1);
+                }
+                timeline.push((bucket.len() as u64, share));
             }
+            recovery_s = Some(recovery.unwrap_or(0) as f64);
         }
         ScaleReport {
             seed: opts.seed,
@@ -1044,6 +1105,7 @@ impl<'a> Scenario<'a> {
             struck: self.struck,
             strike_success_within_2s: strike_ok,
             strike_timeline: timeline,
+            recovery_s,
             sim_events: self.sim.events_processed(),
         }
     }
