@@ -244,6 +244,8 @@ struct Fetch {
     replied: Vec<(PeerKey, Option<u64>)>,
     best: Option<Vec<u8>>,
     answered: bool,
+    /// Whether the next-ranked storers were asked after a miss.
+    widened: bool,
     deadline: Time,
 }
 
@@ -301,6 +303,9 @@ struct Super {
     least_loaded: Vec<SnInfo>,
     handoff: bool,
     last_join: Time,
+    /// Supernodes this one joined through (a promoted node's homes): their
+    /// member lists are accepted before they are in the view.
+    joined_via: Vec<PeerKey>,
 }
 
 /// One node's overlay state machine. See the crate documentation for the driving
@@ -695,8 +700,9 @@ impl Overlay {
         let home = self.homes[i];
         self.homes[i].asked.get_or_insert(now);
         self.timers.push(now + LOOKUP_TRY, Timer::Lookup(req));
-        // The home is checked on once the request has waited a retry period.
-        let check = self.homes[i].asked.map_or(now, |a| a + HOME_RETRY);
+        // The home is checked on once the request has waited long enough to
+        // suspect it.
+        let check = self.homes[i].asked.map_or(now, |a| a + HOME_SUSPECT);
         self.arm(Periodic::HomePing, check);
         self.send(home.key, home.addr, &Msg::Lookup { req, query });
     }
@@ -1103,8 +1109,16 @@ impl Overlay {
         self.attaching.retain(|a| a.deadline > now);
         // Attaches that timed out count as failures (retain dropped them; the
         // failure memory below keeps them from being retried at once).
-        while self.homes.len() + self.attaching.len() < HOME_TARGET {
-            if now < self.next_attach {
+        // While every home leaves requests unanswered, a spare home is sought at
+        // once, so lookups resume before the silent homes are declared dead.
+        let spare = !self.homes.is_empty()
+            && self
+                .homes
+                .iter()
+                .all(|h| h.waiting(now, HOME_SUSPECT));
+        let target = HOME_TARGET + usize::from(spare);
+        while self.homes.len() + self.attaching.len() < target {
+            if now < self.next_attach && !spare {
                 self.arm(Periodic::Attach, self.next_attach);
                 break;
             }
@@ -1293,16 +1307,20 @@ impl Overlay {
         });
         self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
         self.arm(Periodic::HomePing, now + HOME_PING_INTERVAL);
-        if self.homes.len() == 1 {
-            // A new primary home: it serves lookups and presence from now on.
+        let others_silent = self.homes[..self.homes.len() - 1]
+            .iter()
+            .all(|h| h.waiting(now, HOME_SUSPECT));
+        if self.homes.len() == 1 || others_silent {
+            // The only home that answers: it serves lookups and presence from now
+            // on, and the lookups waiting (for a home, or on silent homes) go to it.
+            if others_silent && self.homes.len() > 1 {
+                // The answering home becomes the primary.
+                let last = self.homes.len() - 1;
+                self.homes.swap(0, last);
+            }
             let contacts: Vec<UserId> = self.contacts.iter().copied().collect();
             self.send_subscriptions(now, &contacts);
-            let pending: Vec<u32> = self
-                .lookups
-                .iter()
-                .filter(|(_, p)| p.tries == 0)
-                .map(|(r, _)| *r)
-                .collect();
+            let pending: Vec<u32> = self.lookups.keys().copied().collect();
             for req in pending {
                 self.send_lookup(now, req);
             }
@@ -1351,6 +1369,20 @@ impl Overlay {
                 i += 1;
             }
         }
+        if !self.homes.is_empty() && self.homes.iter().all(|h| h.waiting(now, HOME_SUSPECT)) {
+            self.maintain_homes(now);
+        }
+        // A spare home taken while the others were silent is let go once all
+        // answer again.
+        if self.homes.len() > HOME_TARGET && self.homes.iter().all(|h| h.asked.is_none()) {
+            if let Some(h) = self.homes.pop() {
+                self.send(h.key, h.addr, &Msg::Detach);
+                self.event(OverlayEvent::HomesChanged {
+                    homes: self.homes.iter().map(|h| h.key).collect(),
+                });
+                self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
+            }
+        }
         let mut next = Time::MAX;
         for i in 0..self.homes.len() {
             let h = self.homes[i];
@@ -1368,6 +1400,9 @@ impl Overlay {
             next = next.min(h.pinged + HOME_PING_INTERVAL);
             if let Some(a) = h.asked {
                 next = next.min(h.pinged + HOME_RETRY).min(a + HOME_DEAD);
+                if now < a + HOME_SUSPECT {
+                    next = next.min(a + HOME_SUSPECT);
+                }
             }
         }
         if next < Time::MAX {
@@ -1504,6 +1539,7 @@ impl Overlay {
             Msg::Members { members } => match self.sn.as_mut() {
                 Some(sn)
                     if sn.members.is_live(&from)
+                        || sn.joined_via.contains(&from)
                         || self.bootstrap.iter().any(|b| b.key == Some(from)) =>
                 {
                     sn.members.apply_all(now, &members);
@@ -1675,6 +1711,7 @@ impl Overlay {
             least_loaded: Vec::new(),
             handoff: false,
             last_join: now,
+            joined_via: self.homes.iter().map(|h| h.key).collect(),
         };
         self.sn = Some(Box::new(sn));
         // Join through every known supernode: the seeds, or the homes of a
@@ -2546,6 +2583,7 @@ impl Overlay {
                 replied: Vec::new(),
                 best: None,
                 answered: false,
+                widened: false,
                 deadline,
             },
         );
@@ -2598,7 +2636,47 @@ impl Overlay {
         {
             f.best = Some(b);
         }
-        let done = f.replied.len() >= f.storers.len();
+        let mut done = f.replied.len() >= f.storers.len();
+        let mut local_next = None;
+        if done && f.best.is_none() && !f.widened {
+            // Every storer missed: right after members joined, the record may
+            // still sit only at the storers ranked next (re-replication is under
+            // way), so they are asked before the answer is "not found".
+            f.widened = true;
+            let (query, asked) = (f.query.clone(), f.storers.clone());
+            let obj = match &query {
+                Query::User(u) => prefix64(u),
+                Query::Handle(h) => handle_obj(h),
+            };
+            let sn = self.sn.as_ref().expect("checked above");
+            let next = self.placement(sn, obj, &asked, &[]);
+            if !next.is_empty() {
+                done = false;
+                if let Some(f) = self.sn.as_mut().and_then(|sn| sn.fetches.get_mut(&req)) {
+                    f.storers.extend(next.iter().copied());
+                }
+                for k in next {
+                    if k == self.me {
+                        local_next = Some(query.clone());
+                        continue;
+                    }
+                    if let Some(addr) = self.sn.as_ref().and_then(|sn| self.addr_of(sn, &k)) {
+                        self.stats.fetches += 1;
+                        self.send(
+                            k,
+                            addr,
+                            &Msg::Fetch {
+                                req,
+                                query: query.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let Some(f) = self.sn.as_mut().and_then(|sn| sn.fetches.get_mut(&req)) else {
+            return true;
+        };
         let answer = if !f.answered && f.best.is_some() {
             f.answered = true;
             Some((f.origin, f.best.clone()))
@@ -2611,6 +2689,11 @@ impl Overlay {
         }
         if done {
             self.finish_fetch(now, req);
+        }
+        if let Some(query) = local_next {
+            let local = self.sn.as_ref().and_then(|sn| Self::read_local(sn, &query));
+            let me = self.me;
+            self.on_fetch_reply(now, me, req, local);
         }
         true
     }

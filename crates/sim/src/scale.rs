@@ -947,6 +947,21 @@ impl<'a> Scenario<'a> {
                     {
                         self.strike_lookups.push((p.started, ok.then_some(took)));
                     }
+                    if !ok && std::env::var_os("SCALE_DEBUG").is_some() {
+                        let asker = self.node_index(r.node);
+                        eprintln!(
+                            "DEBUG fail t={:.3} took={:?} asker={} homes={} sn={} target={} tsn={} online={} res={:?}",
+                            p.started.saturating_since(START).as_secs_f64(),
+                            took,
+                            asker,
+                            self.sim.node(r.node).overlay().home_count(),
+                            self.supernode[asker],
+                            p.target,
+                            self.supernode[p.target],
+                            self.online_pos[p.target] != usize::MAX,
+                            result.as_ref().map(|f| f.hops).err()
+                        );
+                    }
                     match result {
                         Ok(f) if ok => {
                             self.tally.found += 1;
