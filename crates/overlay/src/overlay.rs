@@ -1111,11 +1111,8 @@ impl Overlay {
         // failure memory below keeps them from being retried at once).
         // While every home leaves requests unanswered, a spare home is sought at
         // once, so lookups resume before the silent homes are declared dead.
-        let spare = !self.homes.is_empty()
-            && self
-                .homes
-                .iter()
-                .all(|h| h.waiting(now, HOME_SUSPECT));
+        let spare =
+            !self.homes.is_empty() && self.homes.iter().all(|h| h.waiting(now, HOME_SUSPECT));
         let target = HOME_TARGET + usize::from(spare);
         while self.homes.len() + self.attaching.len() < target {
             if now < self.next_attach && !spare {
@@ -1374,14 +1371,15 @@ impl Overlay {
         }
         // A spare home taken while the others were silent is let go once all
         // answer again.
-        if self.homes.len() > HOME_TARGET && self.homes.iter().all(|h| h.asked.is_none()) {
-            if let Some(h) = self.homes.pop() {
-                self.send(h.key, h.addr, &Msg::Detach);
-                self.event(OverlayEvent::HomesChanged {
-                    homes: self.homes.iter().map(|h| h.key).collect(),
-                });
-                self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
-            }
+        if self.homes.len() > HOME_TARGET
+            && self.homes.iter().all(|h| h.asked.is_none())
+            && let Some(h) = self.homes.pop()
+        {
+            self.send(h.key, h.addr, &Msg::Detach);
+            self.event(OverlayEvent::HomesChanged {
+                homes: self.homes.iter().map(|h| h.key).collect(),
+            });
+            self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
         }
         let mut next = Time::MAX;
         for i in 0..self.homes.len() {
@@ -3341,7 +3339,8 @@ impl Overlay {
                 };
                 if best.via == self.me {
                     self.on_promote(now, self.me, best.key);
-                } else if let Some(addr) = self.sn.as_ref().and_then(|sn| self.addr_of(sn, &best.via))
+                } else if let Some(addr) =
+                    self.sn.as_ref().and_then(|sn| self.addr_of(sn, &best.via))
                 {
                     self.send(best.via, addr, &msg);
                 }

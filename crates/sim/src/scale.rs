@@ -41,9 +41,7 @@ use std::time::Duration;
 
 use peercall_crypto::{Handle, Identity, UserId};
 use peercall_engine::{Config, Contact, Event, Lookup, LookupError, Node, OverlayEvent, Role};
-use peercall_overlay::{
-    CachedHost, Capacity, ElectionConfig, OverlayConfig, RequestId, Resources,
-};
+use peercall_overlay::{CachedHost, Capacity, ElectionConfig, OverlayConfig, RequestId, Resources};
 use peercall_wire::Time;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -757,10 +755,12 @@ impl<'a> Scenario<'a> {
         // An asker online for a moment (it has had the time to attach); a target
         // that has had the time to publish once (a node that has not cannot be
         // found, and that says nothing about the directory).
-        let Some(from) = self.pick_online(now, |s, i| s.online_since[i] + ASKER_SETTLE <= now) else {
+        let Some(from) = self.pick_online(now, |s, i| s.online_since[i] + ASKER_SETTLE <= now)
+        else {
             return;
         };
-        let Some(to) = self.pick_online(now, |s, i| s.first_online[i] + TARGET_SETTLE <= now) else {
+        let Some(to) = self.pick_online(now, |s, i| s.first_online[i] + TARGET_SETTLE <= now)
+        else {
             return;
         };
         self.by_handle = !self.by_handle;
@@ -849,7 +849,8 @@ impl<'a> Scenario<'a> {
                 .filter(|&i| self.supernode[i])
                 .collect();
             supers.sort_unstable();
-            let k = ((supers.len() as f64) * self.opts.kill_supernodes_pct / 100.0).round() as usize;
+            let k =
+                ((supers.len() as f64) * self.opts.kill_supernodes_pct / 100.0).round() as usize;
             for _ in 0..k {
                 let j = below(&mut self.rng, supers.len());
                 let i = supers.swap_remove(j);
@@ -1035,7 +1036,11 @@ impl<'a> Scenario<'a> {
         let mut records = 0u64;
         let mut load = 0.0;
         for &i in &supers {
-            let st = self.sim.node(self.nodes[i].expect("online")).overlay().stats();
+            let st = self
+                .sim
+                .node(self.nodes[i].expect("online"))
+                .overlay()
+                .stats();
             records += st.records;
             load += st.clients as f64 / st.capacity.max(1) as f64;
         }

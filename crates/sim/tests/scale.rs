@@ -64,11 +64,19 @@ fn losing_30_percent_of_supernodes_recovers_within_2_s() {
     let mut o = options(11);
     o.kill_supernodes_pct = 30.0;
     let r = run(&o);
-    assert!(r.struck >= 2, "30% of {SEEDS} seeds is at least 2: {}", r.struck);
+    assert!(
+        r.struck >= 2,
+        "30% of {SEEDS} seeds is at least 2: {}",
+        r.struck
+    );
     assert_recovered(&r);
     // Every second after the strike is back at 99% within 2 s by 5 s.
     let rec = r.recovery_s.expect("a strike happened");
-    assert!(rec <= 5.0, "recovered only after {rec} s: {:?}", r.strike_timeline);
+    assert!(
+        rec <= 5.0,
+        "recovered only after {rec} s: {:?}",
+        r.strike_timeline
+    );
 }
 
 #[test]
@@ -76,7 +84,11 @@ fn restart_storm_of_half_the_nodes_recovers_within_2_s() {
     let mut o = options(12);
     o.restart_storm_pct = 50.0;
     let r = run(&o);
-    assert!(r.struck >= NODES / 3, "half the ordinary nodes restart: {}", r.struck);
+    assert!(
+        r.struck >= NODES / 3,
+        "half the ordinary nodes restart: {}",
+        r.struck
+    );
     assert_recovered(&r);
 }
 
@@ -84,11 +96,20 @@ fn restart_storm_of_half_the_nodes_recovers_within_2_s() {
 fn options_are_validated() {
     let mut o = options(1);
     o.seeds = 2;
-    assert!(scale::run(&o, &mut |_| {}).is_err(), "two seeds are too few");
+    assert!(
+        scale::run(&o, &mut |_| {}).is_err(),
+        "two seeds are too few"
+    );
     let mut o = options(1);
     o.kill_supernodes_pct = 150.0;
-    assert!(scale::run(&o, &mut |_| {}).is_err(), "150% is not a percentage");
+    assert!(
+        scale::run(&o, &mut |_| {}).is_err(),
+        "150% is not a percentage"
+    );
     let mut o = options(1);
     o.warmup = DURATION;
-    assert!(scale::run(&o, &mut |_| {}).is_err(), "warm-up as long as the run");
+    assert!(
+        scale::run(&o, &mut |_| {}).is_err(),
+        "warm-up as long as the run"
+    );
 }
