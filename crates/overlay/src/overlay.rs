@@ -219,9 +219,12 @@ struct PresenceState {
 struct Client {
     addr: SocketAddr,
     user: UserId,
-    /// Its newest verified record, re-stored by this home when all the record's
-    /// storers die at once (nobody else could re-replicate it).
+    /// Its newest verified record, re-stored by this home at storers that take
+    /// over after storers depart (if all of a record's storers die, one after
+    /// the other or at once, nobody else could re-replicate it).
     record: Vec<u8>,
+    /// The storers this home sent that record to.
+    stored_at: Vec<PeerKey>,
     lookups: TokenBucket,
     publishes: TokenBucket,
     subscribes: TokenBucket,
@@ -2068,29 +2071,32 @@ impl Overlay {
                     }
                 }
             }
-            // As home: a client's record whose storers all departed at once has
-            // no storer left to push it; the home does.
+            // As home: after storers depart, each client's record goes to the
+            // storers it has now that this home has not sent it to. Storers that
+            // took over from departed ones may never have had it (all of its
+            // storers may have died, at once or one after the other).
             if !departed.is_empty() {
-                for c in sn.clients.values() {
+                let keys: Vec<PeerKey> = sn.clients.keys().copied().collect();
+                for k in keys {
+                    let Some(c) = sn.clients.get(&k) else {
+                        continue;
+                    };
                     if c.record.is_empty() {
                         continue;
                     }
-                    let mut objs = vec![user_obj(&c.user)];
-                    if let Some(h) = view::handle(&c.record) {
-                        objs.push(handle_obj(h));
-                    }
-                    for obj in objs {
-                        let old = self.placement(&sn, obj, &joined, &departed);
-                        if !old.iter().all(|k| departed.contains(k)) {
+                    let now_at = self.storers_for_record(&sn, &c.user, &c.record);
+                    for &t in &now_at {
+                        if c.stored_at.contains(&t) {
                             continue;
                         }
-                        for t in self.placement(&sn, obj, &[], &[]) {
-                            if t == self.me {
-                                local.push(c.record.clone());
-                            } else {
-                                batches.entry(t).or_default().push(c.record.clone());
-                            }
+                        if t == self.me {
+                            local.push(c.record.clone());
+                        } else {
+                            batches.entry(t).or_default().push(c.record.clone());
                         }
+                    }
+                    if let Some(c) = sn.clients.get_mut(&k) {
+                        c.stored_at = now_at;
                     }
                 }
             }
@@ -2221,6 +2227,7 @@ impl Overlay {
             addr,
             user,
             record: Vec::new(),
+            stored_at: Vec::new(),
             lookups: TokenBucket::new(CLIENT_LOOKUP_RATE.0, CLIENT_LOOKUP_RATE.1, now),
             publishes: TokenBucket::new(CLIENT_PUBLISH_RATE.0, CLIENT_PUBLISH_RATE.1, now),
             subscribes: TokenBucket::new(CLIENT_SUBSCRIBE_RATE.0, CLIENT_SUBSCRIBE_RATE.1, now),
@@ -2306,21 +2313,27 @@ impl Overlay {
                 if c.record.is_empty() || view::seq(&c.record) <= r.seq {
                     c.record = bytes.to_vec();
                 }
-                self.store_and_forward(now, bytes.to_vec());
+                let storers = self.store_and_forward(now, bytes.to_vec());
+                if let Some(c) = self.sn.as_mut().and_then(|sn| sn.clients.get_mut(&from)) {
+                    c.stored_at = storers;
+                }
             }
             Ok(_) | Err(_) => self.stats.forged_records += 1,
         }
         true
     }
 
-    /// As home: caches a (verified) record and sends it to its storers.
-    fn store_and_forward(&mut self, now: Time, bytes: Vec<u8>) {
+    /// As home: caches a (verified) record and sends it to its storers, which it
+    /// returns.
+    fn store_and_forward(&mut self, now: Time, bytes: Vec<u8>) -> Vec<PeerKey> {
         let Some(user) = claimed_user(&bytes) else {
-            return;
+            return Vec::new();
         };
-        let Some(sn) = self.sn.as_ref() else { return };
+        let Some(sn) = self.sn.as_ref() else {
+            return Vec::new();
+        };
         let storers = self.storers_for_record(sn, &user, &bytes);
-        for s in storers {
+        for &s in &storers {
             if s == self.me {
                 let me = self.me;
                 self.store_one(now, me, &bytes);
@@ -2335,6 +2348,7 @@ impl Overlay {
             }
         }
         self.home_update(now, user, &bytes);
+        storers
     }
 
     /// As home: a newer record of `user` (verified) is cached and pushed to the
