@@ -75,6 +75,11 @@ pub const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(200);
 pub const LOOKUP_TRY: Duration = Duration::from_millis(700);
 /// A lookup gives up after this long.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(4);
+/// A home with no valid answer from the storers this long after asking also
+/// asks the storers ranked next: above a WAN round trip and most handshakes, so
+/// it rarely fires when all storers are alive; it bounds the cost of a storer
+/// that died and is not yet known dead.
+pub const FETCH_WIDEN: Duration = Duration::from_millis(350);
 /// A home waits this long for storers before answering with what it has.
 pub const FETCH_TIMEOUT: Duration = Duration::from_millis(1_200);
 /// Copies of each record: `r = 3` (DESIGN.md §2).
@@ -496,12 +501,23 @@ impl Overlay {
                 }
                 Timer::Lookup(req) => self.lookup_timer(now, req),
                 Timer::Fetch(req) => {
-                    if self
+                    let deadline = self
                         .sn
                         .as_ref()
-                        .is_some_and(|sn| sn.fetches.get(&req).is_some_and(|f| f.deadline <= now))
-                    {
-                        self.finish_fetch(now, req);
+                        .and_then(|sn| sn.fetches.get(&req).map(|f| f.deadline));
+                    match deadline {
+                        Some(d) if d <= now => self.finish_fetch(now, req),
+                        Some(_) => {
+                            // No valid answer yet: a storer is slow or gone (not
+                            // yet known dead); the storers ranked next are asked.
+                            if let Some(query) = self.widen_fetch(req) {
+                                let local =
+                                    self.sn.as_ref().and_then(|sn| Self::read_local(sn, &query));
+                                let me = self.me;
+                                self.on_fetch_reply(now, me, req, local);
+                            }
+                        }
+                        None => {}
                     }
                 }
                 Timer::Dialback(nonce) => self.dialback_timer(now, nonce),
@@ -1453,17 +1469,21 @@ impl Overlay {
                     self.suggestions.push_front(*s);
                 }
                 self.suggestions.truncate(MAX_SAMPLE);
-                self.attach_failed(now, from);
                 // A redirect naming supernodes with room is followed at once (a
-                // few hops in a row), not after a back-off: admission control
-                // already spread the load, the suggestions are where room is.
+                // few hops in a row), not after a back-off and without counting
+                // as a failure: admission control spread the load, the
+                // suggestions are where room is. Otherwise it is a failure.
                 let room = others
                     .iter()
                     .any(|s| s.load_permille < REDIRECT_ROOM_PERMILLE);
                 if room && self.redirects_followed < MAX_REDIRECT_FOLLOW {
                     self.redirects_followed += 1;
+                    self.failed.insert(from, now);
                     self.next_attach = now + jitter(&mut self.rng, REDIRECT_FOLLOW_JITTER);
                     self.arm(Periodic::Attach, self.next_attach);
+                } else {
+                    self.redirects_followed = 0;
+                    self.attach_failed(now, from);
                 }
                 true
             }
@@ -2600,6 +2620,7 @@ impl Overlay {
             },
         );
         self.timers.push(deadline, Timer::Fetch(req));
+        self.timers.push(now + FETCH_WIDEN, Timer::Fetch(req));
         for s in storers {
             if s == self.me {
                 let local = self.sn.as_ref().and_then(|sn| Self::read_local(sn, &query));
@@ -2654,37 +2675,12 @@ impl Overlay {
             // Every storer missed: right after members joined, the record may
             // still sit only at the storers ranked next (re-replication is under
             // way), so they are asked before the answer is "not found".
-            f.widened = true;
-            let (query, asked) = (f.query.clone(), f.storers.clone());
-            let obj = match &query {
-                Query::User(u) => prefix64(u),
-                Query::Handle(h) => handle_obj(h),
-            };
-            let sn = self.sn.as_ref().expect("checked above");
-            let next = self.placement(sn, obj, &asked, &[]);
-            if !next.is_empty() {
-                done = false;
-                if let Some(f) = self.sn.as_mut().and_then(|sn| sn.fetches.get_mut(&req)) {
-                    f.storers.extend(next.iter().copied());
-                }
-                for k in next {
-                    if k == self.me {
-                        local_next = Some(query.clone());
-                        continue;
-                    }
-                    if let Some(addr) = self.sn.as_ref().and_then(|sn| self.addr_of(sn, &k)) {
-                        self.stats.fetches += 1;
-                        self.send(
-                            k,
-                            addr,
-                            &Msg::Fetch {
-                                req,
-                                query: query.clone(),
-                            },
-                        );
-                    }
-                }
-            }
+            local_next = self.widen_fetch(req);
+            done = self
+                .sn
+                .as_ref()
+                .and_then(|sn| sn.fetches.get(&req))
+                .is_none_or(|f| f.replied.len() >= f.storers.len());
         }
         let Some(f) = self.sn.as_mut().and_then(|sn| sn.fetches.get_mut(&req)) else {
             return true;
@@ -2708,6 +2704,44 @@ impl Overlay {
             self.on_fetch_reply(now, me, req, local);
         }
         true
+    }
+
+    /// Asks the storers ranked after those asked (once per fetch); returns the
+    /// query if this node is one of them (the caller reads its own share).
+    fn widen_fetch(&mut self, req: u32) -> Option<Query> {
+        let sn = self.sn.as_mut()?;
+        let f = sn.fetches.get_mut(&req)?;
+        if f.widened || f.answered {
+            return None;
+        }
+        f.widened = true;
+        let (query, asked) = (f.query.clone(), f.storers.clone());
+        let obj = match &query {
+            Query::User(u) => prefix64(u),
+            Query::Handle(h) => handle_obj(h),
+        };
+        let sn = self.sn.as_ref()?;
+        let next = self.placement(sn, obj, &asked, &[]);
+        if let Some(f) = self.sn.as_mut().and_then(|sn| sn.fetches.get_mut(&req)) {
+            f.storers.extend(next.iter().copied());
+        }
+        let mut local = None;
+        for k in next {
+            if k == self.me {
+                local = Some(query.clone());
+            } else if let Some(addr) = self.sn.as_ref().and_then(|sn| self.addr_of(sn, &k)) {
+                self.stats.fetches += 1;
+                self.send(
+                    k,
+                    addr,
+                    &Msg::Fetch {
+                        req,
+                        query: query.clone(),
+                    },
+                );
+            }
+        }
+        local
     }
 
     /// Ends a fetch: answers "not found" if nothing came, and read-repairs storers

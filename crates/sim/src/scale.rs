@@ -100,6 +100,8 @@ pub const TARGET_SETTLE: Duration = Duration::from_secs(10);
 const PICK_TRIES: usize = 64;
 /// The share of lookups found within [`RECOVERY`] that counts as recovered.
 pub const RECOVERED_SHARE: f64 = 0.99;
+/// Lookups slower than this are printed with `SCALE_DEBUG` set.
+const SLOW_LOOKUP: Duration = Duration::from_millis(600);
 /// Port every node binds.
 const PORT: u16 = 7600;
 /// How often the runner samples supernode load and reports progress.
@@ -948,10 +950,11 @@ impl<'a> Scenario<'a> {
                     {
                         self.strike_lookups.push((p.started, ok.then_some(took)));
                     }
-                    if !ok && std::env::var_os("SCALE_DEBUG").is_some() {
+                    if (!ok || took > SLOW_LOOKUP) && std::env::var_os("SCALE_DEBUG").is_some() {
                         let asker = self.node_index(r.node);
                         eprintln!(
-                            "DEBUG fail t={:.3} took={:?} asker={} homes={} sn={} target={} tsn={} online={} res={:?}",
+                            "DEBUG {} t={:.3} took={:?} asker={} homes={} sn={} target={} tsn={} online={} res={:?} asker_up={:?}",
+                            if ok { "slow" } else { "fail" },
                             p.started.saturating_since(START).as_secs_f64(),
                             took,
                             asker,
@@ -960,7 +963,8 @@ impl<'a> Scenario<'a> {
                             p.target,
                             self.supernode[p.target],
                             self.online_pos[p.target] != usize::MAX,
-                            result.as_ref().map(|f| f.hops).err()
+                            result.as_ref().map(|f| f.hops),
+                            p.started.saturating_since(self.online_since[asker]),
                         );
                     }
                     match result {
