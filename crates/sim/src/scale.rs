@@ -25,14 +25,25 @@
 //! # Timeline
 //! Seeds start at 0; the other nodes join uniformly over the ramp (a tenth of the
 //! run, between 5 and 30 s). Measurements (lookups, traffic, peak load) cover the
-//! window from a quarter of the run to its end. Churn runs from the end of the
-//! ramp: at `churn` percent of the non-seed nodes per minute, a random online one
-//! leaves (half of them gracefully, half by crashing) and comes back, with the same
-//! identity and host cache, after a downtime uniform in [`DOWNTIME`]. A kill or a
-//! restart storm strikes at half the run. Lookups start at the window's start, at
-//! [`ScaleOptions::lookups_per_s`], each by a random online node for a random
-//! online user, by id or by handle in turn, and stop [`LOOKUP_TAIL`] before the
-//! end so that every one finishes.
+//! window from the end of [`ScaleOptions::warmup`] (default a quarter of the run)
+//! to its end. Churn runs from the end of the ramp: at `churn` percent of the
+//! non-seed nodes per minute, a random online one leaves (half of them gracefully,
+//! half by crashing) and comes back, with the same identity and host cache, after
+//! a downtime uniform in [`DOWNTIME`]. A kill or a restart storm strikes at half
+//! the run. Lookups start at the window's start, at
+//! [`ScaleOptions::lookups_per_s`], each by a random node online for at least
+//! [`ASKER_SETTLE`] for a random online user who first came online at least
+//! [`TARGET_SETTLE`] ago, by id or by handle in turn, and stop [`LOOKUP_TAIL`]
+//! before the end so that every one finishes.
+//!
+//! # Recovery
+//! After a strike, `strike_success_within_2s` is the share of lookups started
+//! from [`RECOVERY`] after it that found the record within [`RECOVERY`], and
+//! `recovery_s` the second after the strike from which every one-second bucket
+//! has at least [`RECOVERED_SHARE`] of its lookups so found.
+//!
+//! With `SCALE_DEBUG` in the environment, failed and slow lookups are printed to
+//! stderr (asker, target, homes, result), for diagnosis.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
