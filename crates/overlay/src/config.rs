@@ -77,7 +77,10 @@ pub const DEFAULT_MIN_CPU_HEADROOM: u8 = 50;
 pub const DEFAULT_HIGH_WATERMARK: u16 = 700;
 /// Demote when it falls below this; the gap is the hysteresis.
 pub const DEFAULT_LOW_WATERMARK: u16 = 300;
-/// Promotions per minute at most, so a load spike cannot stampede the tier.
+/// Promotions per minute at most for a small tier, so a load spike cannot stampede
+/// it; a tier larger than this may grow by up to its own size per minute (at most
+/// doubling), so a large network adds capacity at its own scale. Each decision
+/// promotes only enough to bring the average load to the watermarks' midpoint.
 pub const DEFAULT_MAX_PROMOTIONS_PER_MIN: u32 = 6;
 /// The tier never demotes below this many supernodes.
 pub const DEFAULT_MIN_SUPERNODES: u32 = 3;

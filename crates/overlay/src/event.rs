@@ -27,6 +27,9 @@ pub struct Found {
     pub record: Box<Record>,
     /// Whether it lists endpoints (a record without is a signed "offline").
     pub online: bool,
+    /// Overlay hops beyond the home supernode the answer took: 0 when the home
+    /// answered from its cache or its own share, 1 when it asked another storer.
+    pub hops: u8,
 }
 
 /// Why a lookup found nothing.

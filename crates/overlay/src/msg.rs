@@ -195,6 +195,9 @@ pub enum Msg {
     LookupReply {
         /// The request number.
         req: u32,
+        /// Overlay hops beyond the home the answer took: 0 from the home's cache or
+        /// share, 1 from another storer.
+        hops: u8,
         /// Signed record bytes, if found.
         record: Option<Vec<u8>>,
     },
@@ -321,10 +324,14 @@ pub enum Msg {
         /// Its election score.
         score: u32,
     },
-    /// Become a supernode (coordinator → candidate).
+    /// Become a supernode: coordinator → the candidate's home (which admits it to
+    /// its membership view and passes the message on) → the candidate, which
+    /// trusts its home.
     Promote {
         /// The coordinator's epoch.
         epoch: u64,
+        /// The candidate's key.
+        candidate: Id,
     },
     /// Hand off and become an ordinary node (coordinator → supernode).
     Demote {
@@ -512,6 +519,7 @@ mod tests {
             },
             Msg::LookupReply {
                 req: 9,
+                hops: 1,
                 record: Some(vec![4; MAX_RECORD_LEN]),
             },
             Msg::Subscribe {

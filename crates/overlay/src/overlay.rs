@@ -37,6 +37,17 @@ pub const ATTACH_BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// A home lost (died, left) is replaced after a uniform delay up to this, so the
 /// clients of a dead supernode do not all arrive elsewhere in the same instant.
 pub const HOME_LOSS_JITTER: Duration = Duration::from_secs(1);
+/// A redirect naming a supernode loaded below this (per mille) is followed at once.
+pub const REDIRECT_ROOM_PERMILLE: u16 = 900;
+/// Redirects followed at once in a row; beyond, the node backs off as after any
+/// failure (load figures in redirects may be stale, so chains must end).
+pub const MAX_REDIRECT_FOLLOW: u32 = 4;
+/// A followed redirect waits up to this long (uniform), so a burst of redirected
+/// nodes does not land on the suggested supernodes in one instant.
+pub const REDIRECT_FOLLOW_JITTER: Duration = Duration::from_millis(300);
+/// Supernodes named in a redirect, drawn at random among the least loaded it
+/// knows, so redirected nodes spread instead of all trying the same few.
+pub const REDIRECT_SUGGESTIONS: usize = 4;
 /// A failed supernode is not tried again for this long (unless nothing else is left).
 pub const ATTACH_FAIL_MEMORY: Duration = Duration::from_secs(60);
 /// Nodes ping each home this often: detects a dead home within seconds, far sooner
@@ -44,13 +55,31 @@ pub const ATTACH_FAIL_MEMORY: Duration = Duration::from_secs(60);
 pub const HOME_PING_INTERVAL: Duration = Duration::from_secs(4);
 /// A home silent this long (three pings) is dead.
 pub const HOME_SILENCE: Duration = Duration::from_secs(10);
+/// A home that has left a request unanswered this long is pinged again (so a
+/// lost datagram alone never condemns it).
+pub const HOME_RETRY: Duration = Duration::from_millis(1_000);
+/// A home that leaves a request (and the pings that follow it) unanswered this
+/// long is dead: the node switches to its other home at once and re-attaches.
+/// Far above a WAN round trip plus a home's fetch timeout, far below the silence
+/// rule, so a crashed home is replaced within seconds.
+pub const HOME_DEAD: Duration = Duration::from_secs(3);
+/// A lookup goes to a home that has left a request unanswered this long only if
+/// no other home is better.
+pub const HOME_SUSPECT: Duration = Duration::from_millis(700);
 /// Records are re-published this long after a change, so changes that come together
 /// (two attaches, a reflexive address) make one record.
 pub const PUBLISH_DEBOUNCE: Duration = Duration::from_millis(200);
-/// A lookup waits this long for one home before asking the next.
-pub const LOOKUP_TRY: Duration = Duration::from_millis(1_500);
+/// A lookup waits this long for one home before asking the next: above the p99
+/// of a one-hop lookup on WAN links (two round trips), so a live home is rarely
+/// asked twice, and short enough that a dead home costs well under a second.
+pub const LOOKUP_TRY: Duration = Duration::from_millis(700);
 /// A lookup gives up after this long.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(4);
+/// A home with no valid answer from the storers this long after asking also
+/// asks the storers ranked next: above a WAN round trip and most handshakes, so
+/// it rarely fires when all storers are alive; it bounds the cost of a storer
+/// that died and is not yet known dead.
+pub const FETCH_WIDEN: Duration = Duration::from_millis(350);
 /// A home waits this long for storers before answering with what it has.
 pub const FETCH_TIMEOUT: Duration = Duration::from_millis(1_200);
 /// Copies of each record: `r = 3` (DESIGN.md §2).
@@ -164,6 +193,18 @@ struct Home {
     key: PeerKey,
     addr: SocketAddr,
     last_heard: Time,
+    /// When the oldest request (lookup or ping) still unanswered was sent; any
+    /// message from the home clears it.
+    asked: Option<Time>,
+    /// When it was last pinged.
+    pinged: Time,
+}
+
+impl Home {
+    /// A request has been waiting at least `after` for this home.
+    fn waiting(&self, now: Time, after: Duration) -> bool {
+        self.asked.is_some_and(|a| now.saturating_since(a) >= after)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -190,6 +231,12 @@ struct PresenceState {
 struct Client {
     addr: SocketAddr,
     user: UserId,
+    /// Its newest verified record, re-stored by this home at storers that take
+    /// over after storers depart (if all of a record's storers die, one after
+    /// the other or at once, nobody else could re-replicate it).
+    record: Vec<u8>,
+    /// The storers this home sent that record to.
+    stored_at: Vec<PeerKey>,
     lookups: TokenBucket,
     publishes: TokenBucket,
     subscribes: TokenBucket,
@@ -212,6 +259,8 @@ struct Fetch {
     replied: Vec<(PeerKey, Option<u64>)>,
     best: Option<Vec<u8>>,
     answered: bool,
+    /// Whether the next-ranked storers were asked after a miss.
+    widened: bool,
     deadline: Time,
 }
 
@@ -237,6 +286,8 @@ struct Nominee {
     addr: SocketAddr,
     score: u32,
     at: Time,
+    /// The home that validated it, which relays the promotion.
+    via: PeerKey,
 }
 
 /// Supernode state.
@@ -269,6 +320,9 @@ struct Super {
     least_loaded: Vec<SnInfo>,
     handoff: bool,
     last_join: Time,
+    /// Supernodes this one joined through (a promoted node's homes): their
+    /// member lists are accepted before they are in the view.
+    joined_via: Vec<PeerKey>,
 }
 
 /// One node's overlay state machine. See the crate documentation for the driving
@@ -297,6 +351,8 @@ pub struct Overlay {
     homes: Vec<Home>,
     attaching: Vec<Attaching>,
     attach_failures: u32,
+    /// Redirects followed at once since the last successful attach.
+    redirects_followed: u32,
     next_attach: Time,
     failed: Map<PeerKey, Time>,
     host_cache: Vec<CachedHost>,
@@ -391,6 +447,7 @@ impl Overlay {
             homes: Vec::new(),
             attaching: Vec::new(),
             attach_failures: 0,
+            redirects_followed: 0,
             next_attach: now,
             failed: map(&mut rng),
             host_cache,
@@ -457,12 +514,23 @@ impl Overlay {
                 }
                 Timer::Lookup(req) => self.lookup_timer(now, req),
                 Timer::Fetch(req) => {
-                    if self
+                    let deadline = self
                         .sn
                         .as_ref()
-                        .is_some_and(|sn| sn.fetches.get(&req).is_some_and(|f| f.deadline <= now))
-                    {
-                        self.finish_fetch(now, req);
+                        .and_then(|sn| sn.fetches.get(&req).map(|f| f.deadline));
+                    match deadline {
+                        Some(d) if d <= now => self.finish_fetch(now, req),
+                        Some(_) => {
+                            // No valid answer yet: a storer is slow or gone (not
+                            // yet known dead); the storers ranked next are asked.
+                            if let Some(query) = self.widen_fetch(req) {
+                                let local =
+                                    self.sn.as_ref().and_then(|sn| Self::read_local(sn, &query));
+                                let me = self.me;
+                                self.on_fetch_reply(now, me, req, local);
+                            }
+                        }
+                        None => {}
                     }
                 }
                 Timer::Dialback(nonce) => self.dialback_timer(now, nonce),
@@ -644,9 +712,21 @@ impl Overlay {
             self.timers.push(now + LOOKUP_TRY, Timer::Lookup(req));
             return;
         }
-        let home = self.homes[p.tries % self.homes.len()];
+        // In turn, skipping homes that leave requests unanswered.
+        let n = self.homes.len();
+        let first = p.tries % n;
+        let i = (0..n)
+            .map(|k| (first + k) % n)
+            .find(|&i| !self.homes[i].waiting(now, HOME_SUSPECT))
+            .unwrap_or(first);
         p.tries += 1;
+        let home = self.homes[i];
+        self.homes[i].asked.get_or_insert(now);
         self.timers.push(now + LOOKUP_TRY, Timer::Lookup(req));
+        // The home is checked on once the request has waited long enough to
+        // suspect it.
+        let check = self.homes[i].asked.map_or(now, |a| a + HOME_SUSPECT);
+        self.arm(Periodic::HomePing, check);
         self.send(home.key, home.addr, &Msg::Lookup { req, query });
     }
 
@@ -678,7 +758,7 @@ impl Overlay {
         self.event(OverlayEvent::LookupDone { id: p.id, result });
     }
 
-    fn on_lookup_reply(&mut self, now: Time, req: u32, record: Option<Vec<u8>>) {
+    fn on_lookup_reply(&mut self, now: Time, req: u32, hops: u8, record: Option<Vec<u8>>) {
         let Some(p) = self.lookups.get(&req) else {
             return;
         };
@@ -702,6 +782,7 @@ impl Overlay {
                     Ok(Found {
                         record: Box::new(r),
                         online,
+                        hops,
                     }),
                 );
             }
@@ -823,6 +904,11 @@ impl Overlay {
     /// The home supernodes (keys and addresses).
     pub fn homes(&self) -> Vec<(PeerKey, SocketAddr)> {
         self.homes.iter().map(|h| (h.key, h.addr)).collect()
+    }
+
+    /// How many home supernodes the node has.
+    pub fn home_count(&self) -> usize {
+        self.homes.len()
     }
 
     /// The host cache, for the shell to persist.
@@ -1084,8 +1170,13 @@ impl Overlay {
         self.attaching.retain(|a| a.deadline > now);
         // Attaches that timed out count as failures (retain dropped them; the
         // failure memory below keeps them from being retried at once).
-        while self.homes.len() + self.attaching.len() < HOME_TARGET {
-            if now < self.next_attach {
+        // While every home leaves requests unanswered, a spare home is sought at
+        // once, so lookups resume before the silent homes are declared dead.
+        let spare =
+            !self.homes.is_empty() && self.homes.iter().all(|h| h.waiting(now, HOME_SUSPECT));
+        let target = HOME_TARGET + usize::from(spare);
+        while self.homes.len() + self.attaching.len() < target {
+            if now < self.next_attach && !spare {
                 self.arm(Periodic::Attach, self.next_attach);
                 break;
             }
@@ -1248,10 +1339,13 @@ impl Overlay {
         self.attaching.remove(i);
         self.failed.remove(&from);
         self.attach_failures = 0;
+        self.redirects_followed = 0;
         self.homes.push(Home {
             key: from,
             addr,
             last_heard: now,
+            asked: None,
+            pinged: now,
         });
         self.remember_hosts(now, sample);
         self.remember_hosts(
@@ -1271,16 +1365,20 @@ impl Overlay {
         });
         self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
         self.arm(Periodic::HomePing, now + HOME_PING_INTERVAL);
-        if self.homes.len() == 1 {
-            // A new primary home: it serves lookups and presence from now on.
+        let others_silent = self.homes[..self.homes.len() - 1]
+            .iter()
+            .all(|h| h.waiting(now, HOME_SUSPECT));
+        if self.homes.len() == 1 || others_silent {
+            // The only home that answers: it serves lookups and presence from now
+            // on, and the lookups waiting (for a home, or on silent homes) go to it.
+            if others_silent && self.homes.len() > 1 {
+                // The answering home becomes the primary.
+                let last = self.homes.len() - 1;
+                self.homes.swap(0, last);
+            }
             let contacts: Vec<UserId> = self.contacts.iter().copied().collect();
             self.send_subscriptions(now, &contacts);
-            let pending: Vec<u32> = self
-                .lookups
-                .iter()
-                .filter(|(_, p)| p.tries == 0)
-                .map(|(r, _)| *r)
-                .collect();
+            let pending: Vec<u32> = self.lookups.keys().copied().collect();
             for req in pending {
                 self.send_lookup(now, req);
             }
@@ -1313,29 +1411,68 @@ impl Overlay {
         self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
     }
 
+    /// Pings each home every [`HOME_PING_INTERVAL`], and a home with a request
+    /// unanswered every [`HOME_RETRY`]; a home that leaves a request unanswered
+    /// for [`HOME_DEAD`] (or is silent for [`HOME_SILENCE`]) is lost.
     fn ping_homes(&mut self, now: Time) {
         if self.sn.is_some() {
             return;
         }
         let mut i = 0;
         while i < self.homes.len() {
-            if now.saturating_since(self.homes[i].last_heard) >= HOME_SILENCE {
+            let h = self.homes[i];
+            if h.waiting(now, HOME_DEAD) || now.saturating_since(h.last_heard) >= HOME_SILENCE {
                 self.lose_home(now, i, &[]);
             } else {
                 i += 1;
             }
         }
-        for h in self.homes.clone() {
-            self.send(h.key, h.addr, &Msg::HomePing);
+        if !self.homes.is_empty() && self.homes.iter().all(|h| h.waiting(now, HOME_SUSPECT)) {
+            self.maintain_homes(now);
         }
-        if !self.homes.is_empty() {
-            self.arm(Periodic::HomePing, now + HOME_PING_INTERVAL);
+        // A spare home taken while the others were silent is let go once all
+        // answer again.
+        if self.homes.len() > HOME_TARGET
+            && self.homes.iter().all(|h| h.asked.is_none())
+            && let Some(h) = self.homes.pop()
+        {
+            self.send(h.key, h.addr, &Msg::Detach);
+            self.event(OverlayEvent::HomesChanged {
+                homes: self.homes.iter().map(|h| h.key).collect(),
+            });
+            self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
+        }
+        let mut next = Time::MAX;
+        for i in 0..self.homes.len() {
+            let h = self.homes[i];
+            let due = if h.asked.is_some() {
+                HOME_RETRY
+            } else {
+                HOME_PING_INTERVAL
+            };
+            if now.saturating_since(h.pinged) >= due {
+                self.homes[i].pinged = now;
+                self.homes[i].asked.get_or_insert(now);
+                self.send(h.key, h.addr, &Msg::HomePing);
+            }
+            let h = self.homes[i];
+            next = next.min(h.pinged + HOME_PING_INTERVAL);
+            if let Some(a) = h.asked {
+                next = next.min(h.pinged + HOME_RETRY).min(a + HOME_DEAD);
+                if now < a + HOME_SUSPECT {
+                    next = next.min(a + HOME_SUSPECT);
+                }
+            }
+        }
+        if next < Time::MAX {
+            self.arm(Periodic::HomePing, next.max(now + Duration::from_millis(1)));
         }
     }
 
     fn heard_from_home(&mut self, now: Time, from: PeerKey) {
         if let Some(h) = self.homes.iter_mut().find(|h| h.key == from) {
             h.last_heard = now;
+            h.asked = None;
         }
     }
 
@@ -1380,7 +1517,22 @@ impl Overlay {
                     self.suggestions.push_front(*s);
                 }
                 self.suggestions.truncate(MAX_SAMPLE);
-                self.attach_failed(now, from);
+                // A redirect naming supernodes with room is followed at once (a
+                // few hops in a row), not after a back-off and without counting
+                // as a failure: admission control spread the load, the
+                // suggestions are where room is. Otherwise it is a failure.
+                let room = others
+                    .iter()
+                    .any(|s| s.load_permille < REDIRECT_ROOM_PERMILLE);
+                if room && self.redirects_followed < MAX_REDIRECT_FOLLOW {
+                    self.redirects_followed += 1;
+                    self.failed.insert(from, now);
+                    self.next_attach = now + jitter(&mut self.rng, REDIRECT_FOLLOW_JITTER);
+                    self.arm(Periodic::Attach, self.next_attach);
+                } else {
+                    self.redirects_followed = 0;
+                    self.attach_failed(now, from);
+                }
                 true
             }
             Msg::Leave { others } => {
@@ -1401,11 +1553,11 @@ impl Overlay {
                 self.remember_hosts(now, &sample);
                 true
             }
-            Msg::LookupReply { req, record } => {
+            Msg::LookupReply { req, hops, record } => {
                 if !self.homes.iter().any(|h| h.key == from) {
                     return false;
                 }
-                self.on_lookup_reply(now, req, record);
+                self.on_lookup_reply(now, req, hops, record);
                 true
             }
             Msg::Presence { record } => {
@@ -1425,7 +1577,10 @@ impl Overlay {
                 }
             }
             Msg::Refused { user, reason } => self.on_refused(from, UserId(user), reason),
-            Msg::Promote { epoch: _ } => self.on_promote(now, from),
+            Msg::Promote {
+                epoch: _,
+                candidate,
+            } => self.on_promote(now, from, PeerKey(candidate)),
             // Supernode side.
             Msg::Attach { record } => self.on_attach(now, from, addr, &record),
             Msg::Detach => {
@@ -1454,6 +1609,7 @@ impl Overlay {
                 Some(sn)
                     if sn.members.is_live(&from)
                         || sn.join_sent.contains(&from)
+                        || sn.joined_via.contains(&from)
                         || self.bootstrap.iter().any(|b| b.key == Some(from)) =>
                 {
                     sn.members.apply_all(now, &members);
@@ -1626,6 +1782,7 @@ impl Overlay {
             least_loaded: Vec::new(),
             handoff: false,
             last_join: now,
+            joined_via: self.homes.iter().map(|h| h.key).collect(),
         };
         self.sn = Some(Box::new(sn));
         // Join through every known supernode: the seeds, or the homes of a
@@ -1646,8 +1803,39 @@ impl Overlay {
         self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
     }
 
-    fn on_promote(&mut self, now: Time, from: PeerKey) -> bool {
-        if self.role != Role::Auto || self.sn.is_some() {
+    /// A promotion: as the candidate's home, admit it and pass it on; as the
+    /// candidate, become a supernode if the message comes from a home.
+    fn on_promote(&mut self, now: Time, from: PeerKey, candidate: PeerKey) -> bool {
+        if let Some(sn) = self.sn.as_mut() {
+            if sn.handoff || (from != self.me && !sn.members.is_live(&from)) {
+                return false;
+            }
+            let Some(c) = sn.clients.get(&candidate) else {
+                return false;
+            };
+            let addr = c.addr;
+            let load = Load {
+                clients: 0,
+                capacity: self.cfg.capacity.max_clients,
+                score: 0,
+                pinned: false,
+            };
+            // Admitted here too, so the candidate's join through this home is
+            // accepted before the coordinator's gossip arrives.
+            sn.members.admit(now, candidate, addr, 0, load);
+            let epoch = now.as_secs() / EPOCH.as_secs();
+            self.send(
+                candidate,
+                addr,
+                &Msg::Promote {
+                    epoch,
+                    candidate: candidate.0,
+                },
+            );
+            self.flush_membership(now);
+            return true;
+        }
+        if self.role != Role::Auto || candidate != self.me {
             return false;
         }
         // Only a supernode this node knows may promote it.
@@ -1947,6 +2135,7 @@ impl Overlay {
             .filter(|k| !sn.members.is_live(k))
             .collect();
         let mut batches: Map<PeerKey, Vec<Vec<u8>>> = map(&mut self.rng);
+        let mut local: Vec<Vec<u8>> = Vec::new();
         if !sn.handoff && (!joined.is_empty() || !departed.is_empty()) {
             for (user, bytes) in sn.store.iter() {
                 let mut objs = vec![user_obj(&user)];
@@ -1977,12 +2166,45 @@ impl Overlay {
                     }
                 }
             }
+            // As home: after storers depart, each client's record goes to the
+            // storers it has now that this home has not sent it to. Storers that
+            // took over from departed ones may never have had it (all of its
+            // storers may have died, at once or one after the other).
+            if !departed.is_empty() {
+                let keys: Vec<PeerKey> = sn.clients.keys().copied().collect();
+                for k in keys {
+                    let Some(c) = sn.clients.get(&k) else {
+                        continue;
+                    };
+                    if c.record.is_empty() {
+                        continue;
+                    }
+                    let now_at = self.storers_for_record(&sn, &c.user, &c.record);
+                    for &t in &now_at {
+                        if c.stored_at.contains(&t) {
+                            continue;
+                        }
+                        if t == self.me {
+                            local.push(c.record.clone());
+                        } else {
+                            batches.entry(t).or_default().push(c.record.clone());
+                        }
+                    }
+                    if let Some(c) = sn.clients.get_mut(&k) {
+                        c.stored_at = now_at;
+                    }
+                }
+            }
         }
         // Homes re-point their watches at the new storers soon.
         if !joined.is_empty() || !departed.is_empty() {
             sn.last_watch_renew = Time::ZERO;
         }
         self.sn = Some(sn);
+        let me = self.me;
+        for bytes in local {
+            self.store_one(now, me, &bytes);
+        }
         self.flush_batches(batches);
         self.arm(Periodic::Maintain, now + REPLICATE_DELAY);
     }
@@ -2081,25 +2303,35 @@ impl Overlay {
             if let (Some(list), Some(sn)) = (fresh, self.sn.as_mut()) {
                 sn.least_loaded = list;
             }
-            let others = {
+            let mut pool = {
                 let sn = self.sn.as_ref().expect("checked above");
-                self.least_loaded(sn, 8)
+                self.least_loaded(sn, MAX_SAMPLE)
             };
+            let mut others = Vec::with_capacity(REDIRECT_SUGGESTIONS);
+            while others.len() < REDIRECT_SUGGESTIONS && !pool.is_empty() {
+                let k = below(&mut self.rng, pool.len());
+                others.push(pool.swap_remove(k));
+            }
             self.send(from, addr, &Msg::Redirect { others });
             return true;
         }
         let user = r.user_id();
         sn.client_by_user.insert(user, from);
         let fresh = !sn.clients.contains_key(&from);
-        sn.clients.entry(from).or_insert_with(|| Client {
+        let c = sn.clients.entry(from).or_insert_with(|| Client {
             addr,
             user,
+            record: Vec::new(),
+            stored_at: Vec::new(),
             lookups: TokenBucket::new(CLIENT_LOOKUP_RATE.0, CLIENT_LOOKUP_RATE.1, now),
             publishes: TokenBucket::new(CLIENT_PUBLISH_RATE.0, CLIENT_PUBLISH_RATE.1, now),
             subscribes: TokenBucket::new(CLIENT_SUBSCRIBE_RATE.0, CLIENT_SUBSCRIBE_RATE.1, now),
             subs: Vec::new(),
             last_sample: now,
         });
+        if c.record.is_empty() || view::seq(&c.record) <= view::seq(record) {
+            c.record = record.to_vec();
+        }
         if fresh {
             self.stats.attaches_admitted += 1;
         }
@@ -2173,21 +2405,30 @@ impl Overlay {
         let user = c.user;
         match Record::verify_at(bytes, now) {
             Ok(r) if r.body.static_key == from && r.user_id() == user => {
-                self.store_and_forward(now, bytes.to_vec());
+                if c.record.is_empty() || view::seq(&c.record) <= r.seq {
+                    c.record = bytes.to_vec();
+                }
+                let storers = self.store_and_forward(now, bytes.to_vec());
+                if let Some(c) = self.sn.as_mut().and_then(|sn| sn.clients.get_mut(&from)) {
+                    c.stored_at = storers;
+                }
             }
             Ok(_) | Err(_) => self.stats.forged_records += 1,
         }
         true
     }
 
-    /// As home: caches a (verified) record and sends it to its storers.
-    fn store_and_forward(&mut self, now: Time, bytes: Vec<u8>) {
+    /// As home: caches a (verified) record and sends it to its storers, which it
+    /// returns.
+    fn store_and_forward(&mut self, now: Time, bytes: Vec<u8>) -> Vec<PeerKey> {
         let Some(user) = claimed_user(&bytes) else {
-            return;
+            return Vec::new();
         };
-        let Some(sn) = self.sn.as_ref() else { return };
+        let Some(sn) = self.sn.as_ref() else {
+            return Vec::new();
+        };
         let storers = self.storers_for_record(sn, &user, &bytes);
-        for s in storers {
+        for &s in &storers {
             if s == self.me {
                 let me = self.me;
                 self.store_one(now, me, &bytes);
@@ -2202,6 +2443,7 @@ impl Overlay {
             }
         }
         self.home_update(now, user, &bytes);
+        storers
     }
 
     /// As home: a newer record of `user` (verified) is cached and pushed to the
@@ -2401,7 +2643,15 @@ impl Overlay {
             && Handle::new(h).is_err()
         {
             let addr = c.addr;
-            self.send(from, addr, &Msg::LookupReply { req, record: None });
+            self.send(
+                from,
+                addr,
+                &Msg::LookupReply {
+                    req,
+                    hops: 0,
+                    record: None,
+                },
+            );
             return true;
         }
         self.start_fetch(now, Origin::Client(from, req), query);
@@ -2421,7 +2671,7 @@ impl Overlay {
                 // looked up more often than `CACHE_FRESH` would never be fetched
                 // again (a re-published record would stay unseen until expiry).
                 let bytes = bytes.clone();
-                self.reply(now, origin, Some(bytes));
+                self.reply(now, origin, 0, Some(bytes));
                 return;
             }
         }
@@ -2443,10 +2693,12 @@ impl Overlay {
                 replied: Vec::new(),
                 best: None,
                 answered: false,
+                widened: false,
                 deadline,
             },
         );
         self.timers.push(deadline, Timer::Fetch(req));
+        self.timers.push(now + FETCH_WIDEN, Timer::Fetch(req));
         for s in storers {
             if s == self.me {
                 let local = self.sn.as_ref().and_then(|sn| Self::read_local(sn, &query));
@@ -2495,7 +2747,22 @@ impl Overlay {
         {
             f.best = Some(b);
         }
-        let done = f.replied.len() >= f.storers.len();
+        let mut done = f.replied.len() >= f.storers.len();
+        let mut local_next = None;
+        if done && f.best.is_none() && !f.widened {
+            // Every storer missed: right after members joined, the record may
+            // still sit only at the storers ranked next (re-replication is under
+            // way), so they are asked before the answer is "not found".
+            local_next = self.widen_fetch(req);
+            done = self
+                .sn
+                .as_ref()
+                .and_then(|sn| sn.fetches.get(&req))
+                .is_none_or(|f| f.replied.len() >= f.storers.len());
+        }
+        let Some(f) = self.sn.as_mut().and_then(|sn| sn.fetches.get_mut(&req)) else {
+            return true;
+        };
         let answer = if !f.answered && f.best.is_some() {
             f.answered = true;
             Some((f.origin, f.best.clone()))
@@ -2503,12 +2770,56 @@ impl Overlay {
             None
         };
         if let Some((origin, best)) = answer {
-            self.answer(now, origin, best);
+            let hops = u8::from(from != self.me);
+            self.answer(now, origin, hops, best);
         }
         if done {
             self.finish_fetch(now, req);
         }
+        if let Some(query) = local_next {
+            let local = self.sn.as_ref().and_then(|sn| Self::read_local(sn, &query));
+            let me = self.me;
+            self.on_fetch_reply(now, me, req, local);
+        }
         true
+    }
+
+    /// Asks the storers ranked after those asked (once per fetch); returns the
+    /// query if this node is one of them (the caller reads its own share).
+    fn widen_fetch(&mut self, req: u32) -> Option<Query> {
+        let sn = self.sn.as_mut()?;
+        let f = sn.fetches.get_mut(&req)?;
+        if f.widened || f.answered {
+            return None;
+        }
+        f.widened = true;
+        let (query, asked) = (f.query.clone(), f.storers.clone());
+        let obj = match &query {
+            Query::User(u) => prefix64(u),
+            Query::Handle(h) => handle_obj(h),
+        };
+        let sn = self.sn.as_ref()?;
+        let next = self.placement(sn, obj, &asked, &[]);
+        if let Some(f) = self.sn.as_mut().and_then(|sn| sn.fetches.get_mut(&req)) {
+            f.storers.extend(next.iter().copied());
+        }
+        let mut local = None;
+        for k in next {
+            if k == self.me {
+                local = Some(query.clone());
+            } else if let Some(addr) = self.sn.as_ref().and_then(|sn| self.addr_of(sn, &k)) {
+                self.stats.fetches += 1;
+                self.send(
+                    k,
+                    addr,
+                    &Msg::Fetch {
+                        req,
+                        query: query.clone(),
+                    },
+                );
+            }
+        }
+        local
     }
 
     /// Ends a fetch: answers "not found" if nothing came, and read-repairs storers
@@ -2519,7 +2830,7 @@ impl Overlay {
             return;
         };
         if !f.answered {
-            self.answer(now, f.origin, None);
+            self.answer(now, f.origin, 1, None);
         }
         let Some(best) = f.best else { return };
         // The first reply answered; the newest of all of them is what the cache
@@ -2547,18 +2858,19 @@ impl Overlay {
         }
     }
 
-    /// Answers `origin` with a record the storers gave, caching it.
-    fn answer(&mut self, now: Time, origin: Origin, record: Option<Vec<u8>>) {
+    /// Answers a lookup; `hops` counts the overlay hops beyond this home it took
+    /// (0 from its cache or its own share, 1 from another storer).
+    fn answer(&mut self, now: Time, origin: Origin, hops: u8, record: Option<Vec<u8>>) {
         if let Some(b) = &record
             && let Some(user) = claimed_user(b)
         {
             self.cache_put(now, user, b.clone());
         }
-        self.reply(now, origin, record);
+        self.reply(now, origin, hops, record);
     }
 
-    /// Sends `record` to whoever asked.
-    fn reply(&mut self, now: Time, origin: Origin, record: Option<Vec<u8>>) {
+    /// Sends `record` to whoever asked; `hops` as for [`Self::answer`].
+    fn reply(&mut self, now: Time, origin: Origin, hops: u8, record: Option<Vec<u8>>) {
         match origin {
             Origin::Client(k, req) => {
                 let addr = self
@@ -2566,10 +2878,10 @@ impl Overlay {
                     .as_ref()
                     .and_then(|sn| sn.clients.get(&k).map(|c| c.addr));
                 if let Some(a) = addr {
-                    self.send(k, a, &Msg::LookupReply { req, record });
+                    self.send(k, a, &Msg::LookupReply { req, hops, record });
                 }
             }
-            Origin::Local(req) => self.on_lookup_reply(now, req, record),
+            Origin::Local(req) => self.on_lookup_reply(now, req, hops, record),
             Origin::Presence(user) => {
                 let subs = self
                     .sn
@@ -3052,6 +3364,7 @@ impl Overlay {
                 n.addr = addr;
                 n.score = score;
                 n.at = now;
+                n.via = from;
             }
             None => {
                 sn.nominees.push(Nominee {
@@ -3059,6 +3372,7 @@ impl Overlay {
                     addr,
                     score,
                     at: now,
+                    via: from,
                 });
                 sn.nominees
                     .sort_by(|a, b| b.score.cmp(&a.score).then(a.key.cmp(&b.key)));
@@ -3111,36 +3425,62 @@ impl Overlay {
         let mid = (u64::from(cfg.low_watermark) + u64::from(cfg.high_watermark)) / 2;
         let epoch = now.as_secs() / EPOCH.as_secs();
         if avg >= u64::from(cfg.high_watermark) {
-            if sn.promotions.len() as u32 >= cfg.max_promotions_per_min {
-                return;
-            }
-            let Some(best) = sn
+            // The cap grows with the tier: a small tier takes a few promotions a
+            // minute, a large one may at most double in a minute.
+            let cap = u64::from(cfg.max_promotions_per_min).max(n);
+            let budget = cap.saturating_sub(sn.promotions.len() as u64);
+            // Enough supernodes of this one's capacity to bring the average load
+            // down to the midpoint between the watermarks, and no more.
+            let per = u64::from(my_load.capacity.max(1));
+            let wanted = (clients * 1000 / mid.max(1))
+                .saturating_sub(capacity)
+                .div_ceil(per)
+                .max(1);
+            let picked: Vec<Nominee> = sn
                 .nominees
                 .iter()
-                .find(|c| !sn.members.is_live(&c.key))
+                .filter(|c| !sn.members.is_live(&c.key))
+                .take(wanted.min(budget) as usize)
                 .copied()
-            else {
-                return;
-            };
-            // Hysteresis: a promotion that would leave the tier below the low
-            // watermark is not made.
-            let after = clients * 1000 / (capacity + u64::from(my_load.capacity));
-            if after <= u64::from(cfg.low_watermark) {
+                .collect();
+            // Hysteresis: no promotion that would leave the tier below the low
+            // watermark.
+            let mut k = picked.len() as u64;
+            while k > 0 && clients * 1000 / (capacity + k * per) <= u64::from(cfg.low_watermark) {
+                k -= 1;
+            }
+            if k == 0 {
                 return;
             }
             let Some(sn) = self.sn.as_mut() else { return };
-            sn.nominees.retain(|c| c.key != best.key);
-            sn.promotions.push_back(now);
             sn.cooldown_until = now + PROMOTION_COOLDOWN;
-            let load = Load {
-                clients: 0,
-                capacity: my_load.capacity,
-                score: best.score,
-                pinned: false,
-            };
-            sn.members.admit(now, best.key, best.addr, 0, load);
-            self.stats.promotions += 1;
-            self.send(best.key, best.addr, &Msg::Promote { epoch });
+            let mut promote = Vec::new();
+            for best in picked.into_iter().take(k as usize) {
+                sn.nominees.retain(|c| c.key != best.key);
+                sn.promotions.push_back(now);
+                let load = Load {
+                    clients: 0,
+                    capacity: my_load.capacity,
+                    score: best.score,
+                    pinned: false,
+                };
+                sn.members.admit(now, best.key, best.addr, 0, load);
+                promote.push(best);
+            }
+            for best in promote {
+                self.stats.promotions += 1;
+                let msg = Msg::Promote {
+                    epoch,
+                    candidate: best.key.0,
+                };
+                if best.via == self.me {
+                    self.on_promote(now, self.me, best.key);
+                } else if let Some(addr) =
+                    self.sn.as_ref().and_then(|sn| self.addr_of(sn, &best.via))
+                {
+                    self.send(best.via, addr, &msg);
+                }
+            }
         } else if avg <= u64::from(cfg.low_watermark) && n > u64::from(cfg.min_supernodes) {
             let mut weakest: Option<(u32, PeerKey, u32)> =
                 (!my_load.pinned).then_some((my_load.score, self.me, my_load.capacity));

@@ -24,6 +24,7 @@ mod page;
 mod persist;
 mod resources;
 mod runtime;
+mod sim;
 mod store;
 mod udp;
 #[cfg(feature = "webrtc")]
@@ -64,6 +65,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run a WAV file through the audio pipeline over a simulated network.
     MediaEval(media_eval::MediaEvalArgs),
+    /// Simulate the overlay at scale (real nodes on a virtual clock and an emulated
+    /// network) and report lookups, presence, supernode load and traffic.
+    Sim(sim::SimArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Command::Page(args) => cli::page(args),
         Command::MediaEval(args) => media_eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Sim(args) => sim::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -51,7 +51,8 @@
 //!   reordering, random loss, Gilbert-Elliott burst loss, duplication, hold-back
 //!   reordering), falling back to a default for pairs without one. Each site may add
 //!   an access delay at both ends of its paths and have a rate-limited [`Uplink`] with
-//!   a tail-drop queue. Traffic between hosts behind the same NAT (and hairpinned
+//!   a tail-drop queue; every pair of sites may get a fixed extra delay of its own
+//!   ([`Sim::set_pair_delay`]). Traffic between hosts behind the same NAT (and hairpinned
 //!   traffic) uses the NAT's link to itself, without access delays or uplink.
 //! - A datagram's fate (loss, delay, duplication) is drawn when it is sent. NAT
 //!   filtering and cuts are applied when it arrives, as on a real path: a hole punched
@@ -81,6 +82,7 @@ mod link;
 mod nat;
 mod net;
 mod queue;
+pub mod scale;
 mod seed;
 mod sim;
 mod util;

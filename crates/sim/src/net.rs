@@ -143,6 +143,10 @@ pub(crate) struct Network {
     cuts: Vec<Cut>,
     active_cuts: Vec<u32>,
     in_flight: Slab<InFlight>,
+    /// Largest per-pair delay component, µs (0: none).
+    pair_delay_max: u64,
+    /// Key of the hash that fixes each pair's component.
+    pair_key: u64,
     pub(crate) stats: NetStats,
 }
 
@@ -163,8 +167,27 @@ impl Network {
             cuts: Vec::new(),
             active_cuts: Vec::new(),
             in_flight: Slab::default(),
+            pair_delay_max: 0,
+            pair_key: 0,
             stats: NetStats::default(),
         }
+    }
+
+    /// Gives every pair of distinct sites a fixed extra one-way delay, uniform in
+    /// `[0, max]`, the same both ways, drawn from a hash of the pair keyed by `key`.
+    pub(crate) fn set_pair_delay(&mut self, max: Duration, key: u64) {
+        self.pair_delay_max = micros(max);
+        self.pair_key = key;
+    }
+
+    /// The pair component between sites `a` and `b` (µs).
+    fn pair_delay(&self, a: HostId, b: HostId) -> u64 {
+        if self.pair_delay_max == 0 {
+            return 0;
+        }
+        let (lo, hi) = if a.0 <= b.0 { (a.0, b.0) } else { (b.0, a.0) };
+        let h = crate::util::mix(self.pair_key ^ ((u64::from(lo) << 32) | u64::from(hi)));
+        h % (self.pair_delay_max + 1)
     }
 
     pub(crate) fn host(&self, h: HostId) -> Result<&Host, SimError> {
@@ -423,7 +446,8 @@ impl Network {
             let (sender_site, receiver_site) = (link_from.0 as usize, link_to.0 as usize);
             access = self.hosts[sender_site]
                 .access_delay
-                .saturating_add(self.hosts[receiver_site].access_delay);
+                .saturating_add(self.hosts[receiver_site].access_delay)
+                .saturating_add(self.pair_delay(link_from, link_to));
             let site = &mut self.hosts[sender_site];
             if let Some(up) = site.uplink {
                 let start = site.busy_until.max(now);

@@ -20,6 +20,10 @@ use crate::seed::Seeds;
 /// handshake timestamps) sees realistic numbers.
 pub const START: Time = Time::from_secs(1_700_000_000);
 
+/// The [`Sim::derive_seed`] label reserved for the pair-delay hash key (far from
+/// the small labels tests use).
+const PAIR_DELAY_LABEL: u64 = u64::MAX - 0x7061_6972;
+
 /// A sans-IO state machine the harness can drive: anything driven the way
 /// `peercall_engine::Node` is (see that crate's driving contract).
 pub trait Drivable {
@@ -221,6 +225,19 @@ impl<N: Drivable> Sim<N> {
     /// With access delays, large simulations get varied latencies without a link per pair.
     pub fn set_access_delay(&mut self, host: HostId, delay: Duration) -> Result<(), SimError> {
         self.net.set_access_delay(host, delay)
+    }
+
+    /// Gives every pair of sites (public hosts and NATs) a fixed extra one-way delay
+    /// drawn uniformly from `[0, max]`, the same both ways and for the whole run,
+    /// fixed by the simulation seed. With access delays it gives a large simulation
+    /// varied pair latencies (so "nearest" differs per pair) without a link per pair.
+    pub fn set_pair_delay(&mut self, max: Duration) {
+        let key = u64::from_le_bytes(
+            self.seeds.derive(PAIR_DELAY_LABEL)[..8]
+                .try_into()
+                .expect("8 bytes"),
+        );
+        self.net.set_pair_delay(max, key);
     }
 
     /// Sets (or with `None` removes) the rate limit and queue of a public host's or

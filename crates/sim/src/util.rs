@@ -23,7 +23,7 @@ const MIX_2: u64 = 0x94d0_49bb_1331_11eb;
 /// Odd constant (the golden ratio in 64 bits) so a zero word still changes the state.
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
-fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(MIX_1);
     z = (z ^ (z >> 27)).wrapping_mul(MIX_2);
     z ^ (z >> 31)
