@@ -34,6 +34,10 @@
 //! ```text
 //! for each path found by call setup:   router.add_path(now, id, kind)
 //! for each outgoing 20 ms frame:       plan = router.send_plan(now)
+//!                                      if let Some((path, since)) = plan.resend:
+//!                                          for each kept frame sent >= since:
+//!                                              path_seq = router.on_media_sent(now, path)
+//!                                              send it again on path (FLAG_REDUNDANT)
 //!                                      for path in plan.paths():
 //!                                          path_seq = router.on_media_sent(now, path)
 //!                                          send Media { path, path_seq, .. } on path
@@ -66,7 +70,7 @@ use thiserror::Error;
 pub use dedup::{DEDUP_WINDOW, Deduplicator};
 pub use router::{
     Delivery, MAX_PATHS, MIN_WARM_PATHS, PROBE_INTERVAL_COLD, PROBE_INTERVAL_SUSPECT,
-    PROBE_INTERVAL_WARM, Router, RouterConfig, RouterEvent, SendPlan,
+    PROBE_INTERVAL_WARM, RESEND_WINDOW_RTT_FACTOR, Router, RouterConfig, RouterEvent, SendPlan,
 };
 pub use selector::{
     DefaultSelector, PathSelector, PathView, RedundancyMode, Selection, SwitchReason,
