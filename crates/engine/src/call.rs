@@ -921,19 +921,7 @@ impl Node {
         let plan = call.router.send_plan(now);
         let mut sends: [Option<(PathId, u32, Route)>; 2] = [None, None];
         // Re-sends first, so the frames go out in order on their new path.
-        let mut resends: [Option<(usize, u32)>; RESEND_KEEP] = [None; RESEND_KEEP];
-        let mut resend_route = None;
-        if let Some((path, since)) = plan.resend
-            && let Some(route) = route_of(call, path)
-        {
-            resend_route = Some((path, route));
-            for (slot, i) in resends.iter_mut().zip(audio.kept_since(since)) {
-                if let Ok(path_seq) = call.router.on_media_sent(now, path) {
-                    *slot = Some((i, path_seq));
-                    call.frames_duplicated += 1;
-                }
-            }
-        }
+        let resends = plan_resends(now, call, &audio);
         let frame = audio.packetizer.packetize(&audio.buf[..n]);
         let sent = frame.filter(|_| plan.primary.is_some());
         if sent.is_some() {
@@ -947,12 +935,7 @@ impl Node {
                 }
             }
         }
-        if let Some((path, route)) = resend_route {
-            for (i, path_seq) in resends.into_iter().flatten() {
-                let media = audio.kept_media(i, path, path_seq);
-                self.send_on(now, peer, route, &Frame::Media(media));
-            }
-        }
+        self.send_resends(now, peer, &audio, resends);
         if let Some(frame) = sent {
             let redundant = plan.redundant.is_some();
             for (path, path_seq, route) in sends.into_iter().flatten() {
@@ -1614,8 +1597,28 @@ impl Node {
         }
     }
 
-    /// Drains the router of a call: probes, reports, events.
+    /// Sends the re-sends [`plan_resends`] numbered.
+    fn send_resends(&mut self, now: Time, peer: PeerKey, audio: &Audio, resends: Resends) {
+        if let Some((path, route, frames)) = resends {
+            for (i, path_seq) in frames.into_iter().flatten() {
+                let media = audio.kept_media(i, path, path_seq);
+                self.send_on(now, peer, route, &Frame::Media(media));
+            }
+        }
+    }
+
+    /// Drains the router of a call: re-sends, probes, reports, events.
     fn drive_call(&mut self, now: Time, id: CallId) {
+        if let Some(call) = find_mut(&mut self.calls.calls, id)
+            && let Some(peer) = call.peer
+            && let Some(audio) = call.audio.take()
+        {
+            let resends = plan_resends(now, call, &audio);
+            self.send_resends(now, peer, &audio, resends);
+            if let Some(call) = find_mut(&mut self.calls.calls, id) {
+                call.audio = Some(audio);
+            }
+        }
         let Some(call) = find_mut(&mut self.calls.calls, id) else {
             return;
         };
@@ -2255,6 +2258,25 @@ fn paths_offer(call: &mut Call) -> Option<CallMsg> {
 }
 
 /// How to send on path `path` of `call` now.
+/// A re-send ready to go: the path, its route, and (kept slot, path sequence
+/// number) per frame.
+type Resends = Option<(PathId, Route, [Option<(usize, u32)>; RESEND_KEEP])>;
+
+/// Takes the router's pending re-send, if any, and numbers its frames on their
+/// path.
+fn plan_resends(now: Time, call: &mut Call, audio: &Audio) -> Resends {
+    let (path, since) = call.router.poll_resend()?;
+    let route = route_of(call, path)?;
+    let mut frames = [None; RESEND_KEEP];
+    for (slot, i) in frames.iter_mut().zip(audio.kept_since(since)) {
+        if let Ok(path_seq) = call.router.on_media_sent(now, path) {
+            *slot = Some((i, path_seq));
+            call.frames_duplicated += 1;
+        }
+    }
+    Some((path, route, frames))
+}
+
 fn route_of(call: &Call, path: PathId) -> Option<Route> {
     if path == DIRECT_PATH {
         return call.direct.map(Route::Direct);

@@ -34,7 +34,7 @@
 //! ```text
 //! for each path found by call setup:   router.add_path(now, id, kind)
 //! for each outgoing 20 ms frame:       plan = router.send_plan(now)
-//!                                      if let Some((path, since)) = plan.resend:
+//!                                      if let Some((path, since)) = router.poll_resend():
 //!                                          for each kept frame sent >= since:
 //!                                              path_seq = router.on_media_sent(now, path)
 //!                                              send it again on path (FLAG_REDUNDANT)
@@ -47,7 +47,8 @@
 //! on ProbeAck / Report:                router.on_probe_ack / on_report(now, ..)
 //! on any other packet on a path:       router.on_packet_received(now, path)
 //! after every input and timeout:       drain poll_probe(now), poll_report(now)
-//!                                      (send each on its .path), poll_event()
+//!                                      (send each on its .path), poll_event(),
+//!                                      poll_resend() (re-send as above)
 //! then:                                wake at poll_timeout(), call handle_timeout(now)
 //! ```
 //!

@@ -39,7 +39,7 @@ pub const MIN_WARM_PATHS: usize = 2;
 
 /// A re-send covers the frames sent since the failing path was last heard, minus
 /// this many of its RTTs: what the peer's last packet could not have seen arrive
-/// (frames in flight, then everything after). The engine bounds it by what it keeps.
+/// (frames in flight, then everything after). The engine bounds it by what it keeps; see [`Router::poll_resend`].
 pub const RESEND_WINDOW_RTT_FACTOR: u32 = 1;
 
 /// Events kept for [`Router::poll_event`]; older ones are dropped when the engine
@@ -53,13 +53,6 @@ pub struct SendPlan {
     pub primary: Option<PathId>,
     /// A second path for a copy of every frame.
     pub redundant: Option<PathId>,
-    /// Set once, when a path starts carrying media (a copy, or all of it after a
-    /// switch) because the path that carried it turned quiet, suspect or silent:
-    /// before this frame, send again on this path (one of the two above) the frames
-    /// last sent at or after this time (see [`RESEND_WINDOW_RTT_FACTOR`]), with
-    /// [`Media::FLAG_REDUNDANT`] and a path sequence number from
-    /// [`Router::on_media_sent`] each; they may have been lost on the failing path.
-    pub resend: Option<(PathId, Time)>,
 }
 
 impl SendPlan {
@@ -331,12 +324,24 @@ impl<S: PathSelector> Router<S> {
     pub fn send_plan(&mut self, now: Time) -> SendPlan {
         self.tick(now);
         self.evaluate(now);
-        let resend = self.resend.take();
         SendPlan {
             primary: self.active,
             redundant: self.redundant,
-            resend: resend.filter(|(p, _)| Some(*p) == self.active || Some(*p) == self.redundant),
         }
+    }
+
+    /// A re-send, once, when a path starts carrying media (a copy, or all of it
+    /// after a switch) because the path that carried it turned quiet, suspect or
+    /// silent: send again on the returned path the frames last sent at or after the
+    /// returned time (see [`RESEND_WINDOW_RTT_FACTOR`]), each with
+    /// [`Media::FLAG_REDUNDANT`] and a path sequence number from
+    /// [`Router::on_media_sent`]; they may have been lost on the failing path.
+    /// Poll after [`Router::send_plan`] and after every input and timeout, so the
+    /// copies leave as soon as the trigger fires.
+    pub fn poll_resend(&mut self) -> Option<(PathId, Time)> {
+        self.resend
+            .take()
+            .filter(|(p, _)| Some(*p) == self.active || Some(*p) == self.redundant)
     }
 
     /// A media frame goes out on `path`; returns the per-path sequence number to put

@@ -28,7 +28,7 @@
 //!    [`QUIET_LINGER`]. The quiet trigger is separate from the switch (which waits for
 //!    silence) and cheap to get wrong: when it starts a copy, the router also re-sends
 //!    the frames the quiet path may have lost on the copy's path
-//!    ([`crate::SendPlan::resend`]).
+//!    ([`crate::Router::poll_resend`]).
 //! 6. **Return.** A path left because it went silent gets the call back, without the
 //!    confidence test, the hold or [`MIN_SWITCH_INTERVAL`], once it has answered every
 //!    probe for [`RETURN_CLEAN`] and is preferred over the active path by kind (a
