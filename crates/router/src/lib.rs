@@ -24,7 +24,12 @@
 //! - **Liveness**: a path is *silent* when a frame or probe sent on it has gone
 //!   unanswered and nothing was heard on it for max(3 × RTT, 150 ms) (see
 //!   [`path::SILENCE_FLOOR`]), or when reports about our media stopped for
-//!   [`path::FEEDBACK_TIMEOUT`] (a one-way failure).
+//!   [`path::FEEDBACK_TIMEOUT`] (a one-way failure). Before that, a path carrying
+//!   the peer's media is *quiet* when two of its frames in a row are missing
+//!   ([`path::QUIET_FRAMES`], plus a jitter margin): the default selector then puts
+//!   a copy on the next path at once and the router asks for a re-send of the
+//!   frames the path may have lost ([`Router::poll_resend`]); the switch itself
+//!   still waits for silence.
 //!
 //! # Driving contract
 //!

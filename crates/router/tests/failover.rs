@@ -338,3 +338,38 @@ fn a_path_that_flaps_gets_the_call_back_at_most_once() {
         assert!(all <= 3, "{:?}", sim.sides[s].switches);
     }
 }
+
+#[test]
+fn quiet_alarms_cost_little_on_a_healthy_lossy_call() {
+    // Random loss and ± 4 ms jitter on both paths, for two minutes. At 1 % the
+    // active path stays below the lossy threshold, so every copy comes from a quiet
+    // alarm (two of the peer's frames missing in a row) and its re-send; at 2 % and
+    // more the lossy rule (`LOSSY_ON`, measured over 10 s windows) adds copies of
+    // its own, and only the re-sends are the alarms' cost.
+    for (i, loss) in [0.01, 0.02, 0.05].into_iter().enumerate() {
+        let mut sim = two_paths(
+            seed(111 + i as u64),
+            RedundancyMode::Auto,
+            Link::new(25).jitter_ms(4).loss(loss),
+            Link::new(50).jitter_ms(4).loss(loss),
+        );
+        sim.run_for(Duration::from_secs(120));
+        for s in 0..2 {
+            let side = &sim.sides[s];
+            let copies = side.redundant_frames + side.resent_frames;
+            let pct = 100.0 * copies as f64 / side.sent as f64;
+            eprintln!(
+                "{:.0} % loss, side {s}: {} copies + {} re-sent of {} frames ({pct:.2} %), {} switches",
+                loss * 100.0,
+                side.redundant_frames,
+                side.resent_frames,
+                side.sent,
+                side.switches.len()
+            );
+            assert!(side.resent_frames * 100 <= side.sent, "re-sends above 1 %");
+            if loss <= 0.01 {
+                assert!(pct <= 2.0, "{pct:.2} %");
+            }
+        }
+    }
+}
