@@ -392,7 +392,7 @@ impl Path {
         {
             // Its slot is reused before it was answered or timed out: lost.
             self.probe_loss.record_lost(now, 1);
-            self.clean_since = None;
+            self.probe_lost_since_clean(old);
         }
         self.in_flight[slot] = Some((seq, sent_at));
         self.last_probe = Some(now);
@@ -402,6 +402,15 @@ impl Path {
             path: self.id,
             seq,
             sent_at,
+        }
+    }
+
+    /// A probe sent at `sent_at` (µs) was lost: the path is not clean any more,
+    /// unless the probe went out before its clean run began (sent into an outage
+    /// that has since ended).
+    fn probe_lost_since_clean(&mut self, sent_at: u64) {
+        if self.clean_since.is_some_and(|c| sent_at >= c.as_micros()) {
+            self.clean_since = None;
         }
     }
 
@@ -427,7 +436,9 @@ impl Path {
                 *slot = None;
                 if first_heard.is_some_and(|t| sent_at >= t.as_micros()) {
                     self.probe_loss.record_lost(now, 1);
-                    self.clean_since = None;
+                    if self.clean_since.is_some_and(|c| sent_at >= c.as_micros()) {
+                        self.clean_since = None;
+                    }
                 }
             }
         }

@@ -290,12 +290,16 @@ impl<S: PathSelector> Router<S> {
     }
 
     /// Marks the active and redundant paths warm, then the best others until
-    /// [`MIN_WARM_PATHS`] are.
+    /// [`MIN_WARM_PATHS`] are, and the one the selector asks for.
     fn mark_warm(&mut self) {
         let mut warm = 0;
+        let keep = self.selector.keep_warm();
         for p in &mut self.paths {
             p.warm = Some(p.id) == self.active || Some(p.id) == self.redundant;
             warm += usize::from(p.warm);
+            // Not counted towards MIN_WARM_PATHS: a path kept warm for a possible
+            // return may be dead, and the failover needs a live standby.
+            p.warm |= Some(p.id) == keep;
         }
         while warm < MIN_WARM_PATHS {
             let best = self

@@ -133,6 +133,13 @@ pub trait PathSelector {
     fn next_check(&self) -> Option<Time> {
         None
     }
+
+    /// A path the router must keep warm (probed every
+    /// [`crate::PROBE_INTERVAL_WARM`]) besides the active and redundant ones: say,
+    /// one the policy may return to, so it is measured closely.
+    fn keep_warm(&self) -> Option<PathId> {
+        None
+    }
 }
 
 /// R points a candidate must gain over the active path to replace it: about
@@ -484,5 +491,16 @@ impl PathSelector for DefaultSelector {
 
     fn next_check(&self) -> Option<Time> {
         self.next_check
+    }
+
+    /// The path left for silence, while a return to it is possible: its clean
+    /// time is then measured by a warm probe every 250 ms (twenty in
+    /// [`RETURN_CLEAN`]), not a cold one every 2 s, so a path that came back lossy
+    /// rarely passes, and its first answer after a heal is heard at once.
+    fn keep_warm(&self) -> Option<PathId> {
+        match self.left_silent {
+            Some((p, _, None)) if self.active != Some(p) => Some(p),
+            _ => None,
+        }
     }
 }
