@@ -366,6 +366,9 @@ pub struct CallStats {
     pub paths_used: Vec<PathKind>,
     /// Media frames sent (first copies).
     pub frames_sent: u64,
+    /// Media copies sent beyond the first of each frame: redundancy on a second
+    /// path and re-sends after a path failed.
+    pub frames_duplicated: u64,
     /// Media frames received (first copies).
     pub frames_received: u64,
     /// Audio concealed because of loss, ms.
@@ -456,11 +459,71 @@ struct RelayPath {
     next_alloc: Time,
 }
 
+/// Frames kept after sending, for the router's re-sends when a path fails
+/// ([`peercall_router::SendPlan::resend`]): eight frames (160 ms) cover what is in
+/// flight and unanswered on a path with up to ~100 ms RTT when the quiet trigger
+/// fires; older frames would come too late to play anyway.
+const RESEND_KEEP: usize = 8;
+
+/// One frame kept for a re-send: when it went out, its stream numbers, and where
+/// its payload sits in [`Audio::kept_data`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Kept {
+    sent: Option<Time>,
+    seq: u32,
+    timestamp: u32,
+    flags: u8,
+    len: usize,
+}
+
 struct Audio {
     encoder: Encoder,
     packetizer: Packetizer,
     receiver: Receiver,
     buf: Vec<u8>,
+    /// The last [`RESEND_KEEP`] frames sent, a ring by sending order.
+    kept: [Kept; RESEND_KEEP],
+    /// Their payloads, `MAX_OPUS_PACKET` bytes per slot, allocated once.
+    kept_data: Vec<u8>,
+    kept_next: usize,
+}
+
+impl Audio {
+    /// The kept frames sent at or after `since`, oldest first, as ring slots.
+    fn kept_since(&self, since: Time) -> impl Iterator<Item = usize> + '_ {
+        (0..RESEND_KEEP)
+            .map(move |k| (self.kept_next + k) % RESEND_KEEP)
+            .filter(move |&i| self.kept[i].sent.is_some_and(|t| t >= since))
+    }
+
+    fn kept_media(&self, i: usize, path: PathId, path_seq: u32) -> Media<'_> {
+        let k = &self.kept[i];
+        let at = i * peercall_wire::frame::MAX_OPUS_PACKET;
+        Media {
+            path,
+            path_seq,
+            seq: k.seq,
+            timestamp: k.timestamp,
+            flags: k.flags | Media::FLAG_REDUNDANT,
+            payload: &self.kept_data[at..at + k.len],
+        }
+    }
+
+    /// Keeps the frame just sent, whose payload is the first `len` bytes of `buf`.
+    fn keep(&mut self, now: Time, seq: u32, timestamp: u32, flags: u8, len: usize) {
+        let i = self.kept_next;
+        let at = i * peercall_wire::frame::MAX_OPUS_PACKET;
+        let len = len.min(peercall_wire::frame::MAX_OPUS_PACKET);
+        self.kept_data[at..at + len].copy_from_slice(&self.buf[..len]);
+        self.kept[i] = Kept {
+            sent: Some(now),
+            seq,
+            timestamp,
+            flags,
+            len,
+        };
+        self.kept_next = (i + 1) % RESEND_KEEP;
+    }
 }
 
 impl std::fmt::Debug for Audio {
@@ -499,6 +562,8 @@ struct Call {
     end: Option<EndReason>,
     last_heard: Time,
     frames_sent: u64,
+    /// Media copies beyond the first of each frame: redundancy and re-sends.
+    frames_duplicated: u64,
     frames_received: u64,
     gap_ms: u64,
     max_gap_ms: u64,
@@ -550,6 +615,7 @@ impl Call {
             end: None,
             last_heard: now,
             frames_sent: 0,
+            frames_duplicated: 0,
             frames_received: 0,
             gap_ms: 0,
             max_gap_ms: 0,
@@ -854,9 +920,13 @@ impl Node {
         };
         let plan = call.router.send_plan(now);
         let mut sends: [Option<(PathId, u32, Route)>; 2] = [None, None];
+        // Re-sends first, so the frames go out in order on their new path.
+        let resends = plan_resends(now, call, &audio);
         let frame = audio.packetizer.packetize(&audio.buf[..n]);
-        if let (Some(frame), Some(_)) = (&frame, plan.primary) {
+        let sent = frame.filter(|_| plan.primary.is_some());
+        if sent.is_some() {
             call.frames_sent += 1;
+            call.frames_duplicated += u64::from(plan.redundant.is_some());
             for (slot, path) in sends.iter_mut().zip(plan.paths()) {
                 if let (Ok(path_seq), Some(route)) =
                     (call.router.on_media_sent(now, path), route_of(call, path))
@@ -864,6 +934,9 @@ impl Node {
                     *slot = Some((path, path_seq, route));
                 }
             }
+        }
+        self.send_resends(now, peer, &audio, resends);
+        if let Some(frame) = sent {
             let redundant = plan.redundant.is_some();
             for (path, path_seq, route) in sends.into_iter().flatten() {
                 let media = frame.to_media(path, path_seq);
@@ -873,6 +946,8 @@ impl Node {
                 };
                 self.send_on(now, peer, route, &Frame::Media(media));
             }
+            let (seq, timestamp, flags) = (frame.seq, frame.timestamp, frame.flags);
+            audio.keep(now, seq, timestamp, flags, n);
         }
         if let Some(call) = find_mut(&mut self.calls.calls, id) {
             call.audio = Some(audio);
@@ -1522,8 +1597,28 @@ impl Node {
         }
     }
 
-    /// Drains the router of a call: probes, reports, events.
+    /// Sends the re-sends [`plan_resends`] numbered.
+    fn send_resends(&mut self, now: Time, peer: PeerKey, audio: &Audio, resends: Resends) {
+        if let Some((path, route, frames)) = resends {
+            for (i, path_seq) in frames.into_iter().flatten() {
+                let media = audio.kept_media(i, path, path_seq);
+                self.send_on(now, peer, route, &Frame::Media(media));
+            }
+        }
+    }
+
+    /// Drains the router of a call: re-sends, probes, reports, events.
     fn drive_call(&mut self, now: Time, id: CallId) {
+        if let Some(call) = find_mut(&mut self.calls.calls, id)
+            && let Some(peer) = call.peer
+            && let Some(audio) = call.audio.take()
+        {
+            let resends = plan_resends(now, call, &audio);
+            self.send_resends(now, peer, &audio, resends);
+            if let Some(call) = find_mut(&mut self.calls.calls, id) {
+                call.audio = Some(audio);
+            }
+        }
         let Some(call) = find_mut(&mut self.calls.calls, id) else {
             return;
         };
@@ -1984,6 +2079,9 @@ impl Node {
                 packetizer: Packetizer::new(&mut rng),
                 receiver: Receiver::new(cfg.jitter)?,
                 buf: vec![0u8; peercall_wire::frame::MAX_OPUS_PACKET],
+                kept: [Kept::default(); RESEND_KEEP],
+                kept_data: vec![0u8; RESEND_KEEP * peercall_wire::frame::MAX_OPUS_PACKET],
+                kept_next: 0,
             })
         })();
         match audio {
@@ -2160,6 +2258,25 @@ fn paths_offer(call: &mut Call) -> Option<CallMsg> {
 }
 
 /// How to send on path `path` of `call` now.
+/// A re-send ready to go: the path, its route, and (kept slot, path sequence
+/// number) per frame.
+type Resends = Option<(PathId, Route, [Option<(usize, u32)>; RESEND_KEEP])>;
+
+/// Takes the router's pending re-send, if any, and numbers its frames on their
+/// path.
+fn plan_resends(now: Time, call: &mut Call, audio: &Audio) -> Resends {
+    let (path, since) = call.router.poll_resend()?;
+    let route = route_of(call, path)?;
+    let mut frames = [None; RESEND_KEEP];
+    for (slot, i) in frames.iter_mut().zip(audio.kept_since(since)) {
+        if let Ok(path_seq) = call.router.on_media_sent(now, path) {
+            *slot = Some((i, path_seq));
+            call.frames_duplicated += 1;
+        }
+    }
+    Some((path, route, frames))
+}
+
 fn route_of(call: &Call, path: PathId) -> Option<Route> {
     if path == DIRECT_PATH {
         return call.direct.map(Route::Direct);
@@ -2216,6 +2333,7 @@ fn call_stats(c: &Call, now: Time) -> CallStats {
         path_switches: r.switches,
         paths_used: c.paths_used.clone(),
         frames_sent: c.frames_sent,
+        frames_duplicated: c.frames_duplicated,
         frames_received: c.frames_received,
         concealed_ms: media.concealed * FRAME_MS,
         max_gap_ms: c.max_gap_ms,

@@ -24,7 +24,12 @@
 //! - **Liveness**: a path is *silent* when a frame or probe sent on it has gone
 //!   unanswered and nothing was heard on it for max(3 × RTT, 150 ms) (see
 //!   [`path::SILENCE_FLOOR`]), or when reports about our media stopped for
-//!   [`path::FEEDBACK_TIMEOUT`] (a one-way failure).
+//!   [`path::FEEDBACK_TIMEOUT`] (a one-way failure). Before that, a path carrying
+//!   the peer's media is *quiet* when two of its frames in a row are missing
+//!   ([`path::QUIET_FRAMES`], plus a jitter margin): the default selector then puts
+//!   a copy on the next path at once and the router asks for a re-send of the
+//!   frames the path may have lost ([`Router::poll_resend`]); the switch itself
+//!   still waits for silence.
 //!
 //! # Driving contract
 //!
@@ -34,6 +39,10 @@
 //! ```text
 //! for each path found by call setup:   router.add_path(now, id, kind)
 //! for each outgoing 20 ms frame:       plan = router.send_plan(now)
+//!                                      if let Some((path, since)) = router.poll_resend():
+//!                                          for each kept frame sent >= since:
+//!                                              path_seq = router.on_media_sent(now, path)
+//!                                              send it again on path (FLAG_REDUNDANT)
 //!                                      for path in plan.paths():
 //!                                          path_seq = router.on_media_sent(now, path)
 //!                                          send Media { path, path_seq, .. } on path
@@ -43,7 +52,8 @@
 //! on ProbeAck / Report:                router.on_probe_ack / on_report(now, ..)
 //! on any other packet on a path:       router.on_packet_received(now, path)
 //! after every input and timeout:       drain poll_probe(now), poll_report(now)
-//!                                      (send each on its .path), poll_event()
+//!                                      (send each on its .path), poll_event(),
+//!                                      poll_resend() (re-send as above)
 //! then:                                wake at poll_timeout(), call handle_timeout(now)
 //! ```
 //!
@@ -66,7 +76,7 @@ use thiserror::Error;
 pub use dedup::{DEDUP_WINDOW, Deduplicator};
 pub use router::{
     Delivery, MAX_PATHS, MIN_WARM_PATHS, PROBE_INTERVAL_COLD, PROBE_INTERVAL_SUSPECT,
-    PROBE_INTERVAL_WARM, Router, RouterConfig, RouterEvent, SendPlan,
+    PROBE_INTERVAL_WARM, RESEND_WINDOW_RTT_FACTOR, Router, RouterConfig, RouterEvent, SendPlan,
 };
 pub use selector::{
     DefaultSelector, PathSelector, PathView, RedundancyMode, Selection, SwitchReason,

@@ -40,6 +40,25 @@ pub const SUSPECT_RTT_FACTOR: f64 = 1.5;
 /// row are needed to reach it.
 pub const SUSPECT_FLOOR: Duration = Duration::from_millis(60);
 
+/// The peer's media normally arrives on the active path every frame interval; the
+/// path is *quiet* (an early warning, cheaper to act on than suspect: a second copy
+/// of the media starts, see [`crate::selector::QUIET_LINGER`]) when its media has
+/// stopped for two frame intervals plus a jitter margin. Two frames in a row must be
+/// lost to reach it: at 5 % random loss once per 400 frames (8 s).
+pub const QUIET_FRAMES: u32 = 2;
+/// The jitter margin on top of [`QUIET_FRAMES`]: this many times the path's inbound
+/// RFC 3550 jitter...
+pub const QUIET_JITTER_FACTOR: u32 = 3;
+/// ...and at least this much, so a path with no measured jitter is not hair-trigger
+/// (half a frame interval).
+pub const QUIET_MARGIN_FLOOR: Duration = Duration::from_millis(10);
+/// One frame interval of the peer's media.
+pub const FRAME_INTERVAL: Duration = Duration::from_millis(20);
+/// Quiet applies only while the peer's media was flowing on the path: its last frame
+/// came within this of the last packet heard (a path carrying only reports or probes
+/// has no cadence to miss).
+pub const QUIET_STREAM_GAP: Duration = Duration::from_millis(100);
+
 /// Reports on a path carrying our media come at least every
 /// [`STATS_REPORT_INTERVAL`]; none for this long while we send means our direction
 /// of the path is dead even if the peer's packets still reach us (a one-way
@@ -114,6 +133,8 @@ pub(crate) struct Inbound {
     pub loss: LossWindow,
     pub last_report: Option<Time>,
     pub report_pending: bool,
+    /// When the peer's last media frame arrived on this path.
+    pub last_arrival: Option<Time>,
 }
 
 impl Inbound {
@@ -132,6 +153,7 @@ impl Inbound {
                 }
             }
         };
+        self.last_arrival = Some(now);
         // 48 kHz samples to microseconds: 1e6 / 48000 = 125 / 6. The estimator only
         // takes differences, so the stream's timestamp origin does not matter; the
         // 32-bit wrap (after 24 hours) costs one jitter sample.
@@ -227,6 +249,9 @@ pub(crate) struct Path {
 
     pub inbound: Inbound,
 
+    /// Since when every probe was answered and the path never went silent.
+    pub clean_since: Option<Time>,
+
     /// Maintained by the router from the last selection.
     pub warm: bool,
 }
@@ -259,6 +284,7 @@ impl Path {
             probes_acked: 0,
             probe_jitter: JitterEstimator::default(),
             inbound: Inbound::default(),
+            clean_since: None,
             warm: true,
         }
     }
@@ -296,6 +322,24 @@ impl Path {
         at
     }
 
+    fn quiet_threshold(&self) -> Duration {
+        let margin =
+            Duration::from_micros(u64::from(self.inbound.jitter.jitter_us())) * QUIET_JITTER_FACTOR;
+        FRAME_INTERVAL * QUIET_FRAMES + margin.max(QUIET_MARGIN_FLOOR)
+    }
+
+    /// When the path turns quiet (the peer's media stopped arriving on it while we
+    /// await an answer), if nothing is heard.
+    pub fn quiet_at(&self) -> Option<Time> {
+        let heard = self.last_heard?;
+        self.answer_pending_since?;
+        let arrival = self.inbound.last_arrival?;
+        if heard.saturating_since(arrival) > QUIET_STREAM_GAP {
+            return None;
+        }
+        Some(heard + self.quiet_threshold())
+    }
+
     /// When the path becomes suspect if nothing is heard.
     pub fn suspect_at(&self) -> Option<Time> {
         let heard = self.last_heard?;
@@ -306,6 +350,7 @@ impl Path {
 
     pub fn on_heard(&mut self, now: Time) {
         self.first_heard.get_or_insert(now);
+        self.clean_since.get_or_insert(now);
         self.last_heard = Some(now);
         self.answer_pending_since = None;
     }
@@ -347,6 +392,7 @@ impl Path {
         {
             // Its slot is reused before it was answered or timed out: lost.
             self.probe_loss.record_lost(now, 1);
+            self.probe_lost_since_clean(old);
         }
         self.in_flight[slot] = Some((seq, sent_at));
         self.last_probe = Some(now);
@@ -356,6 +402,15 @@ impl Path {
             path: self.id,
             seq,
             sent_at,
+        }
+    }
+
+    /// A probe sent at `sent_at` (µs) was lost: the path is not clean any more,
+    /// unless the probe went out before its clean run began (sent into an outage
+    /// that has since ended).
+    fn probe_lost_since_clean(&mut self, sent_at: u64) {
+        if self.clean_since.is_some_and(|c| sent_at >= c.as_micros()) {
+            self.clean_since = None;
         }
     }
 
@@ -381,6 +436,9 @@ impl Path {
                 *slot = None;
                 if first_heard.is_some_and(|t| sent_at >= t.as_micros()) {
                     self.probe_loss.record_lost(now, 1);
+                    if self.clean_since.is_some_and(|c| sent_at >= c.as_micros()) {
+                        self.clean_since = None;
+                    }
                 }
             }
         }
@@ -519,12 +577,15 @@ impl Path {
         .r_factor();
         let silent = self.silent_at().is_some_and(|t| now >= t);
         let suspect = silent || self.suspect_at().is_some_and(|t| now >= t);
+        let quiet = suspect || self.quiet_at().is_some_and(|t| now >= t);
         PathView {
             id: self.id,
             kind: self.kind,
             validated: self.last_heard.is_some(),
             silent,
             suspect,
+            quiet,
+            clean_since: if silent { None } else { self.clean_since },
             last_heard: self.last_heard,
             rtt: self.rtt.smoothed(),
             loss: q.loss,

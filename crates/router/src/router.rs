@@ -37,6 +37,11 @@ pub const PROBE_INTERVAL_SUSPECT: Duration = Duration::from_millis(40);
 /// failover always has a measured path to go to.
 pub const MIN_WARM_PATHS: usize = 2;
 
+/// A re-send covers the frames sent since the failing path was last heard, minus
+/// this many of its RTTs: what the peer's last packet could not have seen arrive
+/// (frames in flight, then everything after). The engine bounds it by what it keeps; see [`Router::poll_resend`].
+pub const RESEND_WINDOW_RTT_FACTOR: u32 = 1;
+
 /// Events kept for [`Router::poll_event`]; older ones are dropped when the engine
 /// does not drain them (counted in [`RouterStats::events_dropped`]).
 pub const MAX_EVENTS: usize = 64;
@@ -102,6 +107,8 @@ pub struct Router<S = DefaultSelector> {
     views: Vec<PathView>,
     active: Option<PathId>,
     redundant: Option<PathId>,
+    /// A re-send for the next send plan: (path to send on, frames sent since).
+    resend: Option<(PathId, Time)>,
     dedup: Deduplicator,
     events: VecDeque<RouterEvent>,
     events_dropped: u64,
@@ -130,6 +137,7 @@ impl<S: PathSelector> Router<S> {
             views: Vec::with_capacity(MAX_PATHS),
             active: None,
             redundant: None,
+            resend: None,
             dedup: Deduplicator::default(),
             events: VecDeque::with_capacity(MAX_EVENTS),
             events_dropped: 0,
@@ -204,6 +212,9 @@ impl<S: PathSelector> Router<S> {
             self.views.push(p.view(now));
         }
         for (i, v) in self.views.iter().enumerate() {
+            if v.silent {
+                self.paths[i].clean_since = None;
+            }
             let usable = v.usable();
             if usable != self.usable[i] {
                 self.usable[i] = usable;
@@ -241,18 +252,54 @@ impl<S: PathSelector> Router<S> {
                 reason,
             });
         }
+        self.plan_resend(active, redundant);
         self.active = active;
         self.redundant = redundant;
         self.mark_warm();
     }
 
+    /// When a path starts carrying media (a copy, or the media after a switch) while
+    /// the path that carried it is failing (quiet, suspect or silent), schedules a
+    /// re-send of what that path may have lost.
+    fn plan_resend(&mut self, active: Option<PathId>, redundant: Option<PathId>) {
+        let carried = [self.active, self.redundant];
+        let new = redundant
+            .filter(|r| !carried.contains(&Some(*r)))
+            .or(active.filter(|a| !carried.contains(&Some(*a))));
+        let Some(to) = new else {
+            if self
+                .resend
+                .is_some_and(|(p, _)| Some(p) != active && Some(p) != redundant)
+            {
+                self.resend = None;
+            }
+            return;
+        };
+        let failing = self.active.and_then(|a| {
+            let i = self.paths.iter().position(|p| p.id == a)?;
+            let v = &self.views[i];
+            let p = &self.paths[i];
+            (v.quiet || v.suspect || v.silent).then_some(p)
+        });
+        if let Some(p) = failing
+            && let Some(heard) = p.last_heard
+        {
+            let since = heard - p.rtt_or_initial() * RESEND_WINDOW_RTT_FACTOR;
+            self.resend = Some((to, since));
+        }
+    }
+
     /// Marks the active and redundant paths warm, then the best others until
-    /// [`MIN_WARM_PATHS`] are.
+    /// [`MIN_WARM_PATHS`] are, and the one the selector asks for.
     fn mark_warm(&mut self) {
         let mut warm = 0;
+        let keep = self.selector.keep_warm();
         for p in &mut self.paths {
             p.warm = Some(p.id) == self.active || Some(p.id) == self.redundant;
             warm += usize::from(p.warm);
+            // Not counted towards MIN_WARM_PATHS: a path kept warm for a possible
+            // return may be dead, and the failover needs a live standby.
+            p.warm |= Some(p.id) == keep;
         }
         while warm < MIN_WARM_PATHS {
             let best = self
@@ -285,6 +332,20 @@ impl<S: PathSelector> Router<S> {
             primary: self.active,
             redundant: self.redundant,
         }
+    }
+
+    /// A re-send, once, when a path starts carrying media (a copy, or all of it
+    /// after a switch) because the path that carried it turned quiet, suspect or
+    /// silent: send again on the returned path the frames last sent at or after the
+    /// returned time (see [`RESEND_WINDOW_RTT_FACTOR`]), each with
+    /// [`Media::FLAG_REDUNDANT`] and a path sequence number from
+    /// [`Router::on_media_sent`]; they may have been lost on the failing path.
+    /// Poll after [`Router::send_plan`] and after every input and timeout, so the
+    /// copies leave as soon as the trigger fires.
+    pub fn poll_resend(&mut self) -> Option<(PathId, Time)> {
+        self.resend
+            .take()
+            .filter(|(p, _)| Some(*p) == self.active || Some(*p) == self.redundant)
     }
 
     /// A media frame goes out on `path`; returns the per-path sequence number to put
@@ -420,10 +481,12 @@ impl<S: PathSelector> Router<S> {
             if let Some(t) = p.silent_at().filter(|t| *t > now) {
                 at(t);
             }
-            if Some(p.id) == self.active
-                && let Some(t) = p.suspect_at().filter(|t| *t > now)
-            {
-                at(t);
+            if Some(p.id) == self.active {
+                for t in [p.suspect_at(), p.quiet_at()].into_iter().flatten() {
+                    if t > now {
+                        at(t);
+                    }
+                }
             }
         }
         next

@@ -22,8 +22,19 @@
 //!    media rate; at most one trial starts per [`TRIAL_INTERVAL`].
 //! 5. **Redundancy** on the two best paths while the active path is lossy
 //!    ([`LOSSY_ON`] / [`LOSSY_OFF`]), for [`RECENT_SWITCH_REDUNDANCY`] after a switch,
-//!    and while the active path is suspect (no answer for max(1.5 × RTT, 60 ms)) plus
-//!    [`SUSPECT_LINGER`].
+//!    while the active path is suspect (no answer for max(1.5 × RTT, 60 ms)) plus
+//!    [`SUSPECT_LINGER`], and while it is *quiet* (the peer's media missing for two
+//!    frame intervals plus a jitter margin, [`crate::path::QUIET_FRAMES`]) plus
+//!    [`QUIET_LINGER`]. The quiet trigger is separate from the switch (which waits for
+//!    silence) and cheap to get wrong: when it starts a copy, the router also re-sends
+//!    the frames the quiet path may have lost on the copy's path
+//!    ([`crate::Router::poll_resend`]).
+//! 6. **Return.** A path left because it went silent gets the call back, without the
+//!    confidence test, the hold or [`MIN_SWITCH_INTERVAL`], once it has answered every
+//!    probe for [`RETURN_CLEAN`] and is preferred over the active path by kind (a
+//!    direct path over a relay, one relay over two). A returned path that dies again within [`RETURN_PROBATION`] doubles the
+//!    clean time the next return needs, up to [`RETURN_CLEAN_MAX`]: a path that keeps
+//!    flapping is not returned to.
 
 use std::time::Duration;
 
@@ -44,6 +55,11 @@ pub struct PathView {
     pub silent: bool,
     /// It is late answering: silent soon unless something arrives.
     pub suspect: bool,
+    /// The peer's media stopped arriving on it for a moment (see
+    /// [`crate::path::QUIET_FRAMES`]): the earliest warning, before suspect.
+    pub quiet: bool,
+    /// Since when every probe on it was answered and it never went silent.
+    pub clean_since: Option<Time>,
     /// When something was last heard on it.
     pub last_heard: Option<Time>,
     /// Smoothed RTT, once measured.
@@ -117,6 +133,13 @@ pub trait PathSelector {
     fn next_check(&self) -> Option<Time> {
         None
     }
+
+    /// A path the router must keep warm (probed every
+    /// [`crate::PROBE_INTERVAL_WARM`]) besides the active and redundant ones: say,
+    /// one the policy may return to, so it is measured closely.
+    fn keep_warm(&self) -> Option<PathId> {
+        None
+    }
 }
 
 /// R points a candidate must gain over the active path to replace it: about
@@ -162,6 +185,24 @@ pub const RECENT_SWITCH_REDUNDANCY: Duration = Duration::from_secs(2);
 /// answers that came after a gap may be the last before it dies.
 pub const SUSPECT_LINGER: Duration = Duration::from_millis(500);
 
+/// Redundancy started by a quiet active path lasts this long after it is heard again:
+/// three frames. Short, because a quiet path is usually two frames lost at random,
+/// and each false alarm costs the re-sent frames plus this.
+pub const QUIET_LINGER: Duration = Duration::from_millis(60);
+
+/// A path left for silence must answer every probe for this long before the call
+/// returns to it: twenty warm probes, and longer than the outages of a few seconds
+/// that flapping paths show.
+pub const RETURN_CLEAN: Duration = Duration::from_secs(5);
+
+/// A returned path that goes silent again within this long was returned to too
+/// early: the next return needs twice the clean time.
+pub const RETURN_PROBATION: Duration = Duration::from_secs(60);
+
+/// The longest clean time a return may need, so a path that flapped for a while is
+/// still returned to once it has been stable for two minutes.
+pub const RETURN_CLEAN_MAX: Duration = Duration::from_secs(120);
+
 /// A trial sends media on a promising candidate for at most this long: at 50
 /// frames per second its pessimistic loss bound is tight within a few seconds.
 pub const TRIAL_DURATION: Duration = Duration::from_secs(8);
@@ -197,6 +238,10 @@ pub struct DefaultSelector {
     last_trial: Option<Time>,
     lossy: bool,
     suspect_until: Option<Time>,
+    quiet_until: Option<Time>,
+    /// The path left because it went silent, the clean time a return to it needs,
+    /// and when the call last returned to it.
+    left_silent: Option<(PathId, Duration, Option<Time>)>,
     next_check: Option<Time>,
 }
 
@@ -282,9 +327,33 @@ impl DefaultSelector {
             self.candidate = None;
             let next = best_by(paths, Some(active.id), effective).map(|v| v.id);
             return next.map(|n| {
+                // A return that failed within its probation doubles the next wait.
+                let clean = match self.left_silent {
+                    Some((p, clean, Some(back)))
+                        if p == active.id && now.saturating_since(back) < RETURN_PROBATION =>
+                    {
+                        (clean * 2).min(RETURN_CLEAN_MAX)
+                    }
+                    Some((p, clean, _)) if p == active.id => clean,
+                    _ => RETURN_CLEAN,
+                };
+                self.left_silent = Some((active.id, clean, None));
                 self.switch_to(now, n);
                 SwitchReason::Silent
             });
+        }
+        if let Some((p, clean, None)) = self.left_silent
+            && let Some(back) = paths.iter().find(|v| v.id == p)
+            && back.usable()
+            && !back.quiet
+            && kind_preference(back.kind) > kind_preference(active.kind)
+            && back
+                .clean_since
+                .is_some_and(|t| now.saturating_since(t) >= clean)
+        {
+            self.switch_to(now, p);
+            self.left_silent = Some((p, clean, Some(now)));
+            return Some(SwitchReason::Better);
         }
         let bar = effective(&active) + SWITCH_MARGIN_R;
         let Some(c) = best_by(paths, Some(active.id), effective).filter(|c| effective(c) >= bar)
@@ -355,8 +424,12 @@ impl DefaultSelector {
         if active.suspect {
             self.suspect_until = Some(now + SUSPECT_LINGER);
         }
+        if active.quiet {
+            self.quiet_until = Some(now + QUIET_LINGER);
+        }
         let suspect = self.suspect_until.is_some_and(|t| now < t);
-        if self.lossy || suspect {
+        let quiet = self.quiet_until.is_some_and(|t| now < t);
+        if self.lossy || suspect || quiet {
             best_other()
         } else {
             None
@@ -386,6 +459,10 @@ impl DefaultSelector {
         if let Some(t) = self.suspect_until {
             at(t);
         }
+        if let Some(t) = self.quiet_until {
+            at(t);
+        }
+
         if let Some(t) = self.last_trial {
             at(t + TRIAL_INTERVAL);
         }
@@ -414,5 +491,16 @@ impl PathSelector for DefaultSelector {
 
     fn next_check(&self) -> Option<Time> {
         self.next_check
+    }
+
+    /// The path left for silence, while a return to it is possible: its clean
+    /// time is then measured by a warm probe every 250 ms (twenty in
+    /// [`RETURN_CLEAN`]), not a cold one every 2 s, so a path that came back lossy
+    /// rarely passes, and its first answer after a heal is heard at once.
+    fn keep_warm(&self) -> Option<PathId> {
+        match self.left_silent {
+            Some((p, _, None)) if self.active != Some(p) => Some(p),
+            _ => None,
+        }
     }
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{FRAME, Link, START, Sim, seed};
 use peercall_router::path::FEEDBACK_TIMEOUT;
-use peercall_router::selector::SWITCH_HOLD;
-use peercall_router::{PathKind, RedundancyMode, RouterConfig, SwitchReason};
+use peercall_router::selector::{RETURN_CLEAN, SWITCH_HOLD};
+use peercall_router::{PROBE_INTERVAL_WARM, PathKind, RedundancyMode, RouterConfig, SwitchReason};
 use peercall_wire::Time;
 
 const DIRECT: u16 = 0;
@@ -251,4 +251,126 @@ fn a_one_way_failure_is_left_within_the_feedback_timeout() {
         l0 <= FEEDBACK_TIMEOUT + Duration::from_millis(100),
         "{l0:?}"
     );
+}
+
+#[test]
+fn a_quiet_path_is_covered_by_a_copy_and_a_re_send_before_it_turns_suspect() {
+    // One-way 25 ms direct, 50 ms relay: with `Auto` redundancy, the quiet trigger
+    // (two frame intervals plus a jitter margin of the peer's media missing) starts
+    // a copy on the relay and re-sends what the direct path may have lost, so no
+    // frame is lost for good when it dies.
+    let base = seed(81);
+    for i in 0..4 {
+        let f = cut_direct(base + i, RedundancyMode::Auto, 25, 0.0);
+        eprintln!(
+            "auto, one-way 25 ms: frames lost {:?}, left after {:?}",
+            f.lost, f.leave
+        );
+        assert_eq!(f.lost, [0, 0]);
+    }
+}
+
+#[test]
+fn a_healed_path_left_for_silence_gets_the_call_back_after_its_clean_time() {
+    let mut sim = two_paths(
+        seed(91),
+        RedundancyMode::Auto,
+        Link::new(25).jitter_ms(4),
+        Link::new(50).jitter_ms(4),
+    );
+    let cut = START + Duration::from_secs(20);
+    let outage = Duration::from_secs(10);
+    sim.cut(DIRECT, cut, outage);
+    sim.run_until(cut + outage);
+    let healed = sim.now;
+    sim.run_for(Duration::from_secs(20));
+    for s in 0..2 {
+        let (at, from, to, reason) = switch_after(&sim, s, healed).expect("returned");
+        let after = at.saturating_since(healed);
+        eprintln!("side {s}: back on the direct path {after:?} after it healed");
+        assert_eq!(
+            (from, to, reason),
+            (Some(RELAY), DIRECT, SwitchReason::Better)
+        );
+        // Its clean time, plus a warm probe interval (the selector keeps the path
+        // it may return to warm) and a round trip before its first answer.
+        assert!(after >= RETURN_CLEAN, "{after:?}");
+        assert!(
+            after <= RETURN_CLEAN + PROBE_INTERVAL_WARM + Duration::from_millis(100),
+            "{after:?}"
+        );
+    }
+}
+
+#[test]
+fn a_path_that_flaps_gets_the_call_back_at_most_once() {
+    // The direct path dies for 4 s every 10 s: up for 6 s, longer than the clean
+    // time, so the call returns once, loses it again, and then needs twice the
+    // clean time, which the path never gives.
+    let mut sim = two_paths(
+        seed(101),
+        RedundancyMode::Auto,
+        Link::new(25).jitter_ms(4),
+        Link::new(50).jitter_ms(4),
+    );
+    let first = START + Duration::from_secs(20);
+    for k in 0..12 {
+        sim.cut(
+            DIRECT,
+            first + Duration::from_secs(10 * k),
+            Duration::from_secs(4),
+        );
+    }
+    sim.run_until(first + Duration::from_secs(120));
+    for s in 0..2 {
+        let returns = sim.sides[s]
+            .switches
+            .iter()
+            .filter(|w| w.0 >= first && w.2 == DIRECT)
+            .count();
+        let all = sim.sides[s]
+            .switches
+            .iter()
+            .filter(|w| w.0 >= first)
+            .count();
+        eprintln!("side {s}: {all} switches, {returns} back to the flapping path");
+        assert!(returns <= 1, "{:?}", sim.sides[s].switches);
+        // The failover, the return, its failover: then the call stays put.
+        assert!(all <= 3, "{:?}", sim.sides[s].switches);
+    }
+}
+
+#[test]
+fn quiet_alarms_cost_little_on_a_healthy_lossy_call() {
+    // Random loss and ± 4 ms jitter on both paths, for two minutes. At 1 % the
+    // active path stays below the lossy threshold, so every copy comes from a quiet
+    // alarm (two of the peer's frames missing in a row) and its re-send; at 2 % and
+    // more the lossy rule (`LOSSY_ON`, measured over 10 s windows) adds copies of
+    // its own, and only the re-sends are the alarms' cost.
+    for (i, loss) in [0.01, 0.02, 0.05].into_iter().enumerate() {
+        let mut sim = two_paths(
+            seed(111 + i as u64),
+            RedundancyMode::Auto,
+            Link::new(25).jitter_ms(4).loss(loss),
+            Link::new(50).jitter_ms(4).loss(loss),
+        );
+        sim.run_for(Duration::from_secs(120));
+        for s in 0..2 {
+            let side = &sim.sides[s];
+            let copies = side.redundant_frames + side.resent_frames;
+            let pct = 100.0 * copies as f64 / side.sent as f64;
+            eprintln!(
+                "{:.0} % loss, side {s}: {} copies + {} re-sent of {} frames ({pct:.2} %), {} switches",
+                loss * 100.0,
+                side.redundant_frames,
+                side.resent_frames,
+                side.sent,
+                side.switches.len()
+            );
+            assert!(side.resent_frames * 100 <= side.sent, "re-sends above 1 %");
+            if loss <= 0.01 {
+                assert!(pct <= 2.0, "{pct:.2} %");
+            }
+        }
+    }
 }

@@ -378,14 +378,18 @@ fn a_relayed_call_upgrades_to_direct() {
     assert!(switched);
 }
 
-/// Cuts the direct way between the two users mid-call; returns, per side, how long
-/// after the cut the call left the direct path, and both calls' stats after 5 s.
-fn cut_direct_mid_call(n: &mut Net) -> ([Duration; 2], CallStats, CallStats, CutId) {
+/// Cuts the direct way between the two users mid-call, `offset` into a frame
+/// interval; returns, per side, how long after the cut the call left the direct
+/// path, and both calls' stats after 5 s.
+fn cut_direct_mid_call(
+    n: &mut Net,
+    offset: Duration,
+) -> ([Duration; 2], CallStats, CallStats, CutId) {
     let (ca, cb) = n.connect(0, 1, secs(5));
     n.talk(&[(0, ca), (1, cb)], secs(5));
     assert_eq!(n.stats(0, ca).active_path, Some(PathKind::Direct));
     let before = [n.stats(0, ca), n.stats(1, cb)];
-    let cut_at = n.sim.now();
+    let cut_at = n.sim.now() + offset;
     let (a, b) = (n.site(0), n.site(1));
     let cut = n.sim.cut(cut_at, &[a], &[b]).expect("cut");
     n.talk(&[(0, ca), (1, cb)], secs(5));
@@ -415,48 +419,129 @@ fn cut_direct_mid_call(n: &mut Net) -> ([Duration; 2], CallStats, CallStats, Cut
     (left, sa, sb, cut)
 }
 
+/// Seeds the dead-path test runs over: enough for a median, few enough for the
+/// 2-core CI machine (each seed is about a second of wall time).
+const DEAD_PATH_SEEDS: u64 = 5;
+
+/// The bound on leaving a dead active path: max(3 × RTT, 150 ms), with the
+/// direct path's smoothed RTT as measured when it died.
+fn leave_bound(s: &CallStats) -> Duration {
+    let rtt = s
+        .paths
+        .iter()
+        .find(|p| p.kind == PathKind::Direct)
+        .and_then(|p| p.rtt)
+        .expect("the direct path was measured");
+    (rtt * 3).max(ms(150))
+}
+
+/// The bound on concealed audio when the active path dies.
+const CONCEALED_BOUND_MS: u64 = 60;
+
+/// How soon after the direct way heals the call must be back on it (the issue's
+/// "about 10 s"): the router returns to a path left for silence after
+/// `RETURN_CLEAN` (5 s) of answered probes, probed warm (every 250 ms) meanwhile;
+/// measured 5.2 s. The rest is slack for a probe lost at random, which restarts
+/// the clean time.
+const BACK_BOUND: Duration = Duration::from_secs(10);
+
+fn median<T: Ord + Copy>(v: &mut [T]) -> T {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
 #[test]
 fn a_dead_direct_path_is_left_fast_with_little_concealment() {
-    let mut n = net(505, &[Site::Public, Site::Public], 25, auto_answer);
-    let (left, sa, sb, cut) = cut_direct_mid_call(&mut n);
-    // RTT 50 ms: max(3 × RTT, 150 ms) = 150 ms.
-    let bound = ms(150);
-    assert!(left.iter().all(|d| *d <= bound), "left after {left:?}");
-    assert_eq!(sa.state, CallState::Active);
-    assert!(
-        matches!(sa.active_path, Some(PathKind::Relay1 | PathKind::Relay2)),
-        "{sa:?}"
-    );
-    // Without redundancy, what was in flight on the dead path and what went out
-    // before it turned suspect (max(1.5 × RTT, 60 ms)) is lost: measured 100 ms
-    // (5 frames) at 25 ms one way. The 60 ms target holds with redundancy (the next
-    // test: nothing lost).
-    for s in [&sa, &sb] {
-        assert!(s.max_gap_ms <= 100, "gap {} ms: {s:?}", s.max_gap_ms);
+    let base = seed_from_env(505).expect("PEERCALL_SIM_SEED must be a u64");
+    let (mut lefts, mut concealed, mut backs) = (Vec::new(), Vec::new(), Vec::new());
+    for seed in base..base + DEAD_PATH_SEEDS {
+        let mut n = net(seed, &[Site::Public, Site::Public], 25, auto_answer);
+        // So that each seed draws its own run: ± 2 ms of jitter (order kept) on
+        // every link, and the cut at a different point of the frame interval.
+        let sites = n.sites.clone();
+        for &x in &sites {
+            for &y in &sites {
+                if x != y {
+                    let link = LinkConfig {
+                        jitter: ms(2),
+                        fifo: true,
+                        ..LinkConfig::new(ms(25))
+                    };
+                    n.sim.set_link(x, y, link).expect("link");
+                }
+            }
+        }
+        let offset = ms(u64::from(n.sim.derive_seed(7)[0]) % 20);
+        let (left, sa, sb, cut) = cut_direct_mid_call(&mut n, offset);
+        for (d, s) in left.iter().zip([&sa, &sb]) {
+            let bound = leave_bound(s);
+            assert!(
+                *d <= bound,
+                "seed {seed}: left after {left:?}, bound {bound:?}"
+            );
+        }
+        assert_eq!(sa.state, CallState::Active);
         assert!(
-            s.concealed_ms <= 100,
-            "concealed {} ms: {s:?}",
-            s.concealed_ms
+            matches!(sa.active_path, Some(PathKind::Relay1 | PathKind::Relay2)),
+            "{sa:?}"
         );
+        // Redundancy `Auto`: the quiet trigger (the peer's media missing for two
+        // frame intervals plus a jitter margin) starts a copy on the next path and
+        // re-sends what the dead path may have lost; the jitter buffer plays the
+        // re-sent frames late rather than losing them. What is left concealed is the
+        // time from the buffer running dry to the first re-sent frame's arrival.
+        for s in [&sa, &sb] {
+            assert!(
+                s.concealed_ms <= CONCEALED_BOUND_MS,
+                "seed {seed}: concealed {} ms: {s:?}",
+                s.concealed_ms
+            );
+            assert!(s.max_gap_ms <= CONCEALED_BOUND_MS, "seed {seed}: {s:?}");
+        }
+        // The direct way comes back: the call returns to it once it has answered
+        // every probe for a few seconds.
+        let healed = n.sim.now();
+        n.sim.heal(healed, cut).expect("heal");
+        let (ca, cb) = (sa.id, sb.id);
+        n.talk(&[(0, ca), (1, cb)], secs(15));
+        let mut back = Duration::ZERO;
+        for (u, call) in [(0, ca), (1, cb)] {
+            let at = n
+                .events(u)
+                .iter()
+                .find_map(|(at, e)| match e {
+                    Event::CallPathSwitched {
+                        call: c,
+                        to: PathKind::Direct,
+                        ..
+                    } if *c == call && *at > healed => Some(at.saturating_since(healed)),
+                    _ => None,
+                })
+                .unwrap_or(Duration::MAX);
+            back = back.max(at);
+            assert_eq!(n.stats(u, call).active_path, Some(PathKind::Direct));
+        }
+        assert!(back <= BACK_BOUND, "seed {seed}: back after {back:?}");
+        let worst = sa.concealed_ms.max(sb.concealed_ms);
+        eprintln!(
+            "seed {seed} (cut {offset:?} into a frame): left after {left:?}, concealed {} / {} ms, back on direct {back:?} after the heal, copies {} / {} of {} / {} frames",
+            sa.concealed_ms,
+            sb.concealed_ms,
+            sa.frames_duplicated,
+            sb.frames_duplicated,
+            sa.frames_sent,
+            sb.frames_sent,
+        );
+        lefts.push(left[0].max(left[1]));
+        concealed.push(worst);
+        backs.push(back);
     }
-    // The direct way comes back: the call returns to it once the router trusts it
-    // again. The router's selector holds an active path for 30 s after a switch and
-    // tries a once-failed path with media at most every 30 s, so that takes up to a
-    // minute (measured: 46 s after the heal here).
-    let now = n.sim.now();
-    n.sim.heal(now, cut).expect("heal");
-    let (ca, cb) = (sa.id, sb.id);
-    n.talk(&[(0, ca), (1, cb)], secs(65));
-    let back = n.events(0).iter().find_map(|(at, e)| match e {
-        Event::CallPathSwitched {
-            to: PathKind::Direct,
-            ..
-        } if *at > now => Some(at.saturating_since(now)),
-        _ => None,
-    });
-    eprintln!("back on the direct path {back:?} after the heal");
-    assert_eq!(n.stats(0, ca).active_path, Some(PathKind::Direct));
-    assert_eq!(n.stats(1, cb).active_path, Some(PathKind::Direct));
+    eprintln!(
+        "medians over {DEAD_PATH_SEEDS} seeds from {base}: left after {:?}, concealed {} ms (worse side), back on direct {:?}",
+        median(&mut lefts),
+        median(&mut concealed),
+        median(&mut backs)
+    );
 }
 
 #[test]
@@ -465,7 +550,7 @@ fn with_redundancy_no_frame_is_lost_when_a_path_dies() {
         c.calls.auto_answer = true;
         c.calls.redundancy = RedundancyMode::Always;
     });
-    let (left, sa, sb, _) = cut_direct_mid_call(&mut n);
+    let (left, sa, sb, _) = cut_direct_mid_call(&mut n, Duration::ZERO);
     assert!(left.iter().all(|d| *d <= ms(150)), "left after {left:?}");
     for s in [&sa, &sb] {
         assert_eq!(s.media.lost, 0, "{s:?}");
@@ -501,8 +586,17 @@ fn no_flapping_with_random_loss() {
     let talk = 120;
     n.talk(&[(0, ca), (1, cb)], secs(talk));
     let (sa, sb) = (n.stats(0, ca), n.stats(1, cb));
-    eprintln!("caller: switches {} {:?}", sa.path_switches, sa.paths_used);
-    eprintln!("callee: switches {} {:?}", sb.path_switches, sb.paths_used);
+    for (who, s) in [("caller", &sa), ("callee", &sb)] {
+        eprintln!(
+            "{who}: switches {} {:?}; copies {} of {} frames ({:.1} %), concealed {} ms",
+            s.path_switches,
+            s.paths_used,
+            s.frames_duplicated,
+            s.frames_sent,
+            100.0 * s.frames_duplicated as f64 / s.frames_sent as f64,
+            s.concealed_ms,
+        );
+    }
     for s in [&sa, &sb] {
         assert_eq!(s.state, CallState::Active);
         // At most one switch per 30 s.
@@ -510,6 +604,49 @@ fn no_flapping_with_random_loss() {
             s.path_switches <= talk / 30,
             "{} switches: {s:?}",
             s.path_switches
+        );
+    }
+}
+
+/// How long the direct way stays up, then down, over and over, in the flapping
+/// test: shorter than the router's 5 s clean time before a return, as a path
+/// that fails every few seconds does.
+const FLAP_HALF_PERIOD: Duration = Duration::from_secs(4);
+
+#[test]
+fn a_flapping_direct_path_does_not_make_the_call_flap() {
+    let mut n = net(514, &[Site::Public, Site::Public], 25, auto_answer);
+    let (ca, cb) = n.connect(0, 1, secs(5));
+    n.talk(&[(0, ca), (1, cb)], secs(5));
+    assert_eq!(n.stats(0, ca).active_path, Some(PathKind::Direct));
+    let (a, b) = (n.site(0), n.site(1));
+    let talk = 60;
+    let end = n.sim.now() + secs(talk);
+    while n.sim.now() < end {
+        let now = n.sim.now();
+        let cut = n.sim.cut(now, &[a], &[b]).expect("cut");
+        n.talk(&[(0, ca), (1, cb)], FLAP_HALF_PERIOD);
+        let now = n.sim.now();
+        n.sim.heal(now, cut).expect("heal");
+        n.talk(&[(0, ca), (1, cb)], FLAP_HALF_PERIOD);
+    }
+    let (sa, sb) = (n.stats(0, ca), n.stats(1, cb));
+    for (who, s) in [("caller", &sa), ("callee", &sb)] {
+        eprintln!(
+            "{who}: switches {} {:?}, concealed {} ms",
+            s.path_switches, s.paths_used, s.concealed_ms
+        );
+        assert_eq!(s.state, CallState::Active);
+        // The first cut moves the call off the direct path; the flapping path is
+        // never clean long enough to get it back: at most one switch per 30 s.
+        assert!(
+            s.path_switches <= talk / 30,
+            "{} switches: {s:?}",
+            s.path_switches
+        );
+        assert!(
+            matches!(s.active_path, Some(PathKind::Relay1 | PathKind::Relay2)),
+            "{s:?}"
         );
     }
 }

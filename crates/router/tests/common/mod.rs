@@ -148,7 +148,15 @@ pub struct Side {
     pub switches: Vec<(Time, Option<PathId>, PathId, SwitchReason)>,
     /// Times a frame was sent on two paths.
     pub redundant_frames: u64,
+    /// Frames sent again at the router's request ([`Router::poll_resend`]).
+    pub resent_frames: u64,
+    /// (stream seq, send time) of the last frames sent, for re-sends: as many as
+    /// the engine keeps.
+    history: std::collections::VecDeque<(u32, Time)>,
 }
+
+/// Frames a side keeps for re-sends, like the engine.
+const KEEP: usize = 8;
 
 pub struct Sim {
     pub rng: ChaCha20Rng,
@@ -258,9 +266,15 @@ impl Sim {
             if plan.primary.is_none() {
                 continue;
             }
+            self.resend(s);
             let seq = self.sides[s].next_seq;
             self.sides[s].next_seq += 1;
             self.sides[s].sent += 1;
+            let h = &mut self.sides[s].history;
+            if h.len() == KEEP {
+                h.pop_front();
+            }
+            h.push_back((seq, now));
             if plan.redundant.is_some() {
                 self.sides[s].redundant_frames += 1;
             }
@@ -279,6 +293,36 @@ impl Sim {
                     },
                 );
             }
+        }
+    }
+
+    /// Sends the router's pending re-send, if any.
+    fn resend(&mut self, s: usize) {
+        let now = self.now;
+        let Some((path, since)) = self.routers[s].poll_resend() else {
+            return;
+        };
+        let frames: Vec<u32> = self.sides[s]
+            .history
+            .iter()
+            .filter(|(_, t)| *t >= since)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in frames {
+            let path_seq = self.routers[s]
+                .on_media_sent(now, path)
+                .expect("re-send on a known path");
+            self.sides[s].resent_frames += 1;
+            self.send(
+                s,
+                path,
+                Packet::Media {
+                    path,
+                    path_seq,
+                    seq,
+                    timestamp: seq.wrapping_mul(960),
+                },
+            );
         }
     }
 
@@ -328,6 +372,7 @@ impl Sim {
     fn drain(&mut self) {
         let now = self.now;
         for s in 0..2 {
+            self.resend(s);
             while let Some(p) = self.routers[s].poll_probe(now) {
                 self.send(s, p.path, Packet::Probe(p));
             }
