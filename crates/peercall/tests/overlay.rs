@@ -40,7 +40,10 @@ const SESSION_TIMEOUT_SECS: u64 = 3;
 const RECORD_TTL_SECS: u64 = 60;
 const RECORD_REFRESH_SECS: u64 = 20;
 /// Clients a seed admits: three seeds take 9 attachments, and four desktops with two
-/// homes each bring 8, a load of 0.89, past the high watermark of 0.7.
+/// homes each bring 8, a load of 0.89, past the high watermark of 0.8. The coordinator
+/// promotes enough nodes to bring the load to the midpoint of the watermarks (0.625):
+/// one, after which the load is 6 of 12 (0.5), between the watermarks, so the tier
+/// stays at four.
 const SEED_CAPACITY: u32 = 3;
 /// How long the seeds may take to know each other.
 const TIER_WAIT: Duration = Duration::from_secs(20);
@@ -151,8 +154,8 @@ impl Node {
              election_min_uptime_secs = 0\n\
              election_min_bandwidth_mbps = 10\n\
              election_min_cpu_headroom_pct = 0\n\
-             election_high_watermark = 0.7\n\
-             election_low_watermark = 0.3\n\
+             election_high_watermark = 0.8\n\
+             election_low_watermark = 0.45\n\
              election_min_supernodes = 3\n",
             role = spec.role,
             handle = spec.handle.unwrap_or(""),

@@ -152,9 +152,11 @@ impl Daemon {
         fs::read_to_string(self.data_dir.join(ADMIN_TOKEN)).expect("admin.token")
     }
 
-    /// `GET path` on the admin API.
+    /// `GET path` on the admin API, with the bearer token (every `/v1/` path needs
+    /// it; the open ones ignore it). Tests of refusals call [`http`] without it.
     pub fn get(&self, path: &str) -> HttpResponse {
-        http(self.admin(), "GET", path, &[], "").expect("GET")
+        let auth = format!("Bearer {}", self.token());
+        http(self.admin(), "GET", path, &[("Authorization", &auth)], "").expect("GET")
     }
 
     /// `POST path` with the bearer token.
