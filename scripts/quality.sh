@@ -2,14 +2,17 @@
 # Measures peercall's voice quality with PESQ wideband (ITU-T P.862.2) over a grid of
 # loss rates, seeds and FEC on/off, and prints the mean MOS per condition.
 #
-#   scripts/quality.sh            full grid: 4 clips x 4 seeds x {0,5,10,20 % random,
-#                                 10 % bursty} x FEC on/off (~5 min on 2 cores)
-#   scripts/quality.sh --quick    1 clip, 2 seeds, 0 and 10 % loss, FEC on; exits
-#                                 non-zero below loose floors (for the test suite)
+#   scripts/quality.sh            full grid: {natural, espeak} x 4 clips x 4 seeds x
+#                                 {0,5,10,20 % random, 10 % bursty} x redundancy on/off
+#                                 (~10 min on one core; QUALITY_JOBS=2 halves it)
+#   scripts/quality.sh --quick    1 natural clip, 2 seeds, 0 and 10 % loss, defaults;
+#                                 exits non-zero below floors (for the test suite)
 #   extra arguments go to scripts/quality.py (--jitter-ms, --seeds, --bitrate, ...)
 #
 # The PESQ reference implementation is not free software: it is installed from PyPI
-# into a private venv at run time and never committed. Speech comes from espeak-ng.
+# into a private venv at run time and never committed. Natural speech is made from
+# the human-voice recordings of Debian's alsa-utils, synthetic speech with espeak-ng;
+# clips are built at run time, no audio is committed.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -17,6 +20,7 @@ root="$(cd "$here/.." && pwd)"
 venv="${PEERCALL_VENV:-$HOME/.cache/peercall-venv}"
 
 need=()
+[[ -e /usr/share/sounds/alsa/Front_Center.wav ]] || need+=(alsa-utils)
 command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v sox >/dev/null || need+=(sox)
 if ((${#need[@]})); then
@@ -24,7 +28,8 @@ if ((${#need[@]})); then
     sudo_cmd=""
     [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"
     $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends \
+        "${need[@]}" >/dev/null
 fi
 
 if ! "$venv/bin/python" -c "import pesq, numpy, scipy" 2>/dev/null; then

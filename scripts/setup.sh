@@ -2,8 +2,9 @@
 # Sourced by test.sh and demo.sh: installs what a fresh Debian 12 machine lacks and
 # sets the shared build cache. Idempotent and quiet when everything is present.
 
-# Debian packages the build and the tests need.
-PEERCALL_APT_PACKAGES=(cmake pkg-config iproute2 iptables prometheus sox espeak-ng stun-client)
+# Debian packages the build and the tests need (alsa-utils for the human-voice
+# recordings in /usr/share/sounds/alsa that scripts/quality.sh builds its clips from).
+PEERCALL_APT_PACKAGES=(cmake pkg-config iproute2 iptables prometheus sox espeak-ng alsa-utils stun-client)
 
 peercall_missing_packages() {
     local p

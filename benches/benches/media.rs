@@ -1,17 +1,21 @@
 //! Audio pipeline speed: Opus encode and decode of one second of speech-like audio
-//! (so `1 s / time` is the speed in × real time), and the jitter buffer's cost per
-//! 20 ms frame (one push and one pull, with reordering).
+//! (so `1 s / time` is the speed in × real time), the cost of rebuilding a run of
+//! three lost frames from DRED, and the jitter buffer's cost per 20 ms frame (one
+//! push and one pull, with reordering).
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use peercall_media::codec::{Decoder, Encoder, EncoderConfig, PathFeedback};
+use peercall_media::codec::{Decoder, Encoder, EncoderConfig, PathFeedback, has_dred};
 use peercall_media::jitter::{JitterBuffer, JitterConfig, Playout};
 use peercall_media::{FRAME_SAMPLES, SAMPLE_RATE};
 use peercall_wire::Time;
 use peercall_wire::frame::MAX_OPUS_PACKET;
 
 const FRAMES_PER_SECOND: usize = 50;
+
+/// The run of lost frames the DRED bench rebuilds.
+const RUN_FRAMES: usize = 3;
 
 /// One second of voiced, pitch-gliding, syllable-shaped audio.
 fn speechy_second() -> Vec<i16> {
@@ -29,7 +33,11 @@ fn speechy_second() -> Vec<i16> {
 }
 
 fn encoder() -> Encoder {
-    let mut enc = Encoder::new(EncoderConfig::default()).expect("default config is valid");
+    encoder_with(EncoderConfig::default())
+}
+
+fn encoder_with(config: EncoderConfig) -> Encoder {
+    let mut enc = Encoder::new(config).expect("the config is valid");
     // Code FEC too, as on a lossy path: the expensive case.
     enc.on_feedback(&PathFeedback {
         loss_fraction: 0.1,
@@ -77,6 +85,34 @@ fn codec(c: &mut Criterion) {
                 dec.conceal(&mut out);
                 black_box(&out);
             }
+        })
+    });
+    group.finish();
+
+    // DRED: one call rebuilds three lost frames (60 ms) from the packet after them.
+    let mut enc = encoder_with(EncoderConfig {
+        fec: false,
+        dred_ms: 100,
+        ..EncoderConfig::default()
+    });
+    let packets: Vec<Vec<u8>> = audio
+        .chunks_exact(FRAME_SAMPLES)
+        .map(|frame| {
+            let n = enc.encode(frame, &mut buf).expect("encodes");
+            buf[..n].to_vec()
+        })
+        .collect();
+    let next = packets
+        .iter()
+        .rev()
+        .find(|p| has_dred(p))
+        .expect("DRED is coded once loss is reported");
+    let mut run = vec![0i16; RUN_FRAMES * FRAME_SAMPLES];
+    let mut group = c.benchmark_group("dred");
+    group.throughput(Throughput::Elements(RUN_FRAMES as u64));
+    group.bench_function("rebuild_3_frames", |b| {
+        b.iter(|| {
+            let _ = black_box(dec.decode_dred(next, &mut run));
         })
     });
     group.finish();

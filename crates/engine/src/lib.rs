@@ -40,5 +40,6 @@ pub use node::{
 };
 pub use peercall_overlay::{
     CachedHost, Found, Lookup, LookupError, OverlayConfig, OverlayEvent, OverlayStats, RequestId,
+    Resources,
 };
 pub use stats::{DropReason, Stats};

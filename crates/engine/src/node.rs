@@ -8,7 +8,8 @@ use peercall_crypto::{Handle, Identity, PeerKey, UserId};
 pub use peercall_overlay::Role;
 use peercall_overlay::util::{Map, TokenBucket, map};
 use peercall_overlay::{
-    Bootstrap, CachedHost, Lookup, Output, Overlay, OverlayConfig, OverlayEvent, RequestId, stun,
+    Bootstrap, CachedHost, Lookup, Output, Overlay, OverlayConfig, OverlayEvent, RequestId,
+    Resources, stun,
 };
 use peercall_wire::frame::CloseReason;
 use peercall_wire::{Frame, MAX_DATAGRAM, Protocol, Time, classify};
@@ -921,6 +922,12 @@ impl Node {
     pub fn set_handle(&mut self, now: Time, handle: Option<Handle>) {
         self.overlay.set_handle(now, handle);
         self.drain_overlay(now);
+    }
+
+    /// Updates the resources this node offers for promotion (bandwidth from config,
+    /// CPU headroom as the owner measures it); reported with the next candidacy.
+    pub fn set_resources(&mut self, resources: Resources) {
+        self.overlay.set_resources(resources);
     }
 
     /// Re-publishes the directory record now.

@@ -178,6 +178,8 @@ pub struct EvalReport {
     pub lost: u64,
     /// Lost frames rebuilt from the next packet's in-band FEC.
     pub fec_recovered: u64,
+    /// Lost frames rebuilt from a later packet's DRED.
+    pub dred_recovered: u64,
     /// Frames concealed (lost and not recoverable, or corrupt).
     pub concealed: u64,
     /// Packets that arrived after their playout time: dropped (and counted in
@@ -191,6 +193,10 @@ pub struct EvalReport {
     /// codec look-ahead and the jitter-buffer wait (so a frame's latency is
     /// `pipeline_latency_ms - jb_delay_ms_avg` plus its own wait).
     pub pipeline_latency_ms: f64,
+    /// Average Opus bitrate on the wire, b/s: the payload bytes of every packet sent
+    /// (in-band FEC and DRED included, lost ones too) over the input's duration.
+    /// Packet headers, encryption and UDP/IP come on top.
+    pub bitrate_bps: f64,
     /// E-model MOS estimate (narrowband scale, see [`crate::quality`]) from the
     /// mouth-to-ear delay including the network, residual loss and its burstiness.
     pub mos_estimate: f64,
@@ -307,6 +313,7 @@ pub fn run(input: &[i16], options: &EvalOptions) -> Result<EvalOutcome, MediaErr
     let first_ts = packetizer.next_timestamp();
     let mut last_ts: Option<u32> = None;
     let mut stats = receiver.stats();
+    let mut payload_bytes: u64 = 0;
 
     for pull in 0..pulls {
         let pull_at = EPOCH + frame + phase + frame * pull as u32;
@@ -330,6 +337,7 @@ pub fn run(input: &[i16], options: &EvalOptions) -> Result<EvalOutcome, MediaErr
                 });
                 continue;
             };
+            payload_bytes += packet.payload.len() as u64;
             let dropped = loss.lose(&mut rng);
             let jitter =
                 Duration::from_secs_f64(uniform(&mut rng) * 2.0 * options.jitter_ms / 1000.0);
@@ -390,7 +398,7 @@ pub fn run(input: &[i16], options: &EvalOptions) -> Result<EvalOutcome, MediaErr
                 waits.push(ms(waited));
                 Some(seq)
             }
-            Pulled::FecRecovered { seq } => Some(seq),
+            Pulled::FecRecovered { seq } | Pulled::DredRecovered { seq } => Some(seq),
             _ => None,
         };
         if let (None, Some(seq)) = (first_play, played) {
@@ -449,11 +457,16 @@ pub fn run(input: &[i16], options: &EvalOptions) -> Result<EvalOutcome, MediaErr
         frames: frames as u64,
         lost: stats.lost,
         fec_recovered: stats.fec_recovered,
+        dred_recovered: stats.dred_recovered,
         concealed: stats.concealed,
         late: stats.late,
         jb_delay_ms_avg: round_to(jb_avg, 2),
         jb_delay_ms_p95: round_to(percentile(&mut waits, 0.95), 2),
         pipeline_latency_ms: round_to(pipeline_latency_ms, 2),
+        bitrate_bps: round_to(
+            payload_bytes as f64 * 8.0 * f64::from(SAMPLE_RATE) / input.len() as f64,
+            0,
+        ),
         mos_estimate: round_to(stats.mos_estimate(network_ms), 3),
         seed: options.seed,
     };

@@ -4,17 +4,19 @@
 //! decoder. The owner calls [`JitterBuffer::push`] for every received media frame
 //! (both copies when a frame is sent on two paths: the second is a duplicate) and
 //! [`JitterBuffer::pull`] once per 20 ms of audio it needs. `pull` answers what to
-//! play: a packet, the next packet's FEC for a missing one, concealment, comfort
-//! noise during DTX, or an inserted frame while the buffer grows.
+//! play: a packet, the packet after a run of missing frames (whose in-band FEC or
+//! DRED can rebuild them), concealment, comfort noise during DTX, or an inserted
+//! frame while the buffer grows.
 //!
 //! # Delay
 //!
 //! Each first copy's *transit* (arrival time minus its timestamp in µs) is kept for
 //! the last [`JitterConfig::window`] packets. Against the fastest of them, a packet's
 //! transit excess is its inter-arrival deviation: how much later than the best case
-//! it came. The target delay is a high percentile of that deviation plus one frame,
-//! so that when a frame is due the *next* packet has normally arrived too and can
-//! stand in through its FEC; it is clamped to `min_delay..=max_delay`.
+//! it came. The target delay is a high percentile of that deviation plus
+//! [`JitterConfig::recovery_frames`] frames (one by default), so that when a frame is
+//! due the *next* packet has normally arrived too and can stand in through its FEC;
+//! it is clamped to `min_delay..=max_delay`.
 //!
 //! The playout delay `D` is how long after its best-case arrival the frame due now is
 //! played. `pull` keeps `D` in `target..target + 20 ms` by dropping or inserting one
@@ -65,6 +67,13 @@ pub const FORCE_SHRINK_US: i64 = 4 * FRAME_US as i64;
 /// and buffers anew: the next packet starts a fresh talkspurt with a fresh delay.
 const IDLE_RESET_FRAMES: u32 = 50;
 
+/// Default [`JitterConfig::recovery_frames`]: one frame, what in-band FEC needs.
+pub const DEFAULT_RECOVERY_FRAMES: u32 = 1;
+
+/// The most [`JitterConfig::recovery_frames`]: 200 ms of look-ahead, the default
+/// `max_delay`.
+pub const MAX_RECOVERY_FRAMES: u32 = 10;
+
 /// Jitter buffer settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct JitterConfig {
@@ -76,6 +85,12 @@ pub struct JitterConfig {
     pub percentile: f64,
     /// Number of recent packets the deviation is measured over.
     pub window: usize,
+    /// Frames of look-ahead the target keeps on top of the jitter, so that when a
+    /// frame is missing at its turn, the packets after it have come and their
+    /// redundancy can rebuild it: 1 lets in-band FEC (and DRED) cover a single
+    /// lost frame, `n` lets DRED rebuild runs of up to `n` lost frames. Each frame
+    /// adds 20 ms of delay.
+    pub recovery_frames: u32,
 }
 
 impl Default for JitterConfig {
@@ -87,6 +102,7 @@ impl Default for JitterConfig {
             max_delay: Duration::from_millis(200),
             percentile: 0.95,
             window: 250,
+            recovery_frames: DEFAULT_RECOVERY_FRAMES,
         }
     }
 }
@@ -111,6 +127,9 @@ impl JitterConfig {
         }
         if !(1..=10_000).contains(&self.window) {
             return bad("jitter.window", "must be 1..=10000 packets");
+        }
+        if !(1..=MAX_RECOVERY_FRAMES).contains(&self.recovery_frames) {
+            return bad("jitter.recovery_frames", "must be 1..=10 frames");
         }
         Ok(())
     }
@@ -144,15 +163,18 @@ pub enum Playout<'a> {
         /// How long it waited in the buffer.
         waited: Duration,
     },
-    /// Frame `seq` is missing but the next packet is here: decode its FEC.
-    Fec {
+    /// Frame `seq` is missing, and so are the `ahead - 1` frames after it, but the
+    /// packet after them is here with no DTX gap between: rebuild the frame from
+    /// that packet's redundancy (its in-band FEC covers the one frame before it, its
+    /// DRED the whole run), or conceal it.
+    Recover {
         /// The missing frame.
         seq: u32,
-        /// The packet after it, whose in-band FEC covers it.
+        /// How many frames on the packet is: `1` for the very next one.
+        ahead: u32,
+        /// The packet after the run of missing frames.
         next: &'a [u8],
     },
-    /// The frame due now is missing and the next packet is not here: conceal.
-    Conceal,
     /// Nothing is buffered: the packet is late or lost, or the sender is in DTX
     /// (which one shows when the next packet comes; see
     /// [`JitterStats::dtx_underruns`]). Conceal (libopus turns a DTX gap into
@@ -302,8 +324,8 @@ enum Next {
     Present { ts: u64, talkspurt: bool },
     /// A DTX gap before the next packet.
     Gap,
-    /// Missing and due now; `fec_seq` is the following packet when it is here.
-    Missing { fec: bool },
+    /// Missing and due now; the first packet buffered after it is `ahead` on.
+    Missing { ahead: u64 },
     /// Missing and its time already passed (concealed earlier): skip it.
     Passed,
     /// Nothing buffered at all.
@@ -478,7 +500,8 @@ impl JitterBuffer {
         self.min_transit = low;
         let min_us = i64::try_from(self.config.min_delay.as_micros()).unwrap_or(i64::MAX);
         let max_us = i64::try_from(self.config.max_delay.as_micros()).unwrap_or(i64::MAX);
-        self.target_us = (high - low + FRAME_US as i64).clamp(min_us, max_us);
+        let lookahead = i64::from(self.config.recovery_frames) * FRAME_US as i64;
+        self.target_us = (high - low + lookahead).clamp(min_us, max_us);
         self.stats.target_delay = Duration::from_micros(self.target_us.unsigned_abs());
         self.stats.jitter = Duration::from_micros(self.jitter_us as u64);
     }
@@ -518,7 +541,7 @@ impl JitterBuffer {
         let est = ts.saturating_sub(ahead * FRAME);
         match est.cmp(&self.next_ts) {
             std::cmp::Ordering::Less => Next::Passed,
-            std::cmp::Ordering::Equal => Next::Missing { fec: ahead == 1 },
+            std::cmp::Ordering::Equal => Next::Missing { ahead },
             std::cmp::Ordering::Greater => Next::Gap,
         }
     }
@@ -653,16 +676,16 @@ impl JitterBuffer {
                     waited,
                 }
             }
-            Next::Missing { fec } => {
+            Next::Missing { ahead } => {
                 let seq = self.next_seq;
                 self.mark_lost();
                 self.next_ts += FRAME;
-                match self.slot(seq + 1) {
-                    Some(slot) if fec => Playout::Fec {
-                        seq: seq as u32,
-                        next: &slot.data[..slot.len],
-                    },
-                    _ => Playout::Conceal,
+                let slot = &self.slots[((seq + ahead) % CAPACITY as u64) as usize];
+                Playout::Recover {
+                    seq: seq as u32,
+                    // Below CAPACITY: classify() looks no further.
+                    ahead: ahead as u32,
+                    next: &slot.data[..slot.len],
                 }
             }
             Next::Gap => {
@@ -737,7 +760,7 @@ mod tests {
             }
             match jb.pull(at(u64::from(k) * 20 + 10), false) {
                 Playout::Play { seq, .. } => played.push(format!("p{seq}")),
-                Playout::Fec { seq, .. } => played.push(format!("f{seq}")),
+                Playout::Recover { seq, ahead, .. } => played.push(format!("r{seq}+{ahead}")),
                 Playout::Idle => played.push("idle".into()),
                 other => played.push(format!("{other:?}")),
             }
@@ -745,12 +768,53 @@ mod tests {
         assert_eq!(
             played,
             [
-                "idle", "p0", "p1", "p2", "p3", "f4", "p5", "p6", "p7", "p8", "p9", "Underrun"
+                "idle", "p0", "p1", "p2", "p3", "r4+1", "p5", "p6", "p7", "p8", "p9", "Underrun"
             ]
         );
         let s = jb.stats();
         assert_eq!((s.lost, s.played, s.late), (1, 9, 0));
         assert_eq!(s.target_delay, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn deeper_look_ahead_offers_a_whole_run_of_lost_frames_for_recovery() {
+        let mut jb = JitterBuffer::new(JitterConfig {
+            recovery_frames: 2,
+            ..JitterConfig::default()
+        })
+        .unwrap();
+        // Frames 0..10 sent every 20 ms, arriving 5 ms later; frames 4 and 5 lost.
+        let mut played = Vec::new();
+        for k in 0..12u32 {
+            if !(4..=5).contains(&k) && k < 10 {
+                jb.push(at(u64::from(k) * 20 + 5), k, ts(k), 0, &[k as u8]);
+            }
+            played.push(match jb.pull(at(u64::from(k) * 20 + 10), false) {
+                Playout::Play { seq, .. } => format!("p{seq}"),
+                Playout::Recover { seq, ahead, next } => format!("r{seq}+{ahead}:{}", next[0]),
+                other => format!("{other:?}"),
+            });
+        }
+        // Two frames of look-ahead: playout starts 40 ms after the first arrival, and
+        // when frame 4 is due, frame 6 (whose redundancy covers both) is there.
+        assert_eq!(
+            played,
+            [
+                "Idle", "Idle", "p0", "p1", "p2", "p3", "r4+2:6", "r5+1:6", "p6", "p7", "p8", "p9"
+            ]
+        );
+        assert_eq!(jb.stats().target_delay, Duration::from_millis(40));
+        assert_eq!(jb.stats().lost, 2);
+        let bad = JitterConfig {
+            recovery_frames: 0,
+            ..JitterConfig::default()
+        };
+        assert!(
+            JitterBuffer::new(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("recovery_frames")
+        );
     }
 
     #[test]
@@ -824,9 +888,7 @@ mod tests {
                     }
                     last = Some(seq);
                 }
-                Playout::Fec { .. } | Playout::Conceal if pull > 20 && pull < 200 => {
-                    lost_after_warmup += 1
-                }
+                Playout::Recover { .. } if pull > 20 && pull < 200 => lost_after_warmup += 1,
                 _ => {}
             }
         }

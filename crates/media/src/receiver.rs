@@ -2,15 +2,21 @@
 //!
 //! The owner pushes every received media frame with [`Receiver::push`] and pulls
 //! 20 ms of 48 kHz mono PCM at a time with [`Receiver::pull`], on its playout clock.
-//! Nothing fails at this level: a missing frame is rebuilt from the next packet's
-//! FEC when that is here, and concealed otherwise; a corrupt packet is concealed.
+//! Nothing fails at this level: a missing frame is rebuilt from the redundancy of
+//! the packet after it when that is here (its in-band FEC for a single lost frame,
+//! its DRED for a run of them), and concealed otherwise; a corrupt packet is
+//! concealed.
+//!
+//! libopus rebuilds a run of frames from DRED in one call (it places the audio by
+//! its length before the packet), so the receiver decodes the whole run when its
+//! first frame is due and plays the rest from memory at the following pulls.
 
 use std::time::Duration;
 
 use peercall_wire::Time;
 use peercall_wire::frame::Media;
 
-use crate::codec::{Decoder, has_fec};
+use crate::codec::{Decoder, MAX_DRED_FRAMES, has_dred, has_fec};
 use crate::jitter::{JitterBuffer, JitterConfig, Playout, Pushed};
 use crate::stats::CallStats;
 use crate::{FRAME_SAMPLES, MediaError};
@@ -38,8 +44,13 @@ pub enum Pulled {
         /// Time in the jitter buffer.
         waited: Duration,
     },
-    /// A lost frame rebuilt from the next packet's FEC.
+    /// A lost frame rebuilt from the next packet's in-band FEC.
     FecRecovered {
+        /// The recovered frame's sequence number.
+        seq: u32,
+    },
+    /// A lost frame rebuilt from a later packet's DRED.
+    DredRecovered {
         /// The recovered frame's sequence number.
         seq: u32,
     },
@@ -61,6 +72,41 @@ pub struct Receiver {
     last_silent: bool,
     in_loss_burst: bool,
     loss_bursts: u64,
+    rebuilt: Rebuilt,
+}
+
+/// A run of lost frames rebuilt from DRED in one go, played one pull at a time.
+#[derive(Debug)]
+struct Rebuilt {
+    /// The run's audio, [`MAX_DRED_FRAMES`] frames of room.
+    pcm: Box<[i16]>,
+    /// The sequence number of the run's first frame and of the packet whose DRED
+    /// rebuilt it; `None` when nothing is held.
+    span: Option<(u32, u32)>,
+    /// Frames of the run played so far.
+    played: usize,
+}
+
+impl Rebuilt {
+    /// Plays frame `seq` into `out` if it is the next one held from packet `from`.
+    fn take(&mut self, seq: u32, from: u32, out: &mut [i16; FRAME_SAMPLES]) -> bool {
+        let Some((first, source)) = self.span else {
+            return false;
+        };
+        let at = seq.wrapping_sub(first) as usize * FRAME_SAMPLES;
+        let next = self.played * FRAME_SAMPLES;
+        match self.pcm.get(at..at + FRAME_SAMPLES) {
+            Some(frame) if source == from && at == next => {
+                out.copy_from_slice(frame);
+                self.played += 1;
+                true
+            }
+            _ => {
+                self.span = None;
+                false
+            }
+        }
+    }
 }
 
 impl Receiver {
@@ -74,6 +120,11 @@ impl Receiver {
             last_silent: true,
             in_loss_burst: false,
             loss_bursts: 0,
+            rebuilt: Rebuilt {
+                pcm: vec![0; MAX_DRED_FRAMES * FRAME_SAMPLES].into_boxed_slice(),
+                span: None,
+                played: 0,
+            },
         })
     }
 
@@ -84,10 +135,15 @@ impl Receiver {
 
     /// Fills `out` with the next 20 ms of audio.
     pub fn pull(&mut self, now: Time, out: &mut [i16; FRAME_SAMPLES]) -> Pulled {
-        let decoder = &mut self.decoder;
         let mut corrupt = false;
         let mut underrun = false;
-        let pulled = match self.jitter.pull(now, self.last_silent) {
+        let playout = self.jitter.pull(now, self.last_silent);
+        if !matches!(playout, Playout::Recover { .. }) {
+            // Any other decode moves the decoder on: what was rebuilt is stale.
+            self.rebuilt.span = None;
+        }
+        let decoder = &mut self.decoder;
+        let pulled = match playout {
             Playout::Idle => {
                 out.fill(0);
                 return Pulled::Idle;
@@ -104,20 +160,11 @@ impl Receiver {
                     Pulled::Concealed
                 }
             }
-            Playout::Fec { seq, next } => {
-                if !has_fec(next) {
-                    decoder.conceal(out);
-                    Pulled::Concealed
-                } else if decoder.decode_fec(next, out).is_ok() {
-                    Pulled::FecRecovered { seq }
-                } else {
-                    corrupt = true;
-                    Pulled::Concealed
-                }
-            }
-            Playout::Conceal => {
-                decoder.conceal(out);
-                Pulled::Concealed
+            Playout::Recover { seq, ahead, next } => {
+                let (pulled, bad) =
+                    Self::recover(decoder, &mut self.rebuilt, seq, ahead, next, out);
+                corrupt = bad;
+                pulled
             }
             Playout::Underrun => {
                 // Counted once the jitter buffer knows whether it was loss or DTX.
@@ -139,6 +186,46 @@ impl Receiver {
         pulled
     }
 
+    /// Plays lost frame `seq`, `ahead` frames before packet `next`: from frames
+    /// already rebuilt from that packet's DRED, from its in-band FEC when it is the
+    /// very next packet, from its DRED (rebuilding the whole run), or concealed.
+    /// Returns what was played and whether the packet was corrupt.
+    fn recover(
+        decoder: &mut Decoder,
+        rebuilt: &mut Rebuilt,
+        seq: u32,
+        ahead: u32,
+        next: &[u8],
+        out: &mut [i16; FRAME_SAMPLES],
+    ) -> (Pulled, bool) {
+        let next_seq = seq.wrapping_add(ahead);
+        if rebuilt.take(seq, next_seq, out) {
+            return (Pulled::DredRecovered { seq }, false);
+        }
+        if ahead == 1 && has_fec(next) {
+            return match decoder.decode_fec(next, out) {
+                Ok(()) => (Pulled::FecRecovered { seq }, false),
+                Err(_) => (Pulled::Concealed, true),
+            };
+        }
+        let frames = ahead as usize;
+        if frames <= MAX_DRED_FRAMES && has_dred(next) {
+            let run = &mut rebuilt.pcm[..frames * FRAME_SAMPLES];
+            let result = decoder.decode_dred(next, run);
+            out.copy_from_slice(&run[..FRAME_SAMPLES]);
+            return match result {
+                Ok(()) => {
+                    rebuilt.span = Some((seq, next_seq));
+                    rebuilt.played = 1;
+                    (Pulled::DredRecovered { seq }, false)
+                }
+                Err(_) => (Pulled::Concealed, true),
+            };
+        }
+        decoder.conceal(out);
+        (Pulled::Concealed, false)
+    }
+
     fn account(&mut self, pulled: Pulled, corrupt: bool, underrun: bool) {
         let s = &mut self.stats;
         s.frames_played += 1;
@@ -146,6 +233,7 @@ impl Receiver {
         let concealed = matches!(pulled, Pulled::Concealed);
         match pulled {
             Pulled::FecRecovered { .. } => s.fec_recovered += 1,
+            Pulled::DredRecovered { .. } => s.dred_recovered += 1,
             Pulled::Concealed if !underrun => s.concealed += 1,
             Pulled::ComfortNoise => s.dtx += 1,
             _ => {}

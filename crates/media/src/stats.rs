@@ -18,6 +18,10 @@ pub struct CallStats {
     pub lost: u64,
     /// Lost frames rebuilt from the next packet's in-band FEC.
     pub fec_recovered: u64,
+    /// Lost frames rebuilt from a later packet's DRED (Deep REDundancy). libopus
+    /// conceals the part of a long run its DRED does not reach back to; those
+    /// frames are counted here too.
+    pub dred_recovered: u64,
     /// Frames concealed because of loss (not DTX), including corrupt packets.
     pub concealed: u64,
     /// Packets that arrived after their playout time: dropped (and counted in

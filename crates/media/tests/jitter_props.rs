@@ -10,6 +10,9 @@ use proptest::prelude::*;
 const T0: u64 = 1_700_000_000_000_000;
 const FRAME: u32 = 960;
 
+/// First payload byte of the realistic stream's packets (wild ones repeat 7).
+const STREAM_TAG: u8 = 1;
+
 /// Checks one pull's answer against everything played before.
 struct Checker {
     played: HashSet<u32>,
@@ -30,8 +33,15 @@ impl Checker {
                 prop_assert!(!payload.is_empty());
                 seq
             }
-            Playout::Fec { seq, next, .. } => {
+            Playout::Recover { seq, ahead, next } => {
                 prop_assert!(!next.is_empty());
+                prop_assert!(ahead >= 1 && (ahead as usize) < CAPACITY);
+                // Packets of the realistic stream carry their own sequence number:
+                // the redundancy offered must come from the packet `ahead` on.
+                if let [STREAM_TAG, a, b, c, d] = *next {
+                    let from = u32::from_le_bytes([a, b, c, d]);
+                    prop_assert_eq!(from, seq.wrapping_add(ahead));
+                }
                 seq
             }
             _ => return Ok(()),
@@ -78,9 +88,11 @@ proptest! {
             let seq = base_seq.wrapping_add(k32);
             let ts = base_ts.wrapping_add(k32.wrapping_mul(FRAME));
             let sent = k as u64 * 20;
-            arrivals.push((sent + delay, seq, ts, vec![1, roll]));
+            let mut payload = vec![STREAM_TAG];
+            payload.extend_from_slice(&seq.to_le_bytes());
+            arrivals.push((sent + delay, seq, ts, payload.clone()));
             if dup {
-                arrivals.push((sent + second_delay, seq, ts, vec![1, roll]));
+                arrivals.push((sent + second_delay, seq, ts, payload));
             }
         }
         for &(seq, ts, at, len) in &wild {

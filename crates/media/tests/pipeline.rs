@@ -1,5 +1,5 @@
 //! End-to-end behaviour of the pipeline: evaluator alignment and determinism, FEC,
-//! DTX, and a receiver fed corrupt packets.
+//! DRED, DTX, and a receiver fed corrupt packets.
 
 use peercall_media::codec::EncoderConfig;
 use peercall_media::eval::{self, EvalOptions, LossSpec};
@@ -94,7 +94,9 @@ fn runs_replay_from_their_seed() {
     assert_eq!(
         keys,
         [
+            "bitrate_bps",
             "concealed",
+            "dred_recovered",
             "fec_recovered",
             "frames",
             "jb_delay_ms_avg",
@@ -133,6 +135,52 @@ fn fec_recovers_most_single_losses_and_no_fec_recovers_none() {
     assert_eq!(without.lost, with.lost, "same seed, same network");
     assert!(without.concealed > with.concealed);
     assert!(without.mos_estimate < with.mos_estimate);
+}
+
+#[test]
+fn dred_rebuilds_runs_of_lost_frames_inside_the_bitrate() {
+    let input = speechy(8.0);
+    let bursty = EvalOptions {
+        loss: LossSpec::Bursty {
+            pct: 10.0,
+            mean_burst_ms: 60.0,
+        },
+        jitter_ms: 5.0,
+        seed: 5,
+        encoder: EncoderConfig {
+            fec: false,
+            dred_ms: 100,
+            ..EncoderConfig::default()
+        },
+        // Three frames of look-ahead: runs of up to three lost frames are rebuilt
+        // before they are due.
+        jitter: JitterConfig {
+            recovery_frames: 3,
+            ..JitterConfig::default()
+        },
+    };
+    let with = eval::run(&input, &bursty).unwrap().report;
+    assert!(with.lost > 20, "{with:?}");
+    // DRED starts with the first receiver report; after that nearly every run of
+    // three or fewer frames is rebuilt.
+    assert!(with.dred_recovered * 2 > with.lost, "{with:?}");
+    assert_eq!(with.fec_recovered, 0);
+    let without = EvalOptions {
+        encoder: EncoderConfig {
+            fec: false,
+            dred_ms: 0,
+            ..EncoderConfig::default()
+        },
+        ..bursty
+    };
+    let without = eval::run(&input, &without).unwrap().report;
+    assert_eq!((without.dred_recovered, without.lost), (0, with.lost));
+    // DRED's bits come out of the configured rate: VBR may overshoot a little.
+    assert!(
+        with.bitrate_bps > without.bitrate_bps,
+        "{with:?} {without:?}"
+    );
+    assert!(with.bitrate_bps < 32_000.0 * 1.05, "{with:?}");
 }
 
 #[test]

@@ -3,8 +3,13 @@
 //! | method | path | auth | does |
 //! |---|---|---|---|
 //! | GET | `/healthz` | open | `ok` if the engine task answers, 503 otherwise |
-//! | GET | `/status` | open | JSON: ids, role, sessions, uptime |
+//! | GET | `/status` | open | JSON: ids, role, supernode or not, home supernodes, attached clients, members, directory share, reflexive address, sessions, uptime |
 //! | GET | `/metrics` | open | Prometheus text format |
+//! | GET | `/v1/lookup?q=HANDLE\|USER_ID` | open | looks the user up in the directory: 200 with the record (fingerprint, user id, handle, static key, endpoints, home supernodes, online, expiry); 404 not found, 504 timed out, 503 not attached |
+//! | GET | `/v1/contacts` | open | the contacts with their presence |
+//! | POST | `/v1/contacts` | bearer | `{"contact": "HANDLE" or "USER_ID"}`: a handle is looked up and the user id found is pinned (trust on first use); 201 new, 200 known, 409 handle pinned to someone else |
+//! | DELETE | `/v1/contacts/{HANDLE or USER_ID}` | bearer | removes the contact |
+//! | GET | `/v1/events` | bearer | server-sent events: presence, role, homes, ... (see `crate::events`) |
 //! | POST | `/v1/connect` | bearer | `{"peer": "PEERKEY@HOST:PORT" or "HOST:PORT"}`: start a session |
 //! | POST | `/v1/shutdown` | bearer | graceful shutdown, as on SIGTERM |
 //! | POST | `/v1/webrtc/offer?echo=1` | bearer | body: a browser's SDP offer; answers `{"session", "answer"}` (201) with an echo session (feature `webrtc`) |
@@ -19,6 +24,7 @@
 //! must carry a loopback `Host` header, which defeats DNS-rebinding attacks from web
 //! pages in a local browser.
 
+use std::convert::Infallible;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -26,20 +32,29 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use futures_util::StreamExt;
+use peercall_crypto::{Handle, Record, UserId};
+use peercall_engine::{Found, Lookup, LookupError};
+use peercall_wire::Time;
 use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{mpsc, watch};
 use tracing::info;
 
+use crate::book::{AddError, Added, ContactView, endpoint_strings};
 use crate::clock::Clock;
 use crate::contact::PeerSpec;
+use crate::events::EventBus;
 use crate::logging::short_key;
 use crate::metrics::Metrics;
 use crate::runtime::{self, Command, Snapshot};
@@ -51,6 +66,13 @@ const TOKEN_BYTES: usize = 32;
 const ENGINE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest request body accepted (a connect request is under 200 bytes).
 const MAX_BODY: usize = 4096;
+/// How long `/v1/lookup` waits for the overlay's answer: its own timeout (it then
+/// answers "timed out" itself) plus a margin for a busy engine.
+const LOOKUP_WAIT: Duration = Duration::from_secs(peercall_overlay::LOOKUP_TIMEOUT.as_secs() + 4);
+/// How long a contact change may take to reach the disk before the request fails.
+const SAVE_WAIT: Duration = Duration::from_secs(10);
+/// Comment lines on an idle event stream, so proxies and clients see it is alive.
+const EVENTS_KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// The bearer token for state-changing requests.
 #[derive(Clone)]
@@ -96,6 +118,12 @@ pub struct AdminState {
     pub clock: Clock,
     /// The bound UDP address (to pick an address family when resolving peers).
     pub udp_local: SocketAddr,
+    /// The configured handle.
+    pub handle: Option<Handle>,
+    /// The event stream's source.
+    pub events: Arc<EventBus>,
+    /// Becomes `true` when the node stops: event streams end then.
+    pub stopping: watch::Receiver<bool>,
 }
 
 type Shared = Arc<AdminState>;
@@ -106,6 +134,10 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/v1/lookup", get(lookup))
+        .route("/v1/contacts", get(contacts).post(add_contact))
+        .route("/v1/contacts/{contact}", delete(remove_contact))
+        .route("/v1/events", get(events))
         .route("/v1/connect", post(connect))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/webrtc/offer", post(webrtc_offer))
@@ -231,6 +263,48 @@ pub struct StatusBody {
     pub uptime_s: u64,
     /// Established sessions.
     pub sessions: Vec<SessionBody>,
+    /// The handle claimed in the directory.
+    #[serde(default)]
+    pub handle: Option<String>,
+    /// Whether the node is a supernode now.
+    #[serde(default)]
+    pub supernode: bool,
+    /// Home supernodes (ordinary nodes).
+    #[serde(default)]
+    pub homes: Vec<HomeBody>,
+    /// Nodes attached to this supernode.
+    #[serde(default)]
+    pub clients: u64,
+    /// Most clients this supernode admits (0 while not a supernode).
+    #[serde(default)]
+    pub capacity: u64,
+    /// Live supernodes known, this one included (supernodes).
+    #[serde(default)]
+    pub members: u64,
+    /// Directory records this supernode stores: its directory share.
+    #[serde(default)]
+    pub records: u64,
+    /// The address the supernodes see this node at.
+    #[serde(default)]
+    pub reflexive: Option<String>,
+    /// Contacts in the book.
+    #[serde(default)]
+    pub contacts: usize,
+    /// Contacts online.
+    #[serde(default)]
+    pub contacts_online: usize,
+    /// Supernodes in the host cache.
+    #[serde(default)]
+    pub host_cache: usize,
+}
+
+/// A supernode a node is attached to (or that a record lists).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HomeBody {
+    /// Its static key.
+    pub key: String,
+    /// Its address.
+    pub addr: String,
 }
 
 /// One session in `/status`.
@@ -246,9 +320,27 @@ pub struct SessionBody {
     pub last_received_age_s: f64,
 }
 
-fn status_body(snap: &Snapshot, udp: SocketAddr) -> StatusBody {
+fn status_body(snap: &Snapshot, udp: SocketAddr, handle: Option<&Handle>) -> StatusBody {
     let status = &snap.status;
     StatusBody {
+        handle: handle.map(|h| h.as_str().to_owned()),
+        supernode: status.supernode,
+        homes: status
+            .homes
+            .iter()
+            .map(|(key, addr)| HomeBody {
+                key: key.to_string(),
+                addr: addr.to_string(),
+            })
+            .collect(),
+        clients: status.clients,
+        capacity: snap.stats.overlay.capacity,
+        members: status.members,
+        records: status.records,
+        reflexive: status.reflexive.map(|a| a.to_string()),
+        contacts: snap.contacts,
+        contacts_online: snap.contacts_online,
+        host_cache: snap.host_cache,
         user_id: status.user_id.to_string(),
         fingerprint: status.user_id.fingerprint(),
         peer_key: status.peer_key.to_string(),
@@ -271,7 +363,9 @@ fn status_body(snap: &Snapshot, udp: SocketAddr) -> StatusBody {
 
 async fn status(State(state): State<Shared>) -> Response {
     match runtime::snapshot(&state.commands, ENGINE_TIMEOUT).await {
-        Some(snap) => axum::Json(status_body(&snap, state.udp_local)).into_response(),
+        Some(snap) => {
+            axum::Json(status_body(&snap, state.udp_local, state.handle.as_ref())).into_response()
+        }
         None => engine_gone(),
     }
 }
@@ -284,8 +378,330 @@ async fn metrics(State(state): State<Shared>) -> Response {
     if let Some(webrtc) = &snap.webrtc {
         state.metrics.webrtc.mirror(webrtc);
     }
-    let text = state.metrics.render(&snap.stats, state.clock.uptime());
+    let m = &state.metrics;
+    let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    m.contacts.set(gauge(snap.contacts));
+    m.contacts_online.set(gauge(snap.contacts_online));
+    m.host_cache.set(gauge(snap.host_cache));
+    m.event_subscribers.set(gauge(state.events.subscribers()));
+    let text = m.render(&snap.stats, state.clock.uptime());
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response()
+}
+
+/// Parses what a user typed to name someone: a user id (52 base32 characters) or
+/// a handle.
+pub fn parse_query(q: &str) -> Result<Lookup, String> {
+    let q = q.trim();
+    if let Ok(user) = q.parse::<UserId>() {
+        return Ok(Lookup::User(user));
+    }
+    Handle::new(q).map(Lookup::Handle).map_err(|e| {
+        format!("{q:?} is neither a user id (52 base32 characters) nor a handle ({e})")
+    })
+}
+
+/// The `/v1/lookup` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LookupBody {
+    /// What was asked.
+    pub query: String,
+    /// The user id.
+    pub user_id: String,
+    /// Its fingerprint, for people to compare.
+    pub fingerprint: String,
+    /// The handle the record claims.
+    pub handle: Option<String>,
+    /// The node's Noise static key.
+    pub static_key: String,
+    /// Whether the record lists endpoints (a signed "offline" record does not).
+    pub online: bool,
+    /// Where the node can be reached.
+    pub endpoints: Vec<String>,
+    /// The node's home supernodes.
+    pub home_supernodes: Vec<HomeBody>,
+    /// The record's sequence number.
+    pub seq: u64,
+    /// When it expires, Unix seconds.
+    pub expires: u64,
+    /// Seconds until then.
+    pub expires_in_s: u64,
+}
+
+fn lookup_body(query: &str, record: &Record, online: bool, now: Time) -> LookupBody {
+    let user = record.user_id();
+    let body = &record.body;
+    LookupBody {
+        query: query.to_owned(),
+        user_id: user.to_string(),
+        fingerprint: user.fingerprint(),
+        handle: body.handle.as_ref().map(|h| h.as_str().to_owned()),
+        static_key: body.static_key.to_string(),
+        online,
+        endpoints: endpoint_strings(&body.endpoints),
+        home_supernodes: body
+            .supernodes
+            .iter()
+            .map(|h| HomeBody {
+                key: h.key.to_string(),
+                addr: h.addr.to_string(),
+            })
+            .collect(),
+        seq: record.seq,
+        expires: record.expires,
+        expires_in_s: record.expires.saturating_sub(now.as_secs()),
+    }
+}
+
+/// Asks the overlay and waits for its answer; an error response if there is none.
+async fn run_lookup(state: &AdminState, what: Lookup, shown: &str) -> Result<Found, Response> {
+    let answer = runtime::ask(
+        &state.commands,
+        |reply| Command::Lookup { what, reply },
+        LOOKUP_WAIT,
+    )
+    .await;
+    match answer {
+        None => Err(error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("no answer for {shown:?} within {LOOKUP_WAIT:?}"),
+        )),
+        Some(None) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many lookups in flight; try again shortly",
+        )),
+        Some(Some(Ok(found))) => Ok(found),
+        Some(Some(Err(LookupError::NotFound))) => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("{shown:?} was not found: no live record in the directory"),
+        )),
+        Some(Some(Err(LookupError::Timeout))) => Err(error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the lookup of {shown:?} timed out: no directory storer answered in time"),
+        )),
+        Some(Some(Err(LookupError::NotAttached))) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is not attached to the overlay yet (no home supernode); try again shortly",
+        )),
+    }
+}
+
+/// Query of `/v1/lookup`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupQuery {
+    q: String,
+}
+
+async fn lookup(
+    State(state): State<Shared>,
+    query: Result<Query<LookupQuery>, QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q.q,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected ?q=HANDLE or ?q=USER_ID: {e}"),
+            );
+        }
+    };
+    let what = match parse_query(&q) {
+        Ok(w) => w,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match run_lookup(&state, what, q.trim()).await {
+        Ok(found) => axum::Json(lookup_body(
+            q.trim(),
+            &found.record,
+            found.online,
+            state.clock.now(),
+        ))
+        .into_response(),
+        Err(response) => response,
+    }
+}
+
+/// The `/v1/contacts` listing.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ContactsBody {
+    /// The contacts, in the order added.
+    pub contacts: Vec<ContactView>,
+}
+
+async fn contacts(State(state): State<Shared>) -> Response {
+    match runtime::ask(&state.commands, Command::Contacts, ENGINE_TIMEOUT).await {
+        Some(contacts) => axum::Json(ContactsBody { contacts }).into_response(),
+        None => engine_gone(),
+    }
+}
+
+/// The `POST /v1/contacts` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddContactRequest {
+    contact: String,
+}
+
+/// The answer to an add.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddedBody {
+    /// Whether the contact is new.
+    pub added: bool,
+    /// The contact.
+    pub contact: ContactView,
+}
+
+/// Waits until a contact change reached the disk.
+async fn saved(rx: tokio::sync::oneshot::Receiver<crate::persist::Saved>) -> Result<(), Response> {
+    match tokio::time::timeout(SAVE_WAIT, rx).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the change is made but could not be saved: {e}"),
+        )),
+        _ => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the change is made but was not saved in time",
+        )),
+    }
+}
+
+async fn add_contact(_: Authorized, State(state): State<Shared>, body: Bytes) -> Response {
+    if body.len() > MAX_BODY {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    }
+    let request: AddContactRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"contact\": \"HANDLE\" or \"USER_ID\"}}: {e}"),
+            );
+        }
+    };
+    let shown = request.contact.trim();
+    let (user, handle) = match parse_query(shown) {
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Ok(Lookup::User(user)) => (user, None),
+        // Trust on first use: the user id the directory has for the handle now is
+        // the one pinned.
+        Ok(Lookup::Handle(handle)) => {
+            match run_lookup(&state, Lookup::Handle(handle.clone()), shown).await {
+                Ok(found) => (found.record.user_id(), Some(handle)),
+                Err(response) => return response,
+            }
+        }
+    };
+    let answer = runtime::ask(
+        &state.commands,
+        |reply| Command::AddContact {
+            user,
+            handle,
+            reply,
+        },
+        ENGINE_TIMEOUT,
+    )
+    .await;
+    let (added, contact, rx) = match answer {
+        None => return engine_gone(),
+        Some(Err(e @ (AddError::HandleTaken { .. } | AddError::Full))) => {
+            return error(StatusCode::CONFLICT, e.to_string());
+        }
+        Some(Err(e @ AddError::Myself)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Some(Ok(a)) => a,
+    };
+    if let Err(response) = saved(rx).await {
+        return response;
+    }
+    let status = if added == Added::New {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body = AddedBody {
+        added: added == Added::New,
+        contact,
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn remove_contact(
+    _: Authorized,
+    State(state): State<Shared>,
+    Path(contact): Path<String>,
+) -> Response {
+    let shown = contact.trim();
+    let Some(list) = runtime::ask(&state.commands, Command::Contacts, ENGINE_TIMEOUT).await else {
+        return engine_gone();
+    };
+    let Some(user) = list
+        .iter()
+        .find(|c| c.user_id == shown || c.handle.as_deref() == Some(shown))
+        .and_then(|c| c.user_id.parse::<UserId>().ok())
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no contact {shown:?} (give its handle or user id)"),
+        );
+    };
+    let answer = runtime::ask(
+        &state.commands,
+        |reply| Command::RemoveContact { user, reply },
+        ENGINE_TIMEOUT,
+    )
+    .await;
+    match answer {
+        None => engine_gone(),
+        Some(None) => error(StatusCode::NOT_FOUND, format!("no contact {shown:?}")),
+        Some(Some((contact, rx))) => match saved(rx).await {
+            Ok(()) => axum::Json(serde_json::json!({ "removed": contact })).into_response(),
+            Err(response) => response,
+        },
+    }
+}
+
+/// An SSE event; `id` only for bus events (the client's `Last-Event-ID`).
+fn sse_event(id: Option<u64>, kind: &str, data: &serde_json::Value) -> SseEvent {
+    let mut event = SseEvent::default().event(kind);
+    if let Some(id) = id {
+        event = event.id(id.to_string());
+    }
+    match event.clone().json_data(data) {
+        Ok(e) => e,
+        Err(_) => event.data("{}"),
+    }
+}
+
+async fn events(_: Authorized, State(state): State<Shared>) -> Response {
+    let rx = state.events.subscribe();
+    let stopping = state.stopping.clone();
+    // The first event says the subscription is in place: everything published from
+    // then on will arrive.
+    let hello = futures_util::stream::once(async {
+        Ok::<_, Infallible>(sse_event(
+            None,
+            "hello",
+            &serde_json::json!({ "version": env!("CARGO_PKG_VERSION") }),
+        ))
+    });
+    let stream =
+        futures_util::stream::unfold((rx, stopping), |(mut rx, mut stopping)| async move {
+            let event = tokio::select! {
+                received = rx.recv() => match received {
+                    Ok(e) => sse_event(Some(e.id), e.kind, &e.data),
+                    Err(RecvError::Lagged(missed)) => {
+                        sse_event(None, "lagged", &serde_json::json!({ "missed": missed }))
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+                // The node is stopping (or gone): end the stream so shutdown completes.
+                _ = stopping.wait_for(|s| *s) => return None,
+            };
+            Some((Ok::<_, Infallible>(event), (rx, stopping)))
+        });
+    Sse::new(hello.chain(stream))
+        .keep_alive(KeepAlive::new().interval(EVENTS_KEEPALIVE))
+        .into_response()
 }
 
 /// The `/v1/connect` body.

@@ -11,13 +11,15 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::net::{AddrParseError, SocketAddr};
-use std::num::NonZeroU64;
+use std::net::{AddrParseError, IpAddr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroU64};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use config::{Config as Layers, File, FileFormat, Map, Source, Value, ValueKind};
-use peercall_engine::Role;
+use peercall_crypto::Handle;
+use peercall_engine::{OverlayConfig, Role};
+use peercall_overlay::config as overlay;
 use thiserror::Error;
 
 use crate::contact::{PeerSpec, PeerSpecError};
@@ -26,14 +28,30 @@ use crate::contact::{PeerSpec, PeerSpecError};
 pub const ENV_PREFIX: &str = "PEERCALL_";
 
 /// Every config key, in documentation order.
-pub const KEYS: [&str; 9] = [
+pub const KEYS: [&str; 25] = [
     "data_dir",
     "listen",
     "admin",
     "role",
     "seeds",
+    "handle",
+    "local_addrs",
     "keepalive_secs",
     "session_timeout_secs",
+    "state_save_secs",
+    "supernode_max_clients",
+    "supernode_attach_rate",
+    "supernode_attach_burst",
+    "bandwidth_mbps",
+    "record_ttl_secs",
+    "record_refresh_secs",
+    "election_min_uptime_secs",
+    "election_min_bandwidth_mbps",
+    "election_min_cpu_headroom_pct",
+    "election_high_watermark",
+    "election_low_watermark",
+    "election_max_promotions_per_min",
+    "election_min_supernodes",
     "log_format",
     "log_level",
 ];
@@ -47,6 +65,23 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:7601";
 pub const DEFAULT_KEEPALIVE_SECS: u64 = 10;
 /// Default session timeout: three keepalives lost in a row, plus slack.
 pub const DEFAULT_SESSION_TIMEOUT_SECS: u64 = 35;
+/// Default interval between saves of the host cache: a crash (SIGKILL, power loss)
+/// loses at most this much of what the node learned about supernodes, and a
+/// 200-entry file written twice a minute costs nothing.
+pub const DEFAULT_STATE_SAVE_SECS: u64 = 30;
+/// Upper bound of `bandwidth_mbps` and `election_min_bandwidth_mbps`: 100 Gbit/s,
+/// beyond any host's uplink (a larger value is a unit mistake).
+pub const MAX_BANDWIDTH_MBPS: f64 = 100_000.0;
+/// Upper bound of the supernode capacity keys: far beyond what one process serves,
+/// so only typos are refused.
+pub const MAX_CAPACITY: u32 = 1_000_000;
+/// Upper bound of `election_min_uptime_secs`: 30 days.
+pub const MAX_MIN_UPTIME_SECS: u64 = 30 * 86_400;
+/// Upper bound of the election's count keys.
+pub const MAX_ELECTION_COUNT: u32 = 10_000;
+/// Most entries in `local_addrs`: a record lists at most 8 endpoints, one of them
+/// usually the reflexive address.
+pub const MAX_LOCAL_ADDRS: usize = peercall_crypto::record::MAX_ENDPOINTS;
 /// Upper bound for interval keys: a day. Longer is surely a typo (milliseconds
 /// written as seconds) and would make a dead peer look alive for days.
 pub const MAX_INTERVAL_SECS: u64 = 86_400;
@@ -144,10 +179,30 @@ pub struct Settings {
     pub role: Role,
     /// Peers to contact at start.
     pub seeds: Vec<PeerSpec>,
+    /// The handle to claim in the directory.
+    pub handle: Option<Handle>,
+    /// The local endpoints to list in the directory record.
+    pub local_addrs: LocalAddrs,
     /// Keepalive interval on idle sessions.
     pub keepalive_secs: NonZeroU64,
     /// Silence after which a session is dead; always longer than the keepalive.
     pub session_timeout_secs: NonZeroU64,
+    /// Interval between saves of the host cache.
+    pub state_save_secs: NonZeroU64,
+    /// Most clients admitted as a supernode.
+    pub supernode_max_clients: NonZeroU32,
+    /// Attaches admitted per second as a supernode.
+    pub supernode_attach_rate: NonZeroU32,
+    /// Attaches admitted in a burst as a supernode.
+    pub supernode_attach_burst: NonZeroU32,
+    /// Upstream bandwidth offered for promotion, kbit/s (configured in Mbit/s).
+    pub bandwidth_kbps: u32,
+    /// Lifetime of the signed directory record.
+    pub record_ttl_secs: NonZeroU64,
+    /// Re-publication interval of the record; always shorter than its lifetime.
+    pub record_refresh_secs: NonZeroU64,
+    /// Election minimums and pacing.
+    pub election: overlay::ElectionConfig,
     /// Log format.
     pub log_format: LogFormat,
     /// Log level.
@@ -164,6 +219,49 @@ impl Settings {
     pub fn session_timeout(&self) -> Duration {
         Duration::from_secs(self.session_timeout_secs.get())
     }
+
+    /// The host cache save interval.
+    pub fn state_save(&self) -> Duration {
+        Duration::from_secs(self.state_save_secs.get())
+    }
+
+    /// The overlay settings these keys make. The host cache, the local addresses and
+    /// the measured CPU headroom are the shell's to fill in at start.
+    pub fn overlay_config(&self) -> OverlayConfig {
+        OverlayConfig {
+            handle: self.handle.clone(),
+            capacity: overlay::Capacity {
+                max_clients: self.supernode_max_clients.get(),
+                attach_rate: self.supernode_attach_rate.get(),
+                attach_burst: self.supernode_attach_burst.get(),
+            },
+            resources: overlay::Resources {
+                bandwidth_kbps: self.bandwidth_kbps,
+                cpu_headroom_pct: 0,
+            },
+            election: self.election,
+            record_ttl: Duration::from_secs(self.record_ttl_secs.get()),
+            refresh_interval: Duration::from_secs(self.record_refresh_secs.get()),
+            ..OverlayConfig::default()
+        }
+    }
+}
+
+/// Which local endpoints the directory record lists (besides the reflexive address
+/// the supernodes report).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalAddrs {
+    /// The bound address if specific, else the host's interface addresses (see
+    /// `crate::resources::interface_addrs`), with the bound port.
+    Auto,
+    /// Only these: an IP address takes the bound port; an `IP:PORT` is listed as is
+    /// (a forwarded port, say).
+    List(Vec<SocketAddr>),
+}
+
+impl LocalAddrs {
+    /// The config spelling of [`LocalAddrs::Auto`].
+    pub const AUTO: &str = "auto";
 }
 
 /// What is wrong with one key's value.
@@ -217,6 +315,55 @@ pub enum KeyError {
         /// The keepalive interval.
         keepalive: u64,
     },
+    /// A number out of its range.
+    #[error("invalid value {text:?}: expected {expected}")]
+    Range {
+        /// The value.
+        text: String,
+        /// The range, in words.
+        expected: &'static str,
+    },
+    /// Two keys that must be ordered are not.
+    #[error("{value} is not {relation} {other} ({other_value}); {why}")]
+    Order {
+        /// This key's value.
+        value: String,
+        /// "below", "less than", ...
+        relation: &'static str,
+        /// The other key.
+        other: &'static str,
+        /// Its value.
+        other_value: String,
+        /// What would go wrong.
+        why: &'static str,
+    },
+    /// Not a valid handle.
+    #[error("invalid handle {text:?}: {reason}")]
+    Handle {
+        /// The value.
+        text: String,
+        /// Why.
+        reason: String,
+    },
+    /// An entry of `local_addrs` that is neither an IP address nor `IP:PORT`.
+    #[error(
+        "invalid local address {text:?}: expected \"auto\", or a list of IP addresses or IP:PORT"
+    )]
+    LocalAddr {
+        /// The entry.
+        text: String,
+    },
+    /// Too many entries.
+    #[error("{count} entries; at most {max}")]
+    TooMany {
+        /// Given.
+        count: usize,
+        /// Allowed.
+        max: usize,
+    },
+    /// A relation the overlay checks failed.
+    #[error("{0}")]
+    Overlay(&'static str),
     /// A seed that does not parse.
     #[error("invalid seed {text:?}: {error}")]
     Seed {
@@ -248,8 +395,8 @@ pub enum ConfigError {
         key: String,
         /// Which layer set it.
         origin: Origin,
-        /// What is wrong.
-        error: KeyError,
+        /// What is wrong (boxed: the variants carry the offending text).
+        error: Box<KeyError>,
     },
     /// The config file is missing or is not valid TOML.
     #[error("config file {path}: {error}")]
@@ -402,8 +549,62 @@ fn defaults(data_dir: Option<&Path>) -> Layer {
     l.set("admin", o, DEFAULT_ADMIN);
     l.set("role", o, Role::Auto.as_str());
     l.set("seeds", o, ValueKind::Array(Vec::new()));
+    l.set("handle", o, "");
+    l.set("local_addrs", o, LocalAddrs::AUTO);
     l.set("keepalive_secs", o, DEFAULT_KEEPALIVE_SECS);
     l.set("session_timeout_secs", o, DEFAULT_SESSION_TIMEOUT_SECS);
+    l.set("state_save_secs", o, DEFAULT_STATE_SAVE_SECS);
+    let d = OverlayConfig::default();
+    l.set(
+        "supernode_max_clients",
+        o,
+        u64::from(d.capacity.max_clients),
+    );
+    l.set(
+        "supernode_attach_rate",
+        o,
+        u64::from(d.capacity.attach_rate),
+    );
+    l.set(
+        "supernode_attach_burst",
+        o,
+        u64::from(d.capacity.attach_burst),
+    );
+    l.set(
+        "bandwidth_mbps",
+        o,
+        kbps_to_mbps(d.resources.bandwidth_kbps),
+    );
+    l.set("record_ttl_secs", o, d.record_ttl.as_secs());
+    l.set("record_refresh_secs", o, d.refresh_interval.as_secs());
+    let e = d.election;
+    l.set("election_min_uptime_secs", o, e.min_uptime.as_secs());
+    l.set(
+        "election_min_bandwidth_mbps",
+        o,
+        kbps_to_mbps(e.min_bandwidth_kbps),
+    );
+    l.set(
+        "election_min_cpu_headroom_pct",
+        o,
+        u64::from(e.min_cpu_headroom_pct),
+    );
+    l.set(
+        "election_high_watermark",
+        o,
+        permille_to_fraction(e.high_watermark),
+    );
+    l.set(
+        "election_low_watermark",
+        o,
+        permille_to_fraction(e.low_watermark),
+    );
+    l.set(
+        "election_max_promotions_per_min",
+        o,
+        u64::from(e.max_promotions_per_min),
+    );
+    l.set("election_min_supernodes", o, u64::from(e.min_supernodes));
     l.set("log_format", o, LogFormat::default().as_str());
     l.set("log_level", o, LogLevel::default().as_str());
     l
@@ -416,7 +617,7 @@ fn flag_layer(flags: &Flags) -> Result<Layer, ConfigError> {
         let text = dir.to_str().ok_or_else(|| ConfigError::Key {
             key: "data_dir".into(),
             origin: Origin::Flag("data-dir".into()),
-            error: KeyError::NotUnicode,
+            error: Box::new(KeyError::NotUnicode),
         })?;
         l.set("data_dir", &origin("data-dir"), text);
     }
@@ -446,7 +647,7 @@ fn env_map(env: &[(OsString, OsString)]) -> Result<Map<String, String>, ConfigEr
         let value = value.to_str().ok_or_else(|| ConfigError::Key {
             key: key.to_lowercase(),
             origin: Origin::Env(name.to_string()),
-            error: KeyError::NotUnicode,
+            error: Box::new(KeyError::NotUnicode),
         })?;
         map.insert(name.into_owned(), value.to_owned());
     }
@@ -489,7 +690,7 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
         return Err(ConfigError::Key {
             key: key.clone(),
             origin: Origin::of(key, value.origin(), file),
-            error: KeyError::Unknown,
+            error: Box::new(KeyError::Unknown),
         });
     }
     let p = Parser {
@@ -508,7 +709,81 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
             })
         }
     })?;
-    Ok(Settings {
+    let record_ttl_secs = p.key("record_ttl_secs", |v| {
+        let ttl = parse_secs(v)?;
+        let max = peercall_crypto::record::MAX_RECORD_LIFETIME.as_secs();
+        if ttl.get() > max {
+            return Err(KeyError::Range {
+                text: ttl.to_string(),
+                expected: "at most 86400 seconds: storers refuse records that live longer than a day",
+            });
+        }
+        Ok(ttl)
+    })?;
+    let record_refresh_secs = p.key("record_refresh_secs", |v| {
+        let refresh = parse_secs(v)?;
+        if refresh < record_ttl_secs {
+            Ok(refresh)
+        } else {
+            Err(KeyError::Order {
+                value: refresh.to_string(),
+                relation: "less than",
+                other: "record_ttl_secs",
+                other_value: record_ttl_secs.to_string(),
+                why: "the record would expire while its node lives",
+            })
+        }
+    })?;
+    let high_watermark = p.key("election_high_watermark", |v| parse_permille(v, false))?;
+    let low_watermark = p.key("election_low_watermark", |v| {
+        let low = parse_permille(v, true)?;
+        if low < high_watermark {
+            Ok(low)
+        } else {
+            Err(KeyError::Order {
+                value: permille_to_fraction(low).to_string(),
+                relation: "below",
+                other: "election_high_watermark",
+                other_value: permille_to_fraction(high_watermark).to_string(),
+                why: "without the gap the tier would promote and demote in turn (no hysteresis)",
+            })
+        }
+    })?;
+    let election = overlay::ElectionConfig {
+        min_uptime: Duration::from_secs(p.key("election_min_uptime_secs", |v| {
+            parse_uint(
+                v,
+                0,
+                MAX_MIN_UPTIME_SECS,
+                "a whole number of seconds from 0 to 2592000",
+            )
+        })?),
+        min_bandwidth_kbps: p.key("election_min_bandwidth_mbps", parse_mbps)?,
+        min_cpu_headroom_pct: p.key("election_min_cpu_headroom_pct", |v| {
+            parse_uint(v, 0, 100, "a whole percentage from 0 to 100").map(|n| n as u8)
+        })?,
+        high_watermark,
+        low_watermark,
+        max_promotions_per_min: p.key("election_max_promotions_per_min", |v| {
+            parse_uint(
+                v,
+                0,
+                u64::from(MAX_ELECTION_COUNT),
+                "a whole number from 0 to 10000",
+            )
+            .map(|n| n as u32)
+        })?,
+        min_supernodes: p.key("election_min_supernodes", |v| {
+            parse_uint(
+                v,
+                1,
+                u64::from(MAX_ELECTION_COUNT),
+                "a whole number from 1 to 10000",
+            )
+            .map(|n| n as u32)
+        })?,
+    };
+    let settings = Settings {
         data_dir: p.key("data_dir", parse_path)?,
         listen: p.key("listen", parse_socket_addr)?,
         admin: p.key("admin", |v| {
@@ -516,11 +791,31 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
         })?,
         role: p.key("role", parse_role)?,
         seeds: p.key("seeds", parse_seeds)?,
+        handle: p.key("handle", parse_handle)?,
+        local_addrs: p.key("local_addrs", parse_local_addrs)?,
         keepalive_secs,
         session_timeout_secs,
+        state_save_secs: p.key("state_save_secs", parse_secs)?,
+        supernode_max_clients: p.key("supernode_max_clients", parse_capacity)?,
+        supernode_attach_rate: p.key("supernode_attach_rate", parse_capacity)?,
+        supernode_attach_burst: p.key("supernode_attach_burst", parse_capacity)?,
+        bandwidth_kbps: p.key("bandwidth_mbps", parse_mbps)?,
+        record_ttl_secs,
+        record_refresh_secs,
+        election,
         log_format: p.key("log_format", parse_log_format)?,
         log_level: p.key("log_level", parse_log_level)?,
-    })
+    };
+    // The overlay's own check, as a backstop: every relation it checks is checked
+    // above under our key names, so this only fails if the two drift apart.
+    if let Err(e) = settings.overlay_config().validate() {
+        return Err(ConfigError::Key {
+            key: e.key.to_owned(),
+            origin: Origin::Default,
+            error: Box::new(KeyError::Overlay(e.reason)),
+        });
+    }
+    Ok(settings)
 }
 
 /// Looks keys up and attaches the key and origin to errors.
@@ -538,12 +833,12 @@ impl Parser<'_> {
         let value = self.values.get(key).ok_or(ConfigError::Key {
             key: key.into(),
             origin: Origin::Default,
-            error: KeyError::Missing,
+            error: Box::new(KeyError::Missing),
         })?;
         parse(value).map_err(|error| ConfigError::Key {
             key: key.into(),
             origin: Origin::of(key, value.origin(), self.file),
-            error,
+            error: Box::new(error),
         })
     }
 }
@@ -648,6 +943,147 @@ fn parse_secs(v: &Value) -> Result<NonZeroU64, KeyError> {
         .ok_or(KeyError::Seconds { text: shown })
 }
 
+/// A whole number from `min` to `max` (integers, or strings from the environment).
+fn parse_uint(v: &Value, min: u64, max: u64, expected: &'static str) -> Result<u64, KeyError> {
+    let (n, shown) = match &v.kind {
+        ValueKind::I64(n) => (u64::try_from(*n).ok(), n.to_string()),
+        ValueKind::U64(n) => (Some(*n), n.to_string()),
+        ValueKind::I128(n) => (u64::try_from(*n).ok(), n.to_string()),
+        ValueKind::U128(n) => (u64::try_from(*n).ok(), n.to_string()),
+        ValueKind::String(s) => (s.trim().parse().ok(), s.clone()),
+        other => {
+            return Err(KeyError::Type {
+                expected,
+                found: kind_name(other),
+            });
+        }
+    };
+    n.filter(|n| (min..=max).contains(n))
+        .ok_or(KeyError::Range {
+            text: shown,
+            expected,
+        })
+}
+
+/// A number, whole or not (TOML integers and floats, or environment strings).
+fn number(v: &Value, expected: &'static str) -> Result<(Option<f64>, String), KeyError> {
+    Ok(match &v.kind {
+        // Config values are far below 2^53, so the conversions are exact.
+        ValueKind::I64(n) => (Some(*n as f64), n.to_string()),
+        ValueKind::U64(n) => (Some(*n as f64), n.to_string()),
+        ValueKind::I128(n) => (Some(*n as f64), n.to_string()),
+        ValueKind::U128(n) => (Some(*n as f64), n.to_string()),
+        ValueKind::Float(f) => (Some(*f), f.to_string()),
+        ValueKind::String(s) => (s.trim().parse::<f64>().ok(), s.clone()),
+        other => {
+            return Err(KeyError::Type {
+                expected,
+                found: kind_name(other),
+            });
+        }
+    })
+}
+
+/// Mbit/s (0 to [`MAX_BANDWIDTH_MBPS`], fractions allowed) as kbit/s.
+fn parse_mbps(v: &Value) -> Result<u32, KeyError> {
+    const EXPECTED: &str = "a number of Mbit/s from 0 to 100000";
+    let (n, shown) = number(v, EXPECTED)?;
+    n.filter(|n| (0.0..=MAX_BANDWIDTH_MBPS).contains(n))
+        // In range, so the product fits a u32 (at most 1e8).
+        .map(|n| (n * 1000.0).round() as u32)
+        .ok_or(KeyError::Range {
+            text: shown,
+            expected: EXPECTED,
+        })
+}
+
+/// kbit/s as the Mbit/s the config speaks.
+fn kbps_to_mbps(kbps: u32) -> f64 {
+    f64::from(kbps) / 1000.0
+}
+
+/// A load fraction of at most 1 (above 0 unless `zero_ok`) as per mille, the
+/// overlay's unit.
+fn parse_permille(v: &Value, zero_ok: bool) -> Result<u16, KeyError> {
+    let expected = if zero_ok {
+        "a fraction of capacity from 0 to 1, such as 0.3"
+    } else {
+        "a fraction of capacity above 0 and at most 1, such as 0.7"
+    };
+    let (n, shown) = number(v, expected)?;
+    n.filter(|n| (0.0..=1.0).contains(n) && (zero_ok || *n > 0.0))
+        // In [0, 1], so the product is in [0, 1000].
+        .map(|n| (n * 1000.0).round() as u16)
+        .ok_or(KeyError::Range {
+            text: shown,
+            expected,
+        })
+}
+
+/// Per mille as the fraction the config speaks.
+fn permille_to_fraction(permille: u16) -> f64 {
+    f64::from(permille) / 1000.0
+}
+
+fn parse_capacity(v: &Value) -> Result<NonZeroU32, KeyError> {
+    let n = parse_uint(
+        v,
+        1,
+        u64::from(MAX_CAPACITY),
+        "a whole number from 1 to 1000000",
+    )?;
+    // In range, so non-zero and within u32.
+    Ok(NonZeroU32::new(n as u32).unwrap_or(NonZeroU32::MIN))
+}
+
+fn parse_handle(v: &Value) -> Result<Option<Handle>, KeyError> {
+    match text(v, "a handle string (\"\" for none)")?.trim() {
+        "" => Ok(None),
+        h => Handle::new(h).map(Some).map_err(|e| KeyError::Handle {
+            text: h.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn parse_local_addr(s: &str) -> Result<SocketAddr, KeyError> {
+    let s = s.trim();
+    s.parse::<SocketAddr>()
+        // Port 0 stands for "the bound port".
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
+        .map_err(|_| KeyError::LocalAddr { text: s.to_owned() })
+}
+
+fn parse_local_addrs(v: &Value) -> Result<LocalAddrs, KeyError> {
+    const EXPECTED: &str = "\"auto\" or a list of IP addresses or IP:PORT";
+    let addrs: Vec<SocketAddr> = match &v.kind {
+        ValueKind::String(s) if s.trim() == LocalAddrs::AUTO => return Ok(LocalAddrs::Auto),
+        ValueKind::String(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(parse_local_addr)
+            .collect::<Result<_, _>>()?,
+        ValueKind::Array(items) => items
+            .iter()
+            .map(|i| parse_local_addr(text(i, EXPECTED)?))
+            .collect::<Result<_, _>>()?,
+        other => {
+            return Err(KeyError::Type {
+                expected: EXPECTED,
+                found: kind_name(other),
+            });
+        }
+    };
+    if addrs.len() > MAX_LOCAL_ADDRS {
+        return Err(KeyError::TooMany {
+            count: addrs.len(),
+            max: MAX_LOCAL_ADDRS,
+        });
+    }
+    Ok(LocalAddrs::List(addrs))
+}
+
 fn parse_seed(s: &str) -> Result<PeerSpec, KeyError> {
     s.parse().map_err(|error| KeyError::Seed {
         text: s.to_owned(),
@@ -716,7 +1152,7 @@ mod tests {
 
     fn key_error(sources: &Sources) -> (String, Origin, KeyError) {
         match load(sources).unwrap_err() {
-            ConfigError::Key { key, origin, error } => (key, origin, error),
+            ConfigError::Key { key, origin, error } => (key, origin, *error),
             other => panic!("expected a key error, got {other}"),
         }
     }
@@ -728,8 +1164,26 @@ mod tests {
             admin: LoopbackAddr::new(DEFAULT_ADMIN.parse().unwrap()).unwrap(),
             role: Role::Auto,
             seeds: vec![],
+            handle: None,
+            local_addrs: LocalAddrs::Auto,
             keepalive_secs: NonZeroU64::new(DEFAULT_KEEPALIVE_SECS).unwrap(),
             session_timeout_secs: NonZeroU64::new(DEFAULT_SESSION_TIMEOUT_SECS).unwrap(),
+            state_save_secs: NonZeroU64::new(DEFAULT_STATE_SAVE_SECS).unwrap(),
+            supernode_max_clients: NonZeroU32::new(200).unwrap(),
+            supernode_attach_rate: NonZeroU32::new(20).unwrap(),
+            supernode_attach_burst: NonZeroU32::new(40).unwrap(),
+            bandwidth_kbps: 0,
+            record_ttl_secs: NonZeroU64::new(120).unwrap(),
+            record_refresh_secs: NonZeroU64::new(60).unwrap(),
+            election: overlay::ElectionConfig {
+                min_uptime: Duration::from_secs(3600),
+                min_bandwidth_kbps: 5_000,
+                min_cpu_headroom_pct: 50,
+                high_watermark: 700,
+                low_watermark: 300,
+                max_promotions_per_min: 6,
+                min_supernodes: 3,
+            },
             log_format: LogFormat::Text,
             log_level: LogLevel::Info,
         }
@@ -749,6 +1203,138 @@ mod tests {
         assert_eq!(ours.keepalive(), engine.keepalive_interval);
         assert_eq!(ours.session_timeout(), engine.session_timeout);
         assert_eq!(ours.role, engine.role);
+        let (ours, theirs) = (ours.overlay_config(), engine.overlay);
+        assert_eq!(ours.capacity, theirs.capacity);
+        assert_eq!(ours.resources, theirs.resources);
+        assert_eq!(ours.election, theirs.election);
+        assert_eq!(ours.record_ttl, theirs.record_ttl);
+        assert_eq!(ours.refresh_interval, theirs.refresh_interval);
+        assert_eq!(ours.handle, theirs.handle);
+    }
+
+    #[test]
+    fn overlay_keys_parse_into_the_overlay_config() {
+        let f = toml_file(
+            "handle = \"alice\"\nlocal_addrs = [\"10.0.0.2\", \"198.51.100.7:9000\"]\n\
+             supernode_max_clients = 50\nsupernode_attach_rate = 5\nsupernode_attach_burst = 7\n\
+             bandwidth_mbps = 2.5\nrecord_ttl_secs = 20\nrecord_refresh_secs = 5\n\
+             election_min_uptime_secs = 0\nelection_min_bandwidth_mbps = 1\n\
+             election_min_cpu_headroom_pct = 10\nelection_high_watermark = 0.9\n\
+             election_low_watermark = 0\nelection_max_promotions_per_min = 0\n\
+             election_min_supernodes = 1\nstate_save_secs = 1\n",
+        );
+        let s = load(&with_file(&f)).unwrap();
+        assert_eq!(s.handle, Some(Handle::new("alice").unwrap()));
+        assert_eq!(
+            s.local_addrs,
+            LocalAddrs::List(vec![
+                "10.0.0.2:0".parse().unwrap(),
+                "198.51.100.7:9000".parse().unwrap()
+            ])
+        );
+        assert_eq!(s.state_save(), Duration::from_secs(1));
+        let o = s.overlay_config();
+        assert_eq!(o.handle.as_ref().map(Handle::as_str), Some("alice"));
+        assert_eq!(
+            (
+                o.capacity.max_clients,
+                o.capacity.attach_rate,
+                o.capacity.attach_burst
+            ),
+            (50, 5, 7)
+        );
+        assert_eq!(o.resources.bandwidth_kbps, 2_500);
+        assert_eq!(o.record_ttl, Duration::from_secs(20));
+        assert_eq!(o.refresh_interval, Duration::from_secs(5));
+        assert_eq!(o.election.min_uptime, Duration::ZERO);
+        assert_eq!(o.election.min_bandwidth_kbps, 1_000);
+        assert_eq!(o.election.min_cpu_headroom_pct, 10);
+        assert_eq!(
+            (o.election.high_watermark, o.election.low_watermark),
+            (900, 0)
+        );
+        assert_eq!(o.election.max_promotions_per_min, 0);
+        assert_eq!(o.election.min_supernodes, 1);
+        o.validate().unwrap();
+
+        // Environment spellings.
+        let s = load(&with_env(&[
+            ("PEERCALL_LOCAL_ADDRS", "fd00::2, 10.0.0.3"),
+            ("PEERCALL_ELECTION_HIGH_WATERMARK", "0.8"),
+            ("PEERCALL_BANDWIDTH_MBPS", "100"),
+            ("PEERCALL_HANDLE", "bob.smith"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s.local_addrs,
+            LocalAddrs::List(vec![
+                "[fd00::2]:0".parse().unwrap(),
+                "10.0.0.3:0".parse().unwrap()
+            ])
+        );
+        assert_eq!(s.election.high_watermark, 800);
+        assert_eq!(s.bandwidth_kbps, 100_000);
+        let s = load(&with_env(&[("PEERCALL_LOCAL_ADDRS", "")])).unwrap();
+        assert_eq!(s.local_addrs, LocalAddrs::List(vec![]));
+    }
+
+    #[test]
+    fn bad_overlay_values_name_the_key_and_the_reason() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "PEERCALL_HANDLE",
+                "Alice",
+                "must start with a lowercase letter",
+            ),
+            ("PEERCALL_HANDLE", "a b", "only a-z"),
+            ("PEERCALL_SUPERNODE_MAX_CLIENTS", "0", "from 1 to 1000000"),
+            ("PEERCALL_SUPERNODE_ATTACH_RATE", "-3", "from 1 to 1000000"),
+            ("PEERCALL_BANDWIDTH_MBPS", "-1", "Mbit/s"),
+            ("PEERCALL_BANDWIDTH_MBPS", "fast", "Mbit/s"),
+            (
+                "PEERCALL_ELECTION_MIN_CPU_HEADROOM_PCT",
+                "101",
+                "percentage",
+            ),
+            ("PEERCALL_ELECTION_HIGH_WATERMARK", "0", "above 0"),
+            ("PEERCALL_ELECTION_HIGH_WATERMARK", "1.5", "at most 1"),
+            ("PEERCALL_ELECTION_LOW_WATERMARK", "0.7", "hysteresis"),
+            (
+                "PEERCALL_RECORD_REFRESH_SECS",
+                "120",
+                "expire while its node lives",
+            ),
+            ("PEERCALL_RECORD_TTL_SECS", "86401", "1 to 86400"),
+            (
+                "PEERCALL_LOCAL_ADDRS",
+                "10.0.0.1, nope",
+                "invalid local address \"nope\"",
+            ),
+            ("PEERCALL_STATE_SAVE_SECS", "0", "seconds from 1"),
+        ];
+        for (var, value, reason) in cases {
+            let msg = load(&with_env(&[(var, value)])).unwrap_err().to_string();
+            let key = var.trim_start_matches(ENV_PREFIX).to_lowercase();
+            assert!(
+                msg.starts_with(&format!("config key '{key}': ")),
+                "{var}={value}: {msg}"
+            );
+            assert!(msg.contains(reason), "{var}={value}: {msg}");
+        }
+        let f = toml_file(
+            "local_addrs = [\"1.1.1.1\", \"1.1.1.2\", \"1.1.1.3\", \"1.1.1.4\", \"1.1.1.5\", \"1.1.1.6\", \"1.1.1.7\", \"1.1.1.8\", \"1.1.1.9\"]\n",
+        );
+        let (key, _, error) = key_error(&with_file(&f));
+        assert_eq!(key, "local_addrs");
+        assert_eq!(error, KeyError::TooMany { count: 9, max: 8 });
+        let f = toml_file("election_min_supernodes = true\n");
+        assert!(matches!(
+            key_error(&with_file(&f)).2,
+            KeyError::Type {
+                found: "a boolean",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -26,11 +26,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use clap::ValueEnum;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::admin::StatusBody;
+use crate::client;
 use crate::logging::LogArgs;
 use crate::store::{ADMIN_ADDR_FILE, ADMIN_TOKEN_FILE, UDP_ADDR_FILE};
 
@@ -845,93 +844,23 @@ async fn get_metrics(admin: SocketAddr) -> anyhow::Result<String> {
     http(admin, "GET", "/metrics", None).await
 }
 
-/// One request to a node's admin API (one connection, `Connection: close`); the
-/// body of a 2xx answer.
+/// One request to a node's admin API; the body of a 2xx answer.
 async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n{auth}\r\n"
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(HTTP_TIMEOUT, exchange)
-        .await
-        .map_err(|_| anyhow!("{method} {path} on {addr}: no answer within {HTTP_TIMEOUT:?}"))?
-        .with_context(|| format!("{method} {path} on {addr}"))?;
-    response_body(&raw).with_context(|| format!("{method} {path} on {addr}"))
-}
-
-/// The body of an HTTP/1.1 response if its status is 2xx.
-fn response_body(raw: &[u8]) -> anyhow::Result<String> {
-    let text = std::str::from_utf8(raw).context("response is not UTF-8")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("response without end of headers")?;
-    let mut lines = head.split("\r\n");
-    let code: u16 = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .context("response without a status code")?;
-    if !(200..300).contains(&code) {
-        bail!("HTTP {code}: {body}");
+    let r = client::request(addr, method, path, token, None, HTTP_TIMEOUT).await?;
+    if !r.is_success() {
+        bail!("{method} {path} on {addr}: HTTP {}: {}", r.status, r.body);
     }
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(name, value)| {
-            name.trim().eq_ignore_ascii_case("transfer-encoding")
-                && value.trim().eq_ignore_ascii_case("chunked")
-        })
-    });
-    if chunked {
-        dechunk(body)
-    } else {
-        Ok(body.to_owned())
-    }
-}
-
-/// Decodes a chunked body.
-fn dechunk(mut rest: &str) -> anyhow::Result<String> {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").context("chunk without size")?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .context("bad chunk size")?;
-        if size == 0 {
-            return Ok(out);
-        }
-        out.push_str(after.get(..size).context("short chunk")?);
-        rest = after.get(size + 2..).context("chunk without end")?;
-    }
+    Ok(r.body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_plain_and_chunked_responses_and_refuses_errors() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc";
-        assert_eq!(response_body(plain).unwrap(), "abc");
-        let chunked =
-            b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(response_body(chunked).unwrap(), "abcde");
-        let err = response_body(b"HTTP/1.1 401 Unauthorized\r\n\r\nno").unwrap_err();
-        assert!(err.to_string().contains("401"), "{err}");
-        assert!(response_body(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(response_body(b"garbage\r\n\r\n").is_err());
-        let bad_chunk = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n";
-        assert!(response_body(bad_chunk).is_err());
-    }
 
     #[test]
     fn reads_counters_and_sums_drops() {

@@ -6,14 +6,21 @@
 //! an `Args` struct and a `run` function.
 
 mod admin;
+mod book;
+mod cli;
+mod client;
 mod clock;
 mod config;
 mod contact;
 mod demo;
+mod events;
+mod hosts;
 mod logging;
 mod media_eval;
 mod metrics;
 mod node;
+mod persist;
+mod resources;
 mod runtime;
 mod store;
 #[cfg(feature = "webrtc")]
@@ -40,6 +47,14 @@ enum Command {
     /// Start a small network on loopback (a seed supernode and desktop nodes, each a
     /// real `peercall node` process), show it working, and clean up.
     Demo(demo::DemoArgs),
+    /// Look a user up in the global directory through the local node: prints the
+    /// record's fingerprint, endpoints and home supernodes.
+    Lookup(cli::LookupArgs),
+    /// Show the local node's status: role, home supernodes, attached clients,
+    /// directory share, sessions.
+    Status(cli::StatusArgs),
+    /// List, add or remove contacts (pinned by user id; presence is followed).
+    Contacts(cli::ContactsArgs),
     /// Run a WAV file through the audio pipeline over a simulated network.
     MediaEval(media_eval::MediaEvalArgs),
 }
@@ -49,6 +64,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Node(args) => node::run(&cli.log, args),
         Command::Demo(args) => demo::run(&cli.log, args),
+        Command::Lookup(args) => cli::lookup(args),
+        Command::Status(args) => cli::status(args),
+        Command::Contacts(args) => cli::contacts(args),
         Command::MediaEval(args) => media_eval::run(args),
     };
     match result {

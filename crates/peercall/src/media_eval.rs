@@ -4,8 +4,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use peercall_media::codec::{AudioBand, EncoderConfig, MAX_BITRATE_BPS, MIN_BITRATE_BPS};
+use peercall_media::codec::{
+    AudioBand, EncoderConfig, MAX_BITRATE_BPS, MAX_DRED_MS, MIN_BITRATE_BPS,
+};
 use peercall_media::eval::{self, EvalOptions, LossSpec};
+use peercall_media::jitter::JitterConfig;
 use peercall_media::wav;
 
 /// Arguments of `peercall media-eval`.
@@ -30,12 +33,21 @@ pub struct MediaEvalArgs {
     #[arg(long, default_value_t = peercall_media::codec::DEFAULT_BITRATE_BPS,
           value_parser = clap::value_parser!(u32).range(i64::from(MIN_BITRATE_BPS)..=i64::from(MAX_BITRATE_BPS)))]
     pub bitrate: u32,
-    /// Turn in-band FEC off (the receiver then only conceals).
+    /// Turn in-band FEC off.
     #[arg(long)]
     pub no_fec: bool,
+    /// DRED (Deep REDundancy) duration in ms, 0 to turn it off; with `--no-fec`
+    /// too, the receiver only conceals.
+    #[arg(long, default_value_t = peercall_media::codec::DEFAULT_DRED_MS,
+          value_parser = clap::value_parser!(u16).range(0..=i64::from(MAX_DRED_MS)))]
+    pub dred_ms: u16,
     /// Widest audio band: wb (0-8 kHz), swb (0-12 kHz) or fb (0-20 kHz).
     #[arg(long, default_value = "wb", value_parser = parse_band)]
     pub bandwidth: AudioBand,
+    /// Frames of look-ahead the jitter buffer keeps so later packets' redundancy can
+    /// rebuild lost frames (1..=10; each adds 20 ms of delay).
+    #[arg(long, default_value_t = peercall_media::jitter::DEFAULT_RECOVERY_FRAMES)]
+    pub recovery_frames: u32,
     /// Discontinuous transmission: send nothing during silence.
     #[arg(long)]
     pub dtx: bool,
@@ -63,11 +75,15 @@ pub fn run(args: MediaEvalArgs) -> anyhow::Result<()> {
         encoder: EncoderConfig {
             bitrate_bps: args.bitrate,
             fec: !args.no_fec,
+            dred_ms: args.dred_ms,
             dtx: args.dtx,
             max_band: args.bandwidth,
             ..EncoderConfig::default()
         },
-        ..EvalOptions::default()
+        jitter: JitterConfig {
+            recovery_frames: args.recovery_frames,
+            ..JitterConfig::default()
+        },
     };
     let outcome = eval::run(&pcm, &options).context("running the pipeline")?;
     wav::write_wav(&args.output, &outcome.audio).context("writing --output")?;
@@ -77,8 +93,9 @@ pub fn run(args: MediaEvalArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "{} frames, loss {}, jitter {} ms, seed {}\n\
-             lost {} (late {}), FEC-recovered {}, concealed {}\n\
-             jitter buffer {:.1} ms avg, {:.1} ms p95; pipeline latency {:.1} ms; MOS estimate {:.2}",
+             lost {} (late {}), FEC-recovered {}, DRED-recovered {}, concealed {}\n\
+             jitter buffer {:.1} ms avg, {:.1} ms p95; pipeline latency {:.1} ms; MOS estimate {:.2}\n\
+             Opus bitrate on the wire {:.1} kb/s",
             r.frames,
             args.loss,
             args.jitter_ms,
@@ -86,11 +103,13 @@ pub fn run(args: MediaEvalArgs) -> anyhow::Result<()> {
             r.lost,
             r.late,
             r.fec_recovered,
+            r.dred_recovered,
             r.concealed,
             r.jb_delay_ms_avg,
             r.jb_delay_ms_p95,
             r.pipeline_latency_ms,
-            r.mos_estimate
+            r.mos_estimate,
+            r.bitrate_bps / 1000.0
         );
     }
     Ok(())

@@ -67,12 +67,283 @@ const ENGINE_COUNTERS: [(&str, &str, Getter); 9] = [
     ),
 ];
 
+/// The engine's and the overlay's other counters, mirrored the same way.
+const MORE_COUNTERS: [(&str, &str, Getter); 29] = [
+    (
+        "peercall_stun_answered_total",
+        "STUN Binding requests answered on the shared UDP port.",
+        |s| s.stun_answered,
+    ),
+    (
+        "peercall_control_frames_received_total",
+        "Overlay control frames received on sessions.",
+        |s| s.control_in,
+    ),
+    (
+        "peercall_control_frames_sent_total",
+        "Overlay control frames sent on sessions.",
+        |s| s.control_out,
+    ),
+    (
+        "peercall_control_frames_dropped_total",
+        "Overlay messages dropped before sending: queue full while dialing, or the peer unreachable.",
+        |s| s.control_dropped,
+    ),
+    (
+        "peercall_dials_failed_total",
+        "Sessions opened on demand for overlay messages that could not be set up.",
+        |s| s.dials_failed,
+    ),
+    (
+        "peercall_sessions_reaped_total",
+        "Idle sessions this node closed.",
+        |s| s.sessions_reaped,
+    ),
+    (
+        "peercall_overlay_messages_received_total",
+        "Overlay messages received.",
+        |s| s.overlay.msgs_in,
+    ),
+    (
+        "peercall_overlay_received_bytes_total",
+        "Bytes of overlay messages received.",
+        |s| s.overlay.bytes_in,
+    ),
+    (
+        "peercall_overlay_messages_sent_total",
+        "Overlay messages sent.",
+        |s| s.overlay.msgs_out,
+    ),
+    (
+        "peercall_overlay_sent_bytes_total",
+        "Bytes of overlay messages sent.",
+        |s| s.overlay.bytes_out,
+    ),
+    (
+        "peercall_overlay_rate_limited_total",
+        "Client requests (lookups, publishes, subscriptions) shed by a per-client rate limit.",
+        |s| s.overlay.rate_limited,
+    ),
+    (
+        "peercall_overlay_attach_attempts_total",
+        "Attach requests this node sent to supernodes.",
+        |s| s.overlay.attach_attempts,
+    ),
+    (
+        "peercall_overlay_homes_lost_total",
+        "Home supernodes lost: died, left or went silent.",
+        |s| s.overlay.homes_lost,
+    ),
+    (
+        "peercall_overlay_lookups_total",
+        "Directory lookups this node started.",
+        |s| s.overlay.lookups,
+    ),
+    (
+        "peercall_overlay_fetches_total",
+        "Directory reads this home supernode sent to storers.",
+        |s| s.overlay.fetches,
+    ),
+    (
+        "peercall_overlay_read_repairs_total",
+        "Records pushed to stale storers after a read.",
+        |s| s.overlay.read_repairs,
+    ),
+    (
+        "peercall_overlay_replicated_records_total",
+        "Records pushed to new storers after a membership change or hand-off.",
+        |s| s.overlay.replicated,
+    ),
+    (
+        "peercall_overlay_expired_records_total",
+        "Directory records expired from this supernode's share.",
+        |s| s.overlay.expired,
+    ),
+    (
+        "peercall_overlay_presence_events_total",
+        "Presence changes of contacts reported to this node.",
+        |s| s.overlay.presence_events,
+    ),
+    (
+        "peercall_overlay_presence_pushes_total",
+        "Presence notifications this supernode pushed to subscribers.",
+        |s| s.overlay.presence_pushes,
+    ),
+    (
+        "peercall_overlay_publishes_total",
+        "Directory records this node signed and published.",
+        |s| s.overlay.publishes,
+    ),
+    (
+        "peercall_overlay_promotions_total",
+        "Promotions this node decided as the election's coordinator.",
+        |s| s.overlay.promotions,
+    ),
+    (
+        "peercall_overlay_demotions_total",
+        "Demotions this node decided as the election's coordinator.",
+        |s| s.overlay.demotions,
+    ),
+    (
+        "peercall_overlay_stun_requests_total",
+        "STUN Binding requests this node sent to learn its reflexive address.",
+        |s| s.overlay.stun_requests,
+    ),
+    (
+        "peercall_swim_probes_total",
+        "SWIM probes this supernode sent.",
+        |s| s.overlay.swim.probes,
+    ),
+    (
+        "peercall_swim_indirect_probes_total",
+        "SWIM indirect probe requests this supernode sent.",
+        |s| s.overlay.swim.indirect_probes,
+    ),
+    (
+        "peercall_swim_suspicions_total",
+        "Supernodes this supernode declared suspect.",
+        |s| s.overlay.swim.suspicions,
+    ),
+    (
+        "peercall_swim_refutations_total",
+        "Suspicions of this supernode that it refuted.",
+        |s| s.overlay.swim.refutations,
+    ),
+    (
+        "peercall_swim_deaths_total",
+        "Supernodes this supernode declared dead.",
+        |s| s.overlay.swim.deaths,
+    ),
+];
+
+/// A counter family with one fixed label: name, help, label name, and each label
+/// value with where its count lives. Every value is exported from zero.
+type Labeled = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, Getter)],
+);
+
+/// The labeled counters.
+const LABELED_COUNTERS: [Labeled; 5] = [
+    (
+        "peercall_overlay_dropped_messages_total",
+        "Overlay messages dropped without effect: malformed (or oversize, or another version), or unexpected in this state or from that sender.",
+        "reason",
+        &[
+            ("malformed", |s| s.overlay.dropped_malformed),
+            ("unexpected", |s| s.overlay.dropped_unexpected),
+        ],
+    ),
+    (
+        "peercall_overlay_refused_records_total",
+        "Directory records refused: forged (bad signature, wrong key, not what was asked), stale (not newer, or expired), or claiming a handle another live user holds.",
+        "reason",
+        &[
+            ("forged", |s| s.overlay.forged_records),
+            ("stale", |s| s.overlay.stale_records),
+            ("handle_conflict", |s| s.overlay.handle_conflicts),
+        ],
+    ),
+    (
+        "peercall_overlay_attaches_total",
+        "Attach requests this supernode answered, by result (redirected: admission full or rate-limited).",
+        "result",
+        &[
+            ("admitted", |s| s.overlay.attaches_admitted),
+            ("redirected", |s| s.overlay.attaches_redirected),
+        ],
+    ),
+    (
+        "peercall_overlay_lookups_completed_total",
+        "Directory lookups this node started that finished, by result (failed: timed out or not attached).",
+        "result",
+        &[
+            ("found", |s| s.overlay.lookups_found),
+            ("not_found", |s| s.overlay.lookups_not_found),
+            ("failed", |s| s.overlay.lookups_failed),
+        ],
+    ),
+    (
+        "peercall_overlay_dialbacks_total",
+        "Promotion candidates dialed back, by result.",
+        "result",
+        &[
+            ("ok", |s| s.overlay.dialbacks_ok),
+            ("failed", |s| s.overlay.dialbacks_failed),
+        ],
+    ),
+];
+
+/// The overlay's gauges: name, help, value.
+const OVERLAY_GAUGES: [(&str, &str, Getter); 8] = [
+    (
+        "peercall_overlay_supernode",
+        "1 if this node is a supernode now, else 0.",
+        |s| u64::from(s.overlay.supernode),
+    ),
+    (
+        "peercall_overlay_homes",
+        "Home supernodes this node is attached to.",
+        |s| s.overlay.homes,
+    ),
+    (
+        "peercall_overlay_clients",
+        "Nodes attached to this supernode.",
+        |s| s.overlay.clients,
+    ),
+    (
+        "peercall_overlay_capacity_clients",
+        "Most clients this supernode admits (0 while not a supernode).",
+        |s| s.overlay.capacity,
+    ),
+    (
+        "peercall_overlay_members",
+        "Live supernodes this supernode knows, itself included.",
+        |s| s.overlay.members,
+    ),
+    (
+        "peercall_overlay_records",
+        "Directory records this supernode stores (its directory share).",
+        |s| s.overlay.records,
+    ),
+    (
+        "peercall_overlay_record_bytes",
+        "Bytes of signed directory records this supernode stores.",
+        |s| s.overlay.record_bytes,
+    ),
+    (
+        "peercall_overlay_store_overhead_bytes",
+        "Bytes the directory store spends beyond the records themselves.",
+        |s| s.overlay.store_overhead_bytes,
+    ),
+];
+
+/// The state files whose failed saves are counted (bounded label values).
+const STATE_FILES: [&str; 2] = [crate::store::HOSTS_FILE, crate::store::CONTACTS_FILE];
+
 /// The node's metrics registry.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     engine_counters: Vec<(IntCounter, Getter)>,
+    labeled: Vec<(IntCounter, Getter)>,
+    gauges: Vec<(IntGauge, Getter)>,
     sessions: IntGauge,
+    state_save_errors: IntCounterVec,
+    /// Contacts in the book.
+    pub contacts: IntGauge,
+    /// Contacts online.
+    pub contacts_online: IntGauge,
+    /// Supernodes in the host cache.
+    pub host_cache: IntGauge,
+    /// CPU headroom last measured, percent.
+    pub cpu_headroom: IntGauge,
+    /// Clients following `/v1/events`.
+    pub event_subscribers: IntGauge,
+    /// State files that did not load at start and were set aside.
+    pub state_files_set_aside: IntCounter,
     drops: IntCounterVec,
     uptime: Gauge,
     sessions_ended: IntCounterVec,
@@ -98,10 +369,39 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
         let engine_counters = ENGINE_COUNTERS
             .iter()
+            .chain(MORE_COUNTERS.iter())
             .map(|(name, help, get)| Ok((counter(name, help)?, *get)))
             .collect::<Result<_, prometheus::Error>>()?;
+        let mut labeled = Vec::new();
+        for (name, help, label, values) in LABELED_COUNTERS {
+            let family = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            for (value, get) in values {
+                labeled.push((family.with_label_values(&[*value]), *get));
+            }
+            registry.register(Box::new(family))?;
+        }
+        let gauges = OVERLAY_GAUGES
+            .iter()
+            .map(|(name, help, get)| Ok((gauge(name, help)?, *get)))
+            .collect::<Result<_, prometheus::Error>>()?;
+        let state_save_errors = IntCounterVec::new(
+            Opts::new(
+                "peercall_state_save_errors_total",
+                "Saves of a state file in the data directory that failed, by file.",
+            ),
+            &["file"],
+        )?;
+        for file in STATE_FILES {
+            state_save_errors.with_label_values(&[file]);
+        }
+        registry.register(Box::new(state_save_errors.clone()))?;
         let sessions = IntGauge::new("peercall_sessions", "Noise sessions now established.")?;
         registry.register(Box::new(sessions.clone()))?;
         let drops = IntCounterVec::new(
@@ -159,8 +459,32 @@ impl Metrics {
                 "peercall_admin_unauthorized_total",
                 "Admin API requests refused for a missing or wrong bearer token.",
             )?,
+            contacts: gauge("peercall_contacts", "Contacts in the contact book.")?,
+            contacts_online: gauge(
+                "peercall_contacts_online",
+                "Contacts the overlay reports online.",
+            )?,
+            host_cache: gauge(
+                "peercall_host_cache_entries",
+                "Supernodes in the host cache.",
+            )?,
+            cpu_headroom: gauge(
+                "peercall_cpu_headroom_percent",
+                "Idle CPU last measured (the lower of /proc/stat idle time and one-minute load), offered for promotion.",
+            )?,
+            event_subscribers: gauge(
+                "peercall_event_subscribers",
+                "Clients following the admin API's event stream.",
+            )?,
+            state_files_set_aside: counter(
+                "peercall_state_files_set_aside_total",
+                "State files (host cache, contacts) that did not load at start and were renamed aside.",
+            )?,
             registry,
             engine_counters,
+            labeled,
+            gauges,
+            state_save_errors,
             sessions,
             drops,
             uptime,
@@ -176,12 +500,22 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a failed save of a state file.
+    pub fn state_save_failed(&self, file: &str) {
+        if STATE_FILES.contains(&file) {
+            self.state_save_errors.with_label_values(&[file]).inc();
+        }
+    }
+
     /// Mirrors `stats` and `uptime`, then renders the Prometheus text format.
     pub fn render(&self, stats: &Stats, uptime: Duration) -> String {
         // A poisoned lock only means another scrape panicked; the data is still fine.
         let _guard = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        for (counter, get) in &self.engine_counters {
+        for (counter, get) in self.engine_counters.iter().chain(&self.labeled) {
             advance(counter, get(stats));
+        }
+        for (gauge, get) in &self.gauges {
+            gauge.set(i64::try_from(get(stats)).unwrap_or(i64::MAX));
         }
         self.sessions
             .set(i64::try_from(stats.sessions).unwrap_or(i64::MAX));
@@ -205,7 +539,7 @@ impl Metrics {
 /// work from the first scrape. A reason added later still gets its own series the
 /// first time it happens (the engine's reasons are a fixed set of `&'static str`, so
 /// the label's cardinality stays bounded).
-const SESSION_END_REASONS: [&str; 2] = ["closed by peer", "timed out"];
+const SESSION_END_REASONS: [&str; 4] = ["closed by peer", "timed out", "idle", "unreachable"];
 
 /// A session-end reason as a metric label: lowercase ASCII letters and digits, any
 /// other character as `_` ("closed by peer" becomes `closed_by_peer`).
@@ -287,6 +621,70 @@ mod tests {
     }
 
     #[test]
+    fn mirrors_overlay_stats_with_bounded_labels() {
+        let m = Metrics::new(Time::ZERO).unwrap();
+        let text = m.render(&Stats::default(), Duration::ZERO);
+        for (name, _, label, values) in LABELED_COUNTERS {
+            for (value, _) in values {
+                let series = format!("{name}{{{label}=\"{value}\"}}");
+                assert_eq!(value_of(&text, &series), Some(0.0), "{series}");
+            }
+        }
+        assert_eq!(value_of(&text, "peercall_overlay_supernode"), Some(0.0));
+        assert_eq!(
+            value_of(
+                &text,
+                "peercall_state_save_errors_total{file=\"hosts.json\"}"
+            ),
+            Some(0.0)
+        );
+        let mut stats = Stats {
+            stun_answered: 3,
+            control_in: 4,
+            ..Stats::default()
+        };
+        stats.overlay.supernode = true;
+        stats.overlay.clients = 12;
+        stats.overlay.records = 40;
+        stats.overlay.lookups_found = 5;
+        stats.overlay.forged_records = 2;
+        stats.overlay.swim.deaths = 1;
+        stats.overlay.msgs_out = 9;
+        let text = m.render(&stats, Duration::ZERO);
+        let v = |series: &str| value_of(&text, series);
+        assert_eq!(v("peercall_stun_answered_total"), Some(3.0));
+        assert_eq!(v("peercall_control_frames_received_total"), Some(4.0));
+        assert_eq!(v("peercall_overlay_supernode"), Some(1.0));
+        assert_eq!(v("peercall_overlay_clients"), Some(12.0));
+        assert_eq!(v("peercall_overlay_records"), Some(40.0));
+        assert_eq!(
+            v("peercall_overlay_lookups_completed_total{result=\"found\"}"),
+            Some(5.0)
+        );
+        assert_eq!(
+            v("peercall_overlay_refused_records_total{reason=\"forged\"}"),
+            Some(2.0)
+        );
+        assert_eq!(v("peercall_swim_deaths_total"), Some(1.0));
+        assert_eq!(v("peercall_overlay_messages_sent_total"), Some(9.0));
+        // Gauges follow the value down; counters never go back.
+        stats.overlay.clients = 2;
+        let text = m.render(&stats, Duration::ZERO);
+        assert_eq!(value_of(&text, "peercall_overlay_clients"), Some(2.0));
+        m.state_save_failed("contacts.json");
+        m.state_save_failed("not-a-state-file");
+        let text = m.render(&stats, Duration::ZERO);
+        assert_eq!(
+            value_of(
+                &text,
+                "peercall_state_save_errors_total{file=\"contacts.json\"}"
+            ),
+            Some(1.0)
+        );
+        assert!(!text.contains("not-a-state-file"));
+    }
+
+    #[test]
     fn ended_sessions_are_counted_by_reason() {
         let m = Metrics::new(Time::ZERO).unwrap();
         let text = m.render(&Stats::default(), Duration::ZERO);
@@ -317,7 +715,7 @@ mod tests {
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .collect();
-        assert!(families.len() >= 16, "{text}");
+        assert!(families.len() >= 60, "{} families: {text}", families.len());
         for family in families {
             let (name, kind) = family.split_once(' ').unwrap();
             assert!(name.starts_with("peercall_"), "{name}");

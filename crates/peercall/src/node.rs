@@ -1,10 +1,20 @@
 //! `peercall node`: run a node until SIGINT, SIGTERM or `POST /v1/shutdown`.
 //!
-//! Start-up order: settings, logging, data directory (lock, identity, admin token),
-//! UDP socket (`udp.addr`), admin listener, signal handlers, and last `admin.addr`:
-//! once that file exists the node is ready and answers on both addresses.
-//! Shutdown: the engine closes its sessions and sends the goodbyes, the admin server
-//! stops, the address files are removed, and the process exits 0.
+//! Start-up order: settings, logging, data directory (lock, identity, admin token,
+//! host cache, contacts), UDP socket (`udp.addr`), admin listener, signal handlers,
+//! and last `admin.addr`: once that file exists the node is ready and answers on
+//! both addresses. A host cache or contacts file that does not load is renamed
+//! aside with a warning; the node starts without it.
+//!
+//! The overlay is configured from the settings: the handle, capacity, election and
+//! record keys; the host cache (tried before the seeds); the local endpoints (see
+//! `crate::resources`); the bandwidth from config and the CPU headroom measured
+//! every [`CPU_SAMPLE_INTERVAL`].
+//!
+//! Shutdown: the engine closes its sessions and sends the goodbyes (an ordinary
+//! node publishes a signed offline record, a supernode hands its share off), event
+//! streams end, the admin server stops, the host cache and contacts are saved, the
+//! address files are removed, and the process exits 0.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,27 +22,38 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use peercall_engine::{Config as EngineConfig, Node};
+use peercall_engine::{CachedHost, Config as EngineConfig, Node, Resources};
 use rand::rngs::OsRng;
 use rand_core::RngCore;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState, AdminToken};
+use crate::book::{ContactBook, MAX_CONTACTS_FILE};
 use crate::clock::Clock;
 use crate::config::{self, Flags, Settings, Sources};
+use crate::events::EventBus;
+use crate::hosts::{self, MAX_HOSTS_FILE};
 use crate::logging::{self, LogArgs};
 use crate::metrics::Metrics;
-use crate::runtime::{self, Command, Engine};
-use crate::store::{ADMIN_ADDR_FILE, ADMIN_TOKEN_FILE, DataDir, UDP_ADDR_FILE};
+use crate::persist::Persister;
+use crate::resources::{self, CpuSampler};
+use crate::runtime::{self, Command, Engine, UserState};
+use crate::store::{
+    ADMIN_ADDR_FILE, ADMIN_TOKEN_FILE, CONTACTS_FILE, DataDir, HOSTS_FILE, UDP_ADDR_FILE,
+};
 
 /// Commands queued for the engine task before senders wait. Admin requests are few;
 /// this only absorbs bursts (a scrape racing a connect).
 const COMMAND_QUEUE: usize = 64;
 /// How long in-flight admin requests may take to finish once the engine has stopped.
 const ADMIN_DRAIN: Duration = Duration::from_secs(2);
+/// How often CPU headroom is measured for the election: often enough to follow a
+/// host getting busy within the election's minute-scale pacing, rarely enough to
+/// cost nothing.
+pub const CPU_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Arguments of `peercall node`.
 #[derive(Debug, Clone, clap::Args)]
@@ -69,8 +90,42 @@ pub fn run(log: &LogArgs, args: NodeArgs) -> anyhow::Result<()> {
     runtime.block_on(run_node(settings))
 }
 
+/// Loads a state file with `parse`; one that does not load (or cannot be read) is
+/// renamed aside with a warning and counted, and `None` is returned, so the node
+/// starts without it and never overwrites the evidence.
+fn load_state<T, E: std::fmt::Display>(
+    dir: &DataDir,
+    name: &str,
+    max_len: usize,
+    metrics: &Metrics,
+    parse: impl FnOnce(&[u8]) -> Result<T, E>,
+) -> anyhow::Result<Option<T>> {
+    let problem = match dir.read_private(name, max_len) {
+        Ok(None) => return Ok(None),
+        Ok(Some(bytes)) => match parse(&bytes) {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    };
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = dir
+        .set_aside(name, unix)
+        .with_context(|| format!("{name} does not load ({problem}) and could not be set aside"))?;
+    metrics.state_files_set_aside.inc();
+    warn!(
+        file = name,
+        problem = %problem,
+        kept_as = %aside.display(),
+        "state file does not load; set aside, starting without it"
+    );
+    Ok(None)
+}
+
 async fn run_node(settings: Settings) -> anyhow::Result<()> {
-    let dir = DataDir::open(&settings.data_dir)?;
+    let dir = Arc::new(DataDir::open(&settings.data_dir)?);
     if let Some(mode) = dir.tightened {
         warn!(dir = %dir.path().display(), "data directory had mode {mode:04o}; made it 0700");
     }
@@ -89,6 +144,23 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     dir.write(ADMIN_TOKEN_FILE, token.as_str().as_bytes())?;
 
     let clock = Clock::start();
+    let metrics = Arc::new(Metrics::new(clock.started()).context("metrics registry")?);
+    let host_cache: Vec<CachedHost> =
+        load_state(&dir, HOSTS_FILE, MAX_HOSTS_FILE, &metrics, hosts::parse)?.unwrap_or_default();
+    let book = load_state(
+        &dir,
+        CONTACTS_FILE,
+        MAX_CONTACTS_FILE,
+        &metrics,
+        ContactBook::parse,
+    )?
+    .unwrap_or_default();
+    info!(
+        supernodes = host_cache.len(),
+        contacts = book.len(),
+        "state loaded"
+    );
+
     let socket = UdpSocket::bind(settings.listen)
         .await
         .with_context(|| format!("could not bind UDP {}", settings.listen))?;
@@ -100,6 +172,16 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     engine_config.seeds = runtime::resolve_seeds(&settings.seeds, udp_local).await;
     engine_config.keepalive_interval = settings.keepalive();
     engine_config.session_timeout = settings.session_timeout();
+    engine_config.overlay = settings.overlay_config();
+    engine_config.overlay.host_cache = host_cache;
+    engine_config.overlay.local_addrs =
+        resources::local_endpoints(&settings.local_addrs, udp_local);
+    info!(
+        local_endpoints = engine_config.overlay.local_addrs.len(),
+        handle = settings.handle.as_ref().map_or("", |h| h.as_str()),
+        "overlay configured"
+    );
+    tracing::debug!(endpoints = ?engine_config.overlay.local_addrs, "local endpoints");
     let node = Node::new(engine_config, clock.now());
     #[cfg(feature = "webrtc")]
     let webrtc = {
@@ -109,8 +191,9 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         webrtc
     };
 
-    let metrics = Arc::new(Metrics::new(clock.started()).context("metrics registry")?);
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let events = Arc::new(EventBus::new());
+    let (stopping_tx, stopping) = watch::channel(false);
     let listener = TcpListener::bind(settings.admin.get())
         .await
         .with_context(|| format!("could not bind admin HTTP {}", settings.admin.get()))?;
@@ -124,35 +207,92 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         clock,
         udp_local,
+        handle: settings.handle.clone(),
+        events: events.clone(),
+        stopping,
     });
     let (stop_admin, admin_stopped) = oneshot::channel::<()>();
     let admin_task = tokio::spawn(admin::serve(listener, state, async {
         let _ = admin_stopped.await;
     }));
-    let signal_task = tokio::spawn(forward_signals(interrupt, terminate, commands));
+    let signal_task = tokio::spawn(forward_signals(interrupt, terminate, commands.clone()));
+    let sampler_task = tokio::spawn(sample_resources(
+        settings.bandwidth_kbps,
+        commands,
+        metrics.clone(),
+    ));
 
     dir.write_addr(ADMIN_ADDR_FILE, admin_local)?;
     info!(udp = %udp_local, admin = %admin_local, "node ready");
 
-    let engine = Engine::new(node, socket, clock, command_rx, metrics);
+    let user = UserState {
+        book,
+        events,
+        persister: Persister::start(dir.clone(), metrics.clone()),
+        save_interval: settings.state_save(),
+    };
+    let engine = Engine::new(node, socket, clock, command_rx, metrics, user);
     #[cfg(feature = "webrtc")]
     let engine = engine.with_webrtc(webrtc);
     // The engine runs here, on this task: it owns the node until shutdown.
-    engine.run().await;
+    let last = engine.run().await;
 
-    // Nothing of the engine's needs saving yet; later state (host cache, contacts)
-    // is written here through `DataDir::write`, atomically.
+    // Event streams end, so the admin server's graceful shutdown does not wait on
+    // them.
+    let _ = stopping_tx.send(true);
     let _ = stop_admin.send(());
+    sampler_task.abort();
     match tokio::time::timeout(ADMIN_DRAIN, admin_task).await {
         Ok(Ok(Err(e))) => warn!(error = %e, "admin server failed"),
         Err(_) => warn!("admin requests still running at shutdown; dropped"),
         _ => {}
     }
     signal_task.abort();
+    // Queued saves first, then the final state, in that order.
+    last.persister.finish().await;
+    for (name, bytes) in [(HOSTS_FILE, &last.hosts), (CONTACTS_FILE, &last.contacts)] {
+        if let Err(e) = dir.write(name, bytes) {
+            error!(file = name, error = %e, "could not save state at shutdown");
+        }
+    }
     dir.remove(ADMIN_ADDR_FILE)?;
     dir.remove(UDP_ADDR_FILE)?;
     info!("stopped");
     Ok(())
+}
+
+/// Measures CPU headroom every [`CPU_SAMPLE_INTERVAL`] and hands it, with the
+/// configured bandwidth, to the engine for the election.
+async fn sample_resources(
+    bandwidth_kbps: u32,
+    commands: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+) {
+    let mut sampler = CpuSampler::new();
+    let mut tick = tokio::time::interval(CPU_SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        let first = sampler.sample_proc();
+        let Some(cpu_headroom_pct) = first else {
+            // The first reading only sets the baseline; later ones fail only where
+            // /proc is missing, and then the node offers no headroom.
+            if !warned && std::fs::metadata("/proc/stat").is_err() {
+                warn!("no /proc/stat: CPU headroom unknown, this node will not be promoted");
+                warned = true;
+            }
+            continue;
+        };
+        metrics.cpu_headroom.set(i64::from(cpu_headroom_pct));
+        let resources = Resources {
+            bandwidth_kbps,
+            cpu_headroom_pct,
+        };
+        if !runtime::send(&commands, Command::SetResources(resources)).await {
+            return;
+        }
+    }
 }
 
 /// The engine's RNG seed, from the operating system.

@@ -6,24 +6,41 @@
 //! `peercall_engine` requires. On shutdown it closes the node, sends the resulting
 //! transmits (peers are told) and returns.
 //!
+//! It also owns what the node knows of the overlay on the user's behalf: the
+//! contact book (presence from the overlay's events, saved through the state
+//! writer at every change), the admin API's lookups in flight (answered when the
+//! overlay's `LookupDone` arrives), and the host cache's periodic save. Every event
+//! worth showing is published on the [`EventBus`] for `GET /v1/events`.
+//!
 //! With the `webrtc` feature it also owns the WebRTC gateway: every datagram is
 //! offered to the gateway first (it takes only STUN for its own ICE ufrags and
 //! DTLS/SRTP from browsers it has validated), the rest goes to the node; both
 //! deadlines are watched, and both outputs drained.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use peercall_engine::{Contact, Event, Node, Stats, Status};
+use peercall_crypto::{Handle, UserId};
+use peercall_engine::{
+    Contact, Event, Found, Lookup, LookupError, Node, OverlayEvent, RequestId, Resources, Stats,
+    Status,
+};
 use peercall_wire::Time;
+use serde::Serialize;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use crate::book::{AddError, Added, ContactBook, ContactView};
 use crate::clock::Clock;
+use crate::events::EventBus;
+use crate::hosts;
 use crate::logging::short_key;
 use crate::metrics::Metrics;
+use crate::persist::{Persister, Saved};
+use crate::store::{CONTACTS_FILE, HOSTS_FILE};
 
 /// Receive buffer: the largest UDP payload, so an oversized datagram reaches the
 /// engine whole and is counted as malformed rather than silently truncated.
@@ -32,6 +49,16 @@ const RECV_BUFFER: usize = 65_535;
 /// re-checked after this, which costs nothing and keeps tokio's timer wheel in range.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
+/// Lookups from the admin API in flight at once; more are refused (the overlay
+/// answers each within seconds, so this only bounds a runaway client).
+pub const MAX_PENDING_LOOKUPS: usize = 256;
+
+/// The answer to a lookup.
+pub type LookupResult = Result<Found, LookupError>;
+
+/// What a contact add did, the contact, and whether the book reached the disk.
+pub type AddReply = Result<(Added, ContactView, oneshot::Receiver<Saved>), AddError>;
+
 /// A request to the engine task.
 #[derive(Debug)]
 pub enum Command {
@@ -39,6 +66,34 @@ pub enum Command {
     Connect(Contact),
     /// Report the node's status and counters.
     Snapshot(oneshot::Sender<Snapshot>),
+    /// Look a user up in the directory; `None` if too many lookups are in flight.
+    Lookup {
+        /// By user id or handle.
+        what: Lookup,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Option<LookupResult>>,
+    },
+    /// List the contacts.
+    Contacts(oneshot::Sender<Vec<ContactView>>),
+    /// Pin a user as a contact and follow its presence.
+    AddContact {
+        /// The user id (pinned).
+        user: UserId,
+        /// The handle it was found under, if added by handle.
+        handle: Option<Handle>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<AddReply>,
+    },
+    /// Remove the contact pinned to a user id.
+    RemoveContact {
+        /// The user id.
+        user: UserId,
+        /// The removed contact and whether the book reached the disk; `None` if
+        /// there was no such contact.
+        reply: oneshot::Sender<Option<(ContactView, oneshot::Receiver<Saved>)>>,
+    },
+    /// New resource figures for the election (CPU headroom measured by the shell).
+    SetResources(Resources),
     /// Close the node and stop.
     Shutdown,
     /// Answer a browser's SDP offer with an echo session.
@@ -70,9 +125,39 @@ pub struct Snapshot {
     pub stats: Stats,
     /// When the snapshot was taken.
     pub now: Time,
+    /// Contacts in the book.
+    pub contacts: usize,
+    /// Contacts online now.
+    pub contacts_online: usize,
+    /// Supernodes in the host cache.
+    pub host_cache: usize,
     /// The WebRTC gateway's counters.
     #[cfg(feature = "webrtc")]
     pub webrtc: Option<peercall_gateway::Stats>,
+}
+
+/// What the engine task holds on the user's behalf besides the node.
+#[derive(Debug)]
+pub struct UserState {
+    /// The contact book, as loaded at start.
+    pub book: ContactBook,
+    /// Where events for `/v1/events` go.
+    pub events: Arc<EventBus>,
+    /// The state writer.
+    pub persister: Persister,
+    /// How often the host cache is saved.
+    pub save_interval: Duration,
+}
+
+/// What the engine task leaves behind: the state to save at shutdown.
+#[derive(Debug)]
+pub struct Final {
+    /// The state writer, to finish its queue.
+    pub persister: Persister,
+    /// The host cache file's contents.
+    pub hosts: Vec<u8>,
+    /// The contacts file's contents.
+    pub contacts: Vec<u8>,
 }
 
 /// The engine task's state.
@@ -83,6 +168,14 @@ pub struct Engine {
     clock: Clock,
     commands: mpsc::Receiver<Command>,
     metrics: Arc<Metrics>,
+    me: UserId,
+    book: ContactBook,
+    events: Arc<EventBus>,
+    persister: Persister,
+    save_interval: Duration,
+    /// The host cache as last saved, to skip saves that change nothing.
+    saved_hosts: Vec<u8>,
+    lookups: HashMap<RequestId, oneshot::Sender<Option<LookupResult>>>,
     #[cfg(feature = "webrtc")]
     webrtc: Option<crate::webrtc::WebRtc>,
 }
@@ -106,13 +199,21 @@ impl Engine {
         clock: Clock,
         commands: mpsc::Receiver<Command>,
         metrics: Arc<Metrics>,
+        user: UserState,
     ) -> Engine {
         Engine {
+            me: node.status().user_id,
+            saved_hosts: hosts::to_json(node.host_cache()),
             node,
             socket,
             clock,
             commands,
             metrics,
+            book: user.book,
+            events: user.events,
+            persister: user.persister,
+            save_interval: user.save_interval,
+            lookups: HashMap::new(),
             #[cfg(feature = "webrtc")]
             webrtc: None,
         }
@@ -126,12 +227,20 @@ impl Engine {
     }
 
     /// Runs until a [`Command::Shutdown`] (or until every command sender is gone),
-    /// then closes the node and sends its last transmits.
-    pub async fn run(mut self) {
+    /// then closes the node, sends its last transmits and hands back what must be
+    /// saved.
+    pub async fn run(mut self) -> Final {
         let mut buf = vec![0u8; RECV_BUFFER];
+        let now = self.clock.now();
+        // Contacts are followed from the start; the overlay subscribes through the
+        // first home supernode as soon as it has one.
+        self.node.subscribe(now, &self.book.users());
         // The node connects to its seeds on its first timeout (see `Node::new`).
-        self.node.handle_timeout(self.clock.now());
+        self.node.handle_timeout(now);
         self.drain().await;
+        let mut save = tokio::time::interval(self.save_interval);
+        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        save.tick().await;
         loop {
             let deadline = self.poll_timeout();
             let wake = deadline.and_then(|t| self.clock.instant_at(t));
@@ -159,7 +268,9 @@ impl Engine {
                         let closed = self.webrtc.as_mut().is_some_and(|w| w.close(session));
                         let _ = reply.send(closed);
                     }
+                    Some(command) => self.command(command),
                 },
+                _ = save.tick() => self.save_hosts(),
                 () = sleep_until(wake) => {
                     let now = self.clock.now();
                     // A capped sleep may wake before the deadline: then just re-arm.
@@ -185,6 +296,108 @@ impl Engine {
             w.close_all();
         }
         self.drain().await;
+        Final {
+            hosts: hosts::to_json(self.node.host_cache()),
+            contacts: self.book.to_json(),
+            persister: self.persister,
+        }
+    }
+
+    /// Serves the commands that are neither connect, snapshot nor shutdown.
+    fn command(&mut self, command: Command) {
+        let now = self.clock.now();
+        match command {
+            Command::Lookup { what, reply } => {
+                self.lookups.retain(|_, r| !r.is_closed());
+                if self.lookups.len() >= MAX_PENDING_LOOKUPS {
+                    let _ = reply.send(None);
+                    return;
+                }
+                let id = self.node.lookup(now, what);
+                self.lookups.insert(id, reply);
+            }
+            Command::Contacts(reply) => {
+                let _ = reply.send(self.book.views(now));
+            }
+            Command::AddContact {
+                user,
+                handle,
+                reply,
+            } => {
+                let result = if user == self.me {
+                    Err(AddError::Myself)
+                } else {
+                    self.book.add(user, handle, now.as_secs())
+                };
+                let result = result.map(|added| {
+                    let saved = self.save_contacts(added != Added::Unchanged);
+                    if added == Added::New {
+                        self.node.subscribe(now, &[user]);
+                        info!(user = %user.fingerprint(), "contact added");
+                    }
+                    let view = self.view_of(&user, now);
+                    if added != Added::Unchanged {
+                        self.events.publish("contact_added", &view);
+                    }
+                    (added, view, saved)
+                });
+                let _ = reply.send(result);
+            }
+            Command::RemoveContact { user, reply } => {
+                let view = self.book.get(&user).map(|c| self.book.view(c, now));
+                let answer = view.and_then(|view| {
+                    self.book.remove(&user)?;
+                    self.node.unsubscribe(now, &[user]);
+                    info!(user = %user.fingerprint(), "contact removed");
+                    self.events.publish("contact_removed", &view);
+                    Some((view, self.save_contacts(true)))
+                });
+                let _ = reply.send(answer);
+            }
+            Command::SetResources(resources) => self.node.set_resources(resources),
+            // Served in the loop.
+            Command::Connect(_) | Command::Snapshot(_) | Command::Shutdown => {}
+            #[cfg(feature = "webrtc")]
+            Command::WebRtcEchoOffer { .. } | Command::WebRtcClose { .. } => {}
+        }
+    }
+
+    /// A contact's view (it must be in the book).
+    fn view_of(&self, user: &UserId, now: Time) -> ContactView {
+        match self.book.get(user) {
+            Some(c) => self.book.view(c, now),
+            None => ContactView {
+                user_id: user.to_string(),
+                fingerprint: user.fingerprint(),
+                handle: None,
+                added: 0,
+                online: None,
+                since_s: None,
+                record_handle: None,
+                endpoints: Vec::new(),
+            },
+        }
+    }
+
+    /// Saves the contact book (if `changed`; else answers "saved" at once).
+    fn save_contacts(&self, changed: bool) -> oneshot::Receiver<Saved> {
+        if changed {
+            return self.persister.save(CONTACTS_FILE, self.book.to_json());
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Ok(()));
+        rx
+    }
+
+    /// Saves the host cache if it changed since the last save.
+    fn save_hosts(&mut self) {
+        let bytes = hosts::to_json(self.node.host_cache());
+        if bytes != self.saved_hosts {
+            self.saved_hosts = bytes.clone();
+            // Failures are logged and counted by the writer; the next tick retries
+            // only if the cache changes again, and shutdown saves it anyway.
+            drop(self.persister.save(HOSTS_FILE, bytes));
+        }
     }
 
     /// The earliest deadline of the node and the gateway.
@@ -224,6 +437,9 @@ impl Engine {
             status: self.node.status(),
             stats: self.node.stats(),
             now: self.clock.now(),
+            contacts: self.book.len(),
+            contacts_online: self.book.online(),
+            host_cache: self.node.host_cache().len(),
             #[cfg(feature = "webrtc")]
             webrtc: self.webrtc.as_ref().map(|w| w.stats()),
         }
@@ -238,10 +454,7 @@ impl Engine {
             }
         }
         while let Some(event) = self.node.poll_event() {
-            if let Event::PeerDown { reason, .. } = &event {
-                self.metrics.session_ended(reason);
-            }
-            log_event(&event);
+            self.handle_event(event);
         }
         #[cfg(feature = "webrtc")]
         if let Some(w) = &mut self.webrtc {
@@ -257,28 +470,117 @@ impl Engine {
     }
 }
 
-fn log_event(event: &Event) {
-    match event {
-        Event::PeerUp { peer, addr } => {
-            info!(peer = %short_key(peer), "session up");
-            debug!(peer = %peer, addr = %addr, "session up");
+/// Body of `session_up` events.
+#[derive(Serialize)]
+struct SessionUp {
+    peer: String,
+    addr: String,
+}
+
+/// Body of `session_down` events.
+#[derive(Serialize)]
+struct SessionDown {
+    peer: String,
+    reason: &'static str,
+}
+
+impl Engine {
+    /// Logs an engine event, counts it, and acts on it: lookups answered, presence
+    /// noted in the contact book, everything of interest published.
+    fn handle_event(&mut self, event: Event) {
+        match event {
+            Event::PeerUp { peer, addr } => {
+                info!(peer = %short_key(&peer), "session up");
+                debug!(peer = %peer, addr = %addr, "session up");
+                self.events.publish(
+                    "session_up",
+                    SessionUp {
+                        peer: peer.to_string(),
+                        addr: addr.to_string(),
+                    },
+                );
+            }
+            Event::PeerDown { peer, reason } => {
+                self.metrics.session_ended(reason);
+                info!(peer = %short_key(&peer), reason, "session down");
+                self.events.publish(
+                    "session_down",
+                    SessionDown {
+                        peer: peer.to_string(),
+                        reason,
+                    },
+                );
+            }
+            Event::Overlay(e) => self.overlay_event(e),
+            Event::CallIncoming { call, .. } => info!(%call, "incoming call"),
+            Event::CallRinging { call } => info!(%call, "ringing"),
+            Event::CallConnected { call, path } => {
+                info!(%call, path = path.map_or("none", |k| k.label()), "call connected")
+            }
+            Event::CallPathSwitched { call, from, to } => info!(
+                %call,
+                from = from.map_or("none", |k| k.label()),
+                to = to.label(),
+                "call path switched"
+            ),
+            Event::CallEnded { call, reason } => info!(%call, %reason, "call ended"),
         }
-        Event::PeerDown { peer, reason } => {
-            info!(peer = %short_key(peer), reason, "session down");
+    }
+
+    fn overlay_event(&mut self, event: OverlayEvent) {
+        let now = self.clock.now();
+        match event {
+            OverlayEvent::LookupDone { id, result } => {
+                debug!(id = id.0, found = result.is_ok(), "lookup done");
+                if let Some(reply) = self.lookups.remove(&id) {
+                    // The requester may have timed out; nothing to do then.
+                    let _ = reply.send(Some(result));
+                }
+            }
+            OverlayEvent::Presence {
+                user,
+                online,
+                record,
+            } => {
+                if self.book.set_presence(now, user, online, record).is_some() {
+                    info!(
+                        user = %user.fingerprint(),
+                        state = if online { "online" } else { "offline" },
+                        "contact presence"
+                    );
+                    let view = self.view_of(&user, now);
+                    self.events.publish("presence", &view);
+                }
+            }
+            OverlayEvent::RoleChanged { supernode } => {
+                info!(supernode, "role changed");
+                self.events
+                    .publish("role", serde_json::json!({ "supernode": supernode }));
+            }
+            OverlayEvent::HomesChanged { homes } => {
+                let short: Vec<String> = homes.iter().map(short_key).collect();
+                info!(homes = ?short, "home supernodes changed");
+                let keys: Vec<String> = homes.iter().map(ToString::to_string).collect();
+                self.events
+                    .publish("homes", serde_json::json!({ "homes": keys }));
+            }
+            OverlayEvent::HandleRefused { handle } => {
+                warn!(
+                    handle = %handle,
+                    "the directory refused our handle: another live user holds it"
+                );
+                self.events.publish(
+                    "handle_refused",
+                    serde_json::json!({ "handle": handle.as_str() }),
+                );
+            }
+            OverlayEvent::Reflexive { addr } => {
+                info!("reflexive address learned");
+                debug!(%addr, "reflexive address");
+                self.events
+                    .publish("reflexive", serde_json::json!({ "addr": addr.to_string() }));
+            }
         }
-        Event::Overlay(e) => debug!(event = ?e, "overlay"),
-        Event::CallIncoming { call, .. } => info!(%call, "incoming call"),
-        Event::CallRinging { call } => info!(%call, "ringing"),
-        Event::CallConnected { call, path } => {
-            info!(%call, path = path.map_or("none", |k| k.label()), "call connected")
-        }
-        Event::CallPathSwitched { call, from, to } => info!(
-            %call,
-            from = from.map_or("none", |k| k.label()),
-            to = to.label(),
-            "call path switched"
-        ),
-        Event::CallEnded { call, reason } => info!(%call, %reason, "call ended"),
     }
 }
 
@@ -289,8 +591,18 @@ pub async fn send(commands: &mpsc::Sender<Command>, command: Command) -> bool {
 
 /// Asks the engine task for a snapshot, waiting at most `timeout`.
 pub async fn snapshot(commands: &mpsc::Sender<Command>, timeout: Duration) -> Option<Snapshot> {
+    ask(commands, Command::Snapshot, timeout).await
+}
+
+/// Sends the command `make` builds around a reply channel and waits at most
+/// `timeout` for the answer; `None` if the engine task has stopped or is stuck.
+pub async fn ask<T>(
+    commands: &mpsc::Sender<Command>,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    timeout: Duration,
+) -> Option<T> {
     let (tx, rx) = oneshot::channel();
-    if !send(commands, Command::Snapshot(tx)).await {
+    if !send(commands, make(tx)).await {
         return None;
     }
     tokio::time::timeout(timeout, rx).await.ok()?.ok()

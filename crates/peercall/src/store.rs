@@ -10,10 +10,14 @@
 //! | `udp.addr` | the bound UDP address, one line | once bound |
 //! | `admin.addr` | the bound admin HTTP address, one line | last: the node is ready |
 //! | `lock` | held locked while a node runs on this directory | at start |
+//! | `hosts.json` | the host cache: known supernodes (see `crate::hosts`) | every `state_save_secs` and at shutdown |
+//! | `contacts.json` | the user's contacts, pinned by user id (see `crate::book`) | at every change |
 //!
 //! Every write is atomic ([`write_atomic`]): a crash leaves the old version or the new
-//! one, never a torn file. Later state (the host cache, contacts) uses the same pair,
-//! [`DataDir::write`] and [`DataDir::read_private`], one file each.
+//! one, never a torn file. State files use the same pair, [`DataDir::write`] and
+//! [`DataDir::read_private`], one file each; one that does not load is renamed
+//! aside ([`DataDir::set_aside`]) so its bytes survive for inspection and the node
+//! starts without it.
 
 use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
@@ -36,6 +40,10 @@ pub const UDP_ADDR_FILE: &str = "udp.addr";
 pub const ADMIN_ADDR_FILE: &str = "admin.addr";
 /// The lock that keeps two nodes off one directory.
 pub const LOCK_FILE: &str = "lock";
+/// The persisted host cache.
+pub const HOSTS_FILE: &str = "hosts.json";
+/// The user's contacts.
+pub const CONTACTS_FILE: &str = "contacts.json";
 
 /// Mode of the data directory: the owner only.
 const DIR_MODE: u32 = 0o700;
@@ -43,6 +51,8 @@ const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
 /// Permission bits for group and others, which must all be clear.
 const GROUP_OTHER_BITS: u32 = 0o077;
+/// Names tried by [`DataDir::set_aside`] within one second before giving up.
+const MAX_SET_ASIDE_TRIES: u32 = 100;
 
 /// Why the data directory could not be used.
 #[derive(Debug, Error)]
@@ -278,6 +288,32 @@ impl DataDir {
         }
     }
 
+    /// Renames a state file that does not load to `<name>.corrupt-<unix seconds>`
+    /// (with a counter if that exists too), so its bytes are kept for inspection and
+    /// the next write starts afresh; returns the new path.
+    pub fn set_aside(&self, name: &str, unix_secs: u64) -> Result<PathBuf, StoreError> {
+        let from = self.file(name);
+        for n in 0..MAX_SET_ASIDE_TRIES {
+            let to = match n {
+                0 => self.file(&format!("{name}.corrupt-{unix_secs}")),
+                n => self.file(&format!("{name}.corrupt-{unix_secs}.{n}")),
+            };
+            // Never overwrite an earlier one: that would lose the evidence.
+            if fs::symlink_metadata(&to).is_ok() {
+                continue;
+            }
+            fs::rename(&from, &to).map_err(io_err("rename", &from))?;
+            File::open(&self.root)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("sync", &self.root))?;
+            return Ok(to);
+        }
+        Err(io_err("rename", &from)(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "too many files set aside in the same second",
+        )))
+    }
+
     /// Loads the identity, or creates and saves a new one on first start. Returns it and
     /// whether it was created. A corrupt or exposed key file is an error, never replaced.
     pub fn load_or_create_identity(
@@ -423,6 +459,23 @@ mod tests {
         dir.remove("hosts").unwrap();
         dir.remove("hosts").unwrap();
         assert_eq!(dir.read_private("hosts", 10).unwrap(), None);
+    }
+
+    #[test]
+    fn set_aside_keeps_every_corrupt_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        dir.write(HOSTS_FILE, b"junk 1").unwrap();
+        let first = dir.set_aside(HOSTS_FILE, 42).unwrap();
+        assert_eq!(first, dir.file("hosts.json.corrupt-42"));
+        assert_eq!(fs::read(&first).unwrap(), b"junk 1");
+        assert_eq!(dir.read_private(HOSTS_FILE, 100).unwrap(), None);
+        dir.write(HOSTS_FILE, b"junk 2").unwrap();
+        let second = dir.set_aside(HOSTS_FILE, 42).unwrap();
+        assert_eq!(second, dir.file("hosts.json.corrupt-42.1"));
+        assert_eq!(fs::read(&first).unwrap(), b"junk 1");
+        assert_eq!(fs::read(&second).unwrap(), b"junk 2");
+        assert!(dir.set_aside(HOSTS_FILE, 43).is_err(), "nothing to rename");
     }
 
     #[test]
