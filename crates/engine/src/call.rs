@@ -635,7 +635,6 @@ impl Calls {
         self.calls.iter().find(|c| c.id == id)
     }
 
-
     /// The live call with `peer`, newest first.
     fn by_peer(&self, peer: &PeerKey) -> Option<CallId> {
         self.calls
@@ -888,7 +887,11 @@ impl Node {
         out: &mut [i16; FRAME_SAMPLES],
     ) -> Result<(), CallError> {
         let call = find_mut(&mut self.calls.calls, id).ok_or(CallError::UnknownCall(id))?;
-        let Some(audio) = call.audio.as_mut().filter(|_| call.state == CallState::Active) else {
+        let Some(audio) = call
+            .audio
+            .as_mut()
+            .filter(|_| call.state == CallState::Active)
+        else {
             out.fill(0);
             return Ok(());
         };
@@ -1114,7 +1117,13 @@ impl Node {
     }
 
     /// A call-layer frame (probe, ack, media, report, call control) from `key`.
-    pub(crate) fn on_call_frame(&mut self, now: Time, key: PeerKey, origin: Origin, frame: &Frame<'_>) {
+    pub(crate) fn on_call_frame(
+        &mut self,
+        now: Time,
+        key: PeerKey,
+        origin: Origin,
+        frame: &Frame<'_>,
+    ) {
         if let Frame::Call(body) = frame {
             return self.on_call_msg(now, key, origin, body);
         }
@@ -1154,7 +1163,13 @@ impl Node {
     }
 
     /// A relay control message on the hop session with `from`.
-    pub(crate) fn on_relay_control(&mut self, now: Time, from: PeerKey, from_addr: SocketAddr, body: &[u8]) {
+    pub(crate) fn on_relay_control(
+        &mut self,
+        now: Time,
+        from: PeerKey,
+        from_addr: SocketAddr,
+        body: &[u8],
+    ) {
         let msg = match RelayMsg::decode(body) {
             Ok(m) => m,
             Err(_) => {
@@ -1417,7 +1432,14 @@ impl Node {
             let number = call.number;
             let offer = paths_offer(call);
             match own {
-                Some(record) => self.send_reliable(now, id, CallMsg::Invite { call: number, record }),
+                Some(record) => self.send_reliable(
+                    now,
+                    id,
+                    CallMsg::Invite {
+                        call: number,
+                        record,
+                    },
+                ),
                 None => {
                     tracing::debug!("no own record yet; cannot invite");
                 }
@@ -1485,11 +1507,9 @@ impl Node {
                 }
             }
             Origin::Relay { relay, channel } => {
-                if let Some(p) = call
-                    .paths
-                    .iter()
-                    .find(|p| PeerKey(p.relay.key) == relay && p.channel == Some(channel) && p.added)
-                {
+                if let Some(p) = call.paths.iter().find(|p| {
+                    PeerKey(p.relay.key) == relay && p.channel == Some(channel) && p.added
+                }) {
                     let _ = call.router.on_packet_received(now, p.id);
                 }
             }
@@ -1625,7 +1645,8 @@ impl Node {
         match msg {
             CallMsg::Invite { .. } => {}
             CallMsg::Ringing { .. } => {
-                call.resends.retain(|r| !matches!(r.msg, CallMsg::Invite { .. }));
+                call.resends
+                    .retain(|r| !matches!(r.msg, CallMsg::Invite { .. }));
                 if outgoing && state == CallState::Connecting {
                     call.state = CallState::Ringing;
                     call.deadline = Some(now + self.calls.cfg.ring_timeout);
@@ -1633,7 +1654,8 @@ impl Node {
                 }
             }
             CallMsg::Accept { .. } => {
-                call.resends.retain(|r| !matches!(r.msg, CallMsg::Invite { .. }));
+                call.resends
+                    .retain(|r| !matches!(r.msg, CallMsg::Invite { .. }));
                 if outgoing {
                     self.send_call_msg(now, id, &CallMsg::Connected { call: number });
                     if matches!(state, CallState::Connecting | CallState::Ringing) {
@@ -1642,7 +1664,8 @@ impl Node {
                 }
             }
             CallMsg::Connected { .. } => {
-                call.resends.retain(|r| !matches!(r.msg, CallMsg::Accept { .. }));
+                call.resends
+                    .retain(|r| !matches!(r.msg, CallMsg::Accept { .. }));
             }
             CallMsg::Reject { reason, .. } => {
                 self.send_call_msg(now, id, &CallMsg::HangupAck { call: number });
@@ -1658,25 +1681,34 @@ impl Node {
                 self.send_call_msg(now, id, &CallMsg::HangupAck { call: number });
                 if live {
                     let why = match reason {
-                        HangupCode::Normal | HangupCode::Shutdown => EndReason::HungUp(Side::Remote),
+                        HangupCode::Normal | HangupCode::Shutdown => {
+                            EndReason::HungUp(Side::Remote)
+                        }
                         HangupCode::NoAnswer => EndReason::NoAnswer,
                         HangupCode::Lost => EndReason::Lost,
                     };
                     self.end_call(now, id, why);
                 }
             }
-            CallMsg::HangupAck { .. } => call.resends.retain(|r| {
-                !matches!(r.msg, CallMsg::Hangup { .. } | CallMsg::Reject { .. })
-            }),
+            CallMsg::HangupAck { .. } => call
+                .resends
+                .retain(|r| !matches!(r.msg, CallMsg::Hangup { .. } | CallMsg::Reject { .. })),
             CallMsg::Paths { version, paths, .. } => {
                 if !outgoing && version >= call.offer_version && call.live() {
                     self.adopt_paths(now, id, version, paths);
                 }
-                self.send_call_msg(now, id, &CallMsg::PathsAck { call: number, version });
+                self.send_call_msg(
+                    now,
+                    id,
+                    &CallMsg::PathsAck {
+                        call: number,
+                        version,
+                    },
+                );
             }
-            CallMsg::PathsAck { version, .. } => call.resends.retain(|r| {
-                !matches!(r.msg, CallMsg::Paths { version: v, .. } if v <= version)
-            }),
+            CallMsg::PathsAck { version, .. } => call
+                .resends
+                .retain(|r| !matches!(r.msg, CallMsg::Paths { version: v, .. } if v <= version)),
         }
         self.drive_call(now, id);
     }
@@ -1729,7 +1761,12 @@ impl Node {
         call.peer = Some(key);
         call.user = Some(record.user_id());
         call.handle = record.body.handle.clone();
-        call.peer_homes = record.body.supernodes.iter().map(|h| sn(h.key, h.addr)).collect();
+        call.peer_homes = record
+            .body
+            .supernodes
+            .iter()
+            .map(|h| sn(h.key, h.addr))
+            .collect();
         if let Some(p) = self.peers.get(&key)
             && p.addr != UNSPECIFIED
         {
@@ -1751,7 +1788,14 @@ impl Node {
         });
         self.call_session_up(now, id, Some(origin));
         let homes = self.home_sns();
-        self.send_call_msg(now, id, &CallMsg::Ringing { call: number, homes });
+        self.send_call_msg(
+            now,
+            id,
+            &CallMsg::Ringing {
+                call: number,
+                homes,
+            },
+        );
         if self.calls.cfg.auto_answer {
             let _ = self.answer(now, id);
         }
@@ -1817,7 +1861,12 @@ impl Node {
         let mut msgs = Vec::new();
         for p in call.paths.iter_mut() {
             if p.next_alloc <= now {
-                p.next_alloc = now + if p.channel.is_some() { LEG_REFRESH } else { RELAY_RETRY };
+                p.next_alloc = now
+                    + if p.channel.is_some() {
+                        LEG_REFRESH
+                    } else {
+                        RELAY_RETRY
+                    };
                 msgs.push((
                     p.relay,
                     RelayMsg::Allocate {
@@ -1958,7 +2007,8 @@ impl Node {
         {
             call.paths_used.push(k);
         }
-        self.events.push_back(Event::CallConnected { call: id, path });
+        self.events
+            .push_back(Event::CallConnected { call: id, path });
         self.drive_call(now, id);
     }
 
@@ -2152,8 +2202,10 @@ fn call_stats(c: &Call, now: Time) -> CallStats {
 }
 
 /// A placeholder address (never sent to).
-const UNSPECIFIED: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0));
+const UNSPECIFIED: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::UNSPECIFIED,
+    0,
+));
 
 #[cfg(test)]
 mod tests {
@@ -2229,11 +2281,18 @@ mod tests {
             supernodes: Vec::new(),
         };
         let record = Record::sign(&mallory, 1, T0.as_secs() + 600, &body).expect("signs");
-        let invite = CallMsg::Invite { call: 7, record }.encode().expect("encodes");
+        let invite = CallMsg::Invite { call: 7, record }
+            .encode()
+            .expect("encodes");
         assert!(a.send_on(T0, kb, Route::Direct(addr(2)), &Frame::Call(&invite)));
         // Garbage inside an authenticated call frame, and a bogus record.
         assert!(a.send_on(T0, kb, Route::Direct(addr(2)), &Frame::Call(&[1, 200, 3])));
-        let bogus = CallMsg::Invite { call: 8, record: vec![1; 200] }.encode().expect("encodes");
+        let bogus = CallMsg::Invite {
+            call: 8,
+            record: vec![1; 200],
+        }
+        .encode()
+        .expect("encodes");
         assert!(a.send_on(T0, kb, Route::Direct(addr(2)), &Frame::Call(&bogus)));
         pump(T0, &mut a, &mut b);
         assert_eq!(incoming(&mut b), 0);
@@ -2251,10 +2310,19 @@ mod tests {
         assert!(a.send_relayed(T0, kb, 0xdead_beef, &inner));
         pump(T0, &mut a, &mut b);
         let r = b.stats().relay;
-        assert_eq!(r.dropped(crate::relay::RelayDrop::UnknownChannel), 1, "{r:?}");
+        assert_eq!(
+            r.dropped(crate::relay::RelayDrop::UnknownChannel),
+            1,
+            "{r:?}"
+        );
         assert_eq!(r.packets, 0);
         // A relay message that does not decode.
-        assert!(a.send_on(T0, kb, Route::Direct(addr(2)), &Frame::RelayControl(&[1, 99, 99])));
+        assert!(a.send_on(
+            T0,
+            kb,
+            Route::Direct(addr(2)),
+            &Frame::RelayControl(&[1, 99, 99])
+        ));
         let before = b.stats().dropped(DropReason::Malformed);
         pump(T0, &mut a, &mut b);
         assert_eq!(b.stats().dropped(DropReason::Malformed), before + 1);
@@ -2267,7 +2335,10 @@ mod tests {
         assert_eq!(a.answer(T0, nope), Err(CallError::UnknownCall(nope)));
         assert_eq!(a.hangup(T0, nope), Err(CallError::UnknownCall(nope)));
         let mut pcm = [0i16; FRAME_SAMPLES];
-        assert_eq!(a.pull_audio(T0, nope, &mut pcm), Err(CallError::UnknownCall(nope)));
+        assert_eq!(
+            a.pull_audio(T0, nope, &mut pcm),
+            Err(CallError::UnknownCall(nope))
+        );
         // Not attached: the lookup fails at once or times out; either way the call
         // ends unreachable, never panics.
         let id = a.call(T0, CallTarget::User(Identity::from_seed([7; 32]).user_id()));

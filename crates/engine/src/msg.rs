@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use peercall_crypto::record::MAX_RECORD_LEN;
 use peercall_wire::MAX_DATAGRAM;
 use peercall_wire::packet::MAX_TRANSPORT_PLAINTEXT;
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The version byte of [`CallMsg`] bodies.
@@ -424,7 +424,11 @@ pub enum MsgError {
 }
 
 fn bound(ok: bool, field: &'static str) -> Result<(), MsgError> {
-    if ok { Ok(()) } else { Err(MsgError::Bound(field)) }
+    if ok {
+        Ok(())
+    } else {
+        Err(MsgError::Bound(field))
+    }
 }
 
 fn encode<T: Serialize>(msg: &T, version: u8) -> Result<Vec<u8>, MsgError> {
@@ -442,7 +446,8 @@ fn decode<T: DeserializeOwned>(body: &[u8], version: u8) -> Result<T, MsgError> 
     if body[0] != version {
         return Err(MsgError::Version(body[0]));
     }
-    let (msg, rest) = postcard::take_from_bytes::<T>(&body[1..]).map_err(|_| MsgError::Malformed)?;
+    let (msg, rest) =
+        postcard::take_from_bytes::<T>(&body[1..]).map_err(|_| MsgError::Malformed)?;
     if !rest.is_empty() {
         return Err(MsgError::Malformed);
     }
@@ -490,7 +495,12 @@ mod tests {
         ];
         for m in calls {
             let bytes = m.encode().expect("encodes");
-            assert!(bytes.len() <= MAX_BODY_LEN, "{} is {}", m.label(), bytes.len());
+            assert!(
+                bytes.len() <= MAX_BODY_LEN,
+                "{} is {}",
+                m.label(),
+                bytes.len()
+            );
             assert_eq!(CallMsg::decode(&bytes).expect("decodes"), m);
         }
         let relays = vec![

@@ -17,10 +17,10 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::call::{CallConfig, CallId, Calls, EndReason};
-use peercall_router::PathKind;
 use crate::paths::{BufPool, Origin, Route};
 use crate::relay::{RelayConfig, RelayServer};
 use crate::stats::{DropReason, Stats};
+use peercall_router::PathKind;
 
 /// A peer to reach: its address and, when known, its static key (IK) or not (XX).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -425,7 +425,8 @@ impl Node {
     fn established(&mut self, now: Time, key: PeerKey, origin: Origin, initiator: bool) {
         self.stats.handshakes_completed += 1;
         let direct = origin.direct();
-        let on_demand = direct.is_some_and(|from| self.dials.remove(&from).is_some_and(|d| d.on_demand));
+        let on_demand =
+            direct.is_some_and(|from| self.dials.remove(&from).is_some_and(|d| d.on_demand));
         if let Some(from) = direct {
             self.learned.insert(from, key);
         }
@@ -433,7 +434,9 @@ impl Node {
         let (addr, via) = match direct {
             Some(from) => (from, None),
             None => (
-                self.calls.address_hint(&key, &origin).unwrap_or(UNSPECIFIED),
+                self.calls
+                    .address_hint(&key, &origin)
+                    .unwrap_or(UNSPECIFIED),
                 Some(origin.reply_route()),
             ),
         };
@@ -549,7 +552,14 @@ impl Node {
     /// us on one of our channels, or one to forward as a relay.
     fn on_relay_frame(&mut self, now: Time, from: PeerKey, channel: u32, packet: &[u8]) {
         if self.calls.is_our_channel(&from, channel) {
-            self.handle_peercall(now, Origin::Relay { relay: from, channel }, packet);
+            self.handle_peercall(
+                now,
+                Origin::Relay {
+                    relay: from,
+                    channel,
+                },
+                packet,
+            );
         } else {
             self.forward_relay(now, from, channel, packet);
         }
@@ -793,7 +803,10 @@ impl Node {
             return;
         };
         let addr = self.peers.get(&key).map_or(UNSPECIFIED, |p| p.addr);
-        match self.endpoint.initiate(now, addr, Some(key), &mut self.buf[..]) {
+        match self
+            .endpoint
+            .initiate(now, addr, Some(key), &mut self.buf[..])
+        {
             Ok(len) => {
                 self.stats.handshakes_initiated += 1;
                 let bytes = self.buf[..len].to_vec();
@@ -1082,8 +1095,10 @@ impl Node {
 }
 
 /// A placeholder address for sessions known only through relays; never sent to.
-const UNSPECIFIED: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0));
+const UNSPECIFIED: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::UNSPECIFIED,
+    0,
+));
 
 /// The first rekey check of a session: the crypto layer's rekey-after time (120 s);
 /// earlier checks could only answer no.

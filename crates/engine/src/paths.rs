@@ -198,7 +198,13 @@ impl Node {
 
     /// Encrypts `frame` for `peer` and sends it along `route`. False if it could not
     /// be encrypted (no session) or routed.
-    pub(crate) fn send_on(&mut self, now: Time, peer: PeerKey, route: Route, frame: &Frame<'_>) -> bool {
+    pub(crate) fn send_on(
+        &mut self,
+        now: Time,
+        peer: PeerKey,
+        route: Route,
+        frame: &Frame<'_>,
+    ) -> bool {
         let Ok(n) = frame.encode(&mut self.frame_buf[..]) else {
             return false;
         };

@@ -386,7 +386,13 @@ impl RelayServer {
         r
     }
 
-    fn route(&mut self, now: Time, from: &PeerKey, channel: u32, len: usize) -> Result<Hop, RelayDrop> {
+    fn route(
+        &mut self,
+        now: Time,
+        from: &PeerKey,
+        channel: u32,
+        len: usize,
+    ) -> Result<Hop, RelayDrop> {
         let Some(leg) = self.legs.get(&channel) else {
             return Err(if self.expired_set.contains(&channel) {
                 RelayDrop::Expired
@@ -426,7 +432,10 @@ impl RelayServer {
         } else {
             return Err(RelayDrop::NoPermission);
         };
-        let client = self.clients.get_mut(&owner).ok_or(RelayDrop::NoPermission)?;
+        let client = self
+            .clients
+            .get_mut(&owner)
+            .ok_or(RelayDrop::NoPermission)?;
         if !client.bytes.take(now, len as u64) {
             return Err(RelayDrop::Quota);
         }
@@ -450,13 +459,17 @@ impl RelayServer {
         msg: RelayMsg,
     ) {
         match msg {
-            RelayMsg::Allocate { peer, via } => self.allocate(now, env, from, key(&peer), via.map(|v| key(&v))),
+            RelayMsg::Allocate { peer, via } => {
+                self.allocate(now, env, from, key(&peer), via.map(|v| key(&v)))
+            }
             RelayMsg::Release { peer, via } => {
                 if let Some(&ch) = self.index.get(&(from, key(&peer), via.map(|v| key(&v)))) {
                     self.remove_leg(ch, false);
                 }
             }
-            RelayMsg::Signal { to, packet } => self.signal(now, env, from, from_addr, key(&to), packet),
+            RelayMsg::Signal { to, packet } => {
+                self.signal(now, env, from, from_addr, key(&to), packet)
+            }
             RelayMsg::Link {
                 client,
                 peer,
@@ -532,7 +545,9 @@ impl RelayServer {
             None => None,
         };
         if !self.cfg.allow_private_targets {
-            let client_private = env.session_addr(&client).is_some_and(|a| is_private_target(&a));
+            let client_private = env
+                .session_addr(&client)
+                .is_some_and(|a| is_private_target(&a));
             if client_private || via_addr.is_some_and(|a| is_private_target(&a)) {
                 return self.refuse(client, peer, via, Refusal::PrivateTarget);
             }
@@ -548,7 +563,9 @@ impl RelayServer {
             }
             None => {
                 let used = self.clients.get(&client).map_or(0, |c| c.legs);
-                if used >= self.cfg.max_channels_per_client || self.legs.len() >= self.cfg.max_channels {
+                if used >= self.cfg.max_channels_per_client
+                    || self.legs.len() >= self.cfg.max_channels
+                {
                     return self.refuse(client, peer, via, Refusal::Quota);
                 }
                 let ch = self.new_channel();
@@ -684,11 +701,8 @@ impl RelayServer {
     ) {
         let refuse = |s: &mut RelayServer, reason| {
             s.stats.signals_refused += 1;
-            s.out.push_back((
-                from,
-                None,
-                RelayMsg::SignalRefused { to: to.0, reason },
-            ));
+            s.out
+                .push_back((from, None, RelayMsg::SignalRefused { to: to.0, reason }));
         };
         if !env.relays() {
             return refuse(self, Refusal::NotRelay);
@@ -849,7 +863,10 @@ impl RelayServer {
     /// linked with ours), so its session must be kept.
     pub(crate) fn keeps_session(&self, key: &PeerKey) -> bool {
         self.clients.get(key).is_some_and(|c| c.legs > 0)
-            || self.legs.values().any(|l| l.via == Some(*key) && l.remote.is_some())
+            || self
+                .legs
+                .values()
+                .any(|l| l.via == Some(*key) && l.remote.is_some())
     }
 
     pub(crate) fn stats(&self) -> RelayStats {
@@ -915,18 +932,51 @@ mod tests {
     fn one_relay_forwarding_needs_both_sides() {
         let e = env();
         let mut s = RelayServer::new(RelayConfig::default(), [1; 32]);
-        s.handle(T0, &e, k(1), e.addr, RelayMsg::Allocate { peer: k(2).0, via: None });
+        s.handle(
+            T0,
+            &e,
+            k(1),
+            e.addr,
+            RelayMsg::Allocate {
+                peer: k(2).0,
+                via: None,
+            },
+        );
         let (a, ready) = allocated(&mut s, k(1));
         assert!(!ready);
         assert_eq!(s.forward(T0, &k(1), a, 100), Err(RelayDrop::NoPermission));
-        s.handle(T0, &e, k(2), e.addr, RelayMsg::Allocate { peer: k(1).0, via: None });
+        s.handle(
+            T0,
+            &e,
+            k(2),
+            e.addr,
+            RelayMsg::Allocate {
+                peer: k(1).0,
+                via: None,
+            },
+        );
         let (b, ready) = allocated(&mut s, k(2));
         assert!(ready);
-        assert_eq!(s.forward(T0, &k(1), a, 100), Ok(Hop { to: k(2), channel: b }));
-        assert_eq!(s.forward(T0, &k(2), b, 100), Ok(Hop { to: k(1), channel: a }));
+        assert_eq!(
+            s.forward(T0, &k(1), a, 100),
+            Ok(Hop {
+                to: k(2),
+                channel: b
+            })
+        );
+        assert_eq!(
+            s.forward(T0, &k(2), b, 100),
+            Ok(Hop {
+                to: k(1),
+                channel: a
+            })
+        );
         // Someone else's channel, and an unknown one.
         assert_eq!(s.forward(T0, &k(3), a, 100), Err(RelayDrop::NoPermission));
-        assert_eq!(s.forward(T0, &k(1), a ^ 1, 100), Err(RelayDrop::UnknownChannel));
+        assert_eq!(
+            s.forward(T0, &k(1), a ^ 1, 100),
+            Err(RelayDrop::UnknownChannel)
+        );
         // Idle expiry.
         let later = T0 + DEFAULT_IDLE_TIMEOUT + Duration::from_secs(2);
         s.handle_timeout(later);
@@ -949,32 +999,100 @@ mod tests {
             ..RelayConfig::default()
         };
         let mut s = RelayServer::new(cfg, [1; 32]);
-        s.handle(T0, &e, k(1), e.addr, RelayMsg::Allocate { peer: k(2).0, via: None });
+        s.handle(
+            T0,
+            &e,
+            k(1),
+            e.addr,
+            RelayMsg::Allocate {
+                peer: k(2).0,
+                via: None,
+            },
+        );
         let (a, _) = allocated(&mut s, k(1));
-        s.handle(T0, &e, k(1), e.addr, RelayMsg::Allocate { peer: k(3).0, via: None });
+        s.handle(
+            T0,
+            &e,
+            k(1),
+            e.addr,
+            RelayMsg::Allocate {
+                peer: k(3).0,
+                via: None,
+            },
+        );
         assert!(matches!(
             s.poll_output(),
-            Some((_, _, RelayMsg::Refused { reason: Refusal::Quota, .. }))
+            Some((
+                _,
+                _,
+                RelayMsg::Refused {
+                    reason: Refusal::Quota,
+                    ..
+                }
+            ))
         ));
-        s.handle(T0, &e, k(2), e.addr, RelayMsg::Allocate { peer: k(1).0, via: None });
+        s.handle(
+            T0,
+            &e,
+            k(2),
+            e.addr,
+            RelayMsg::Allocate {
+                peer: k(1).0,
+                via: None,
+            },
+        );
         let _ = allocated(&mut s, k(2));
         assert!(s.forward(T0, &k(1), a, 900).is_ok());
         assert_eq!(s.forward(T0, &k(1), a, 200), Err(RelayDrop::Quota));
         // (Client 1 was told its channel is ready.)
-        assert!(matches!(s.poll_output(), Some((to, _, RelayMsg::Ready { channel })) if to == k(1) && channel == a));
+        assert!(
+            matches!(s.poll_output(), Some((to, _, RelayMsg::Ready { channel })) if to == k(1) && channel == a)
+        );
         // A client on a private address is refused.
         e.addr = "10.1.2.3:4000".parse().expect("addr");
-        s.handle(T0, &e, k(4), e.addr, RelayMsg::Allocate { peer: k(1).0, via: None });
+        s.handle(
+            T0,
+            &e,
+            k(4),
+            e.addr,
+            RelayMsg::Allocate {
+                peer: k(1).0,
+                via: None,
+            },
+        );
         assert!(matches!(
             s.poll_output(),
-            Some((_, _, RelayMsg::Refused { reason: Refusal::PrivateTarget, .. }))
+            Some((
+                _,
+                _,
+                RelayMsg::Refused {
+                    reason: Refusal::PrivateTarget,
+                    ..
+                }
+            ))
         ));
         // A two-relay link to a supernode nobody knows.
         e.addr = "203.0.113.5:4000".parse().expect("addr");
-        s.handle(T0, &e, k(5), e.addr, RelayMsg::Allocate { peer: k(1).0, via: Some([8; 32]) });
+        s.handle(
+            T0,
+            &e,
+            k(5),
+            e.addr,
+            RelayMsg::Allocate {
+                peer: k(1).0,
+                via: Some([8; 32]),
+            },
+        );
         assert!(matches!(
             s.poll_output(),
-            Some((_, _, RelayMsg::Refused { reason: Refusal::UnknownRelay, .. }))
+            Some((
+                _,
+                _,
+                RelayMsg::Refused {
+                    reason: Refusal::UnknownRelay,
+                    ..
+                }
+            ))
         ));
         assert!(s.stats().dropped(RelayDrop::PrivateTarget) >= 1);
     }
@@ -985,7 +1103,16 @@ mod tests {
         let sa = k(9);
         let mut s = RelayServer::new(RelayConfig::default(), [2; 32]);
         // Our client 1 wants peer 2 through relay 9.
-        s.handle(T0, &e, k(1), e.addr, RelayMsg::Allocate { peer: k(2).0, via: Some(sa.0) });
+        s.handle(
+            T0,
+            &e,
+            k(1),
+            e.addr,
+            RelayMsg::Allocate {
+                peer: k(2).0,
+                via: Some(sa.0),
+            },
+        );
         let mut mine = None;
         let mut link_sent = false;
         while let Some((to, _, m)) = s.poll_output() {
@@ -1006,11 +1133,45 @@ mod tests {
         let mine = mine.expect("allocated");
         assert_eq!(s.forward(T0, &k(1), mine, 10), Err(RelayDrop::NoPermission));
         // The other relay links back.
-        s.handle(T0, &e, sa, e.addr, RelayMsg::Link { client: k(2).0, peer: k(1).0, channel: 77, reply: true });
-        assert_eq!(s.forward(T0, &k(1), mine, 10), Ok(Hop { to: sa, channel: 77 }));
-        assert_eq!(s.forward(T0, &sa, mine, 10), Ok(Hop { to: k(1), channel: mine }));
+        s.handle(
+            T0,
+            &e,
+            sa,
+            e.addr,
+            RelayMsg::Link {
+                client: k(2).0,
+                peer: k(1).0,
+                channel: 77,
+                reply: true,
+            },
+        );
+        assert_eq!(
+            s.forward(T0, &k(1), mine, 10),
+            Ok(Hop {
+                to: sa,
+                channel: 77
+            })
+        );
+        assert_eq!(
+            s.forward(T0, &sa, mine, 10),
+            Ok(Hop {
+                to: k(1),
+                channel: mine
+            })
+        );
         // A link from a relay the client did not name does nothing.
-        s.handle(T0, &e, k(7), e.addr, RelayMsg::Link { client: k(2).0, peer: k(1).0, channel: 5, reply: false });
+        s.handle(
+            T0,
+            &e,
+            k(7),
+            e.addr,
+            RelayMsg::Link {
+                client: k(2).0,
+                peer: k(1).0,
+                channel: 5,
+                reply: false,
+            },
+        );
         assert_eq!(s.forward(T0, &k(7), mine, 10), Err(RelayDrop::NoPermission));
     }
 
@@ -1024,24 +1185,71 @@ mod tests {
             b.truncate(n + 16);
             b
         };
-        s.handle(T0, &e, k(1), e.addr, RelayMsg::Signal { to: k(3).0, packet: packet.clone() });
+        s.handle(
+            T0,
+            &e,
+            k(1),
+            e.addr,
+            RelayMsg::Signal {
+                to: k(3).0,
+                packet: packet.clone(),
+            },
+        );
         assert!(matches!(
             s.poll_output(),
-            Some((_, _, RelayMsg::SignalRefused { reason: Refusal::UnknownTarget, .. }))
+            Some((
+                _,
+                _,
+                RelayMsg::SignalRefused {
+                    reason: Refusal::UnknownTarget,
+                    ..
+                }
+            ))
         ));
-        s.handle(T0, &e, k(1), e.addr, RelayMsg::Signal { to: k(2).0, packet: packet.clone() });
+        s.handle(
+            T0,
+            &e,
+            k(1),
+            e.addr,
+            RelayMsg::Signal {
+                to: k(2).0,
+                packet: packet.clone(),
+            },
+        );
         assert!(matches!(s.poll_output(), Some((to, _, RelayMsg::Signalled { .. })) if to == k(2)));
         // The client answers the caller, who is not attached here.
-        s.handle(T0, &e, k(2), e.addr, RelayMsg::Signal { to: k(1).0, packet });
+        s.handle(
+            T0,
+            &e,
+            k(2),
+            e.addr,
+            RelayMsg::Signal { to: k(1).0, packet },
+        );
         assert!(matches!(s.poll_output(), Some((to, _, RelayMsg::Signalled { .. })) if to == k(1)));
     }
 
     #[test]
     fn private_ranges() {
-        for a in ["127.0.0.1:1", "10.0.0.1:1", "192.168.1.1:1", "172.16.0.1:1", "224.0.0.1:1", "169.254.1.1:1", "100.64.0.1:1", "[::1]:1", "[fc00::1]:1", "[fe80::1]:1"] {
+        for a in [
+            "127.0.0.1:1",
+            "10.0.0.1:1",
+            "192.168.1.1:1",
+            "172.16.0.1:1",
+            "224.0.0.1:1",
+            "169.254.1.1:1",
+            "100.64.0.1:1",
+            "[::1]:1",
+            "[fc00::1]:1",
+            "[fe80::1]:1",
+        ] {
             assert!(is_private_target(&a.parse().expect("addr")), "{a}");
         }
-        for a in ["198.51.100.1:1", "203.0.113.1:1", "8.8.8.8:1", "[2001:db8::1]:1"] {
+        for a in [
+            "198.51.100.1:1",
+            "203.0.113.1:1",
+            "8.8.8.8:1",
+            "[2001:db8::1]:1",
+        ] {
             assert!(!is_private_target(&a.parse().expect("addr")), "{a}");
         }
     }

@@ -7,6 +7,8 @@
 
 mod admin;
 mod book;
+mod callcli;
+mod calls;
 mod cli;
 mod client;
 mod clock;
@@ -55,6 +57,11 @@ enum Command {
     Status(cli::StatusArgs),
     /// List, add or remove contacts (pinned by user id; presence is followed).
     Contacts(cli::ContactsArgs),
+    /// Call a user through the local node: live status, hang-up after --duration or
+    /// on Ctrl-C, then a summary (--json: one object on stdout).
+    Call(callcli::CallArgs),
+    /// Wait for the next incoming call on the local node and answer it.
+    Answer(callcli::AnswerArgs),
     /// Run a WAV file through the audio pipeline over a simulated network.
     MediaEval(media_eval::MediaEvalArgs),
 }
@@ -68,6 +75,8 @@ fn main() -> ExitCode {
         Command::Status(args) => cli::status(args),
         Command::Contacts(args) => cli::contacts(args),
         Command::MediaEval(args) => media_eval::run(args),
+        Command::Call(args) => callcli::call(args),
+        Command::Answer(args) => callcli::answer(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
