@@ -506,6 +506,8 @@ struct Call {
     next_feedback: Time,
     paths_used: Vec<PathKind>,
     unreachable: Option<Unreachable>,
+    /// Ended and its relay channels given back.
+    settled: bool,
 }
 
 impl Call {
@@ -555,6 +557,7 @@ impl Call {
             next_feedback: now,
             paths_used: Vec::new(),
             unreachable: None,
+            settled: false,
         }
     }
 
@@ -837,42 +840,42 @@ impl Node {
         let Some(peer) = call.peer else {
             return Ok(());
         };
-        let Some(audio) = call.audio.as_mut() else {
+        // The audio state leaves the call while its packet is sent (the payload
+        // borrows its buffer): no copy, no allocation per frame.
+        let Some(mut audio) = call.audio.take() else {
             return Ok(());
         };
-        let n = audio
-            .encoder
-            .encode(pcm, &mut audio.buf)
-            .map_err(|e| CallError::Media(e.to_string()))?;
+        let n = match audio.encoder.encode(pcm, &mut audio.buf) {
+            Ok(n) => n,
+            Err(e) => {
+                call.audio = Some(audio);
+                return Err(CallError::Media(e.to_string()));
+            }
+        };
         let plan = call.router.send_plan(now);
-        let Some(frame) = audio.packetizer.packetize(&audio.buf[..n]) else {
-            return Ok(());
-        };
-        if plan.primary.is_none() {
-            return Ok(());
-        }
-        call.frames_sent += 1;
-        let redundant = plan.redundant.is_some();
-        let payload = frame.payload.to_vec();
-        let (seq, timestamp, flags) = (frame.seq, frame.timestamp, frame.flags);
-        let mut sends = Vec::with_capacity(2);
-        for path in plan.paths() {
-            if let (Ok(path_seq), Some(route)) =
-                (call.router.on_media_sent(now, path), route_of(call, path))
-            {
-                sends.push((path, path_seq, route));
+        let mut sends: [Option<(PathId, u32, Route)>; 2] = [None, None];
+        let frame = audio.packetizer.packetize(&audio.buf[..n]);
+        if let (Some(frame), Some(_)) = (&frame, plan.primary) {
+            call.frames_sent += 1;
+            for (slot, path) in sends.iter_mut().zip(plan.paths()) {
+                if let (Ok(path_seq), Some(route)) =
+                    (call.router.on_media_sent(now, path), route_of(call, path))
+                {
+                    *slot = Some((path, path_seq, route));
+                }
+            }
+            let redundant = plan.redundant.is_some();
+            for (path, path_seq, route) in sends.into_iter().flatten() {
+                let media = frame.to_media(path, path_seq);
+                let media = Media {
+                    flags: media.flags | if redundant { Media::FLAG_REDUNDANT } else { 0 },
+                    ..media
+                };
+                self.send_on(now, peer, route, &Frame::Media(media));
             }
         }
-        for (path, path_seq, route) in sends {
-            let media = Media {
-                path,
-                path_seq,
-                seq,
-                timestamp,
-                flags: flags | if redundant { Media::FLAG_REDUNDANT } else { 0 },
-                payload: &payload,
-            };
-            self.send_on(now, peer, route, &Frame::Media(media));
+        if let Some(call) = find_mut(&mut self.calls.calls, id) {
+            call.audio = Some(audio);
         }
         self.drive_call(now, id);
         Ok(())
@@ -897,7 +900,7 @@ impl Node {
         };
         match audio.receiver.pull(now, out) {
             Pulled::Idle => {}
-            Pulled::Decoded { .. } | Pulled::FecRecovered { .. } => {
+            Pulled::Decoded { .. } | Pulled::FecRecovered { .. } | Pulled::DredRecovered { .. } => {
                 if call.first_audio_at.is_none() {
                     call.first_audio_at = Some(now);
                 }
@@ -1224,7 +1227,7 @@ impl Node {
             RelayMsg::Refused { peer, via, reason } => {
                 self.calls.stats.relay_refusals += 1;
                 tracing::debug!(reason = reason.label(), "relay refused a channel");
-                self.relay_path_gone(now, from, PeerKey(peer), via, None);
+                self.relay_path_gone(now, from, PeerKey(peer), via);
             }
             RelayMsg::Closed { channel } => {
                 if let Some(id) = self.calls.channels.remove(&(from, channel))
@@ -1252,13 +1255,11 @@ impl Node {
         for id in ids {
             self.call_timer(now, id);
         }
-        let before = self.calls.calls.len();
+        // Ended calls released their channels when they ended; their snapshots go
+        // after the linger.
         self.calls
             .calls
             .retain(|c| c.ended_at.is_none_or(|t| now < t + ENDED_LINGER));
-        if before != self.calls.calls.len() {
-            self.calls.channels.retain(|_, _| true);
-        }
     }
 
     /// The earliest call timer.
@@ -1323,8 +1324,12 @@ impl Node {
         }
         call.resends.retain(|r| r.left > 0 || r.next > now);
         let ended = !call.live();
+        let settle = ended && call.resends.is_empty();
         for msg in due {
             self.send_call_msg(now, id, &msg);
+        }
+        if settle {
+            self.settle_call(now, id);
         }
         if ended {
             return;
@@ -1690,9 +1695,13 @@ impl Node {
                     self.end_call(now, id, why);
                 }
             }
-            CallMsg::HangupAck { .. } => call
-                .resends
-                .retain(|r| !matches!(r.msg, CallMsg::Hangup { .. } | CallMsg::Reject { .. })),
+            CallMsg::HangupAck { .. } => {
+                call.resends
+                    .retain(|r| !matches!(r.msg, CallMsg::Hangup { .. } | CallMsg::Reject { .. }));
+                if !live && call.resends.is_empty() {
+                    self.settle_call(now, id);
+                }
+            }
             CallMsg::Paths { version, paths, .. } => {
                 if !outgoing && version >= call.offer_version && call.live() {
                     self.adopt_paths(now, id, version, paths);
@@ -1937,14 +1946,7 @@ impl Node {
         self.drive_call(now, id);
     }
 
-    fn relay_path_gone(
-        &mut self,
-        now: Time,
-        relay: PeerKey,
-        peer: PeerKey,
-        via: Option<[u8; 32]>,
-        _channel: Option<u32>,
-    ) {
+    fn relay_path_gone(&mut self, now: Time, relay: PeerKey, peer: PeerKey, via: Option<[u8; 32]>) {
         let Some(id) = self.calls.by_peer(&peer) else {
             return;
         };
@@ -2031,6 +2033,25 @@ impl Node {
         if let Some(a) = &call.audio {
             self.calls.stats.frames_concealed += a.receiver.stats().concealed;
         }
+        let settled = call.resends.is_empty();
+        self.events.push_back(Event::CallEnded { call: id, reason });
+        if settled {
+            self.settle_call(now, id);
+        }
+    }
+
+    /// An ended call whose last messages were answered (or given up): its relay
+    /// channels go back, and a session that only its relays carried is closed (its
+    /// route is gone); a direct one is left to close when idle.
+    fn settle_call(&mut self, now: Time, id: CallId) {
+        let Some(call) = find_mut(&mut self.calls.calls, id) else {
+            return;
+        };
+        if call.live() || call.settled {
+            return;
+        }
+        call.settled = true;
+        call.resends.clear();
         let peer = call.peer;
         let mut releases = Vec::new();
         for p in call.paths.drain(..) {
@@ -2047,17 +2068,28 @@ impl Node {
                 ));
             }
         }
-        for (relay, msg) in releases {
-            self.send_relay_msg(now, relay, None, &msg);
-        }
-        // The session with the peer may go once idle.
-        if let Some(peer) = peer
-            && let Some(p) = self.peers.get_mut(&peer)
-        {
+        let Some(peer) = peer else {
+            return;
+        };
+        let relayed = self.peers.get(&peer).is_some_and(|p| p.via.is_some());
+        let needed = self.calls.by_peer(&peer).is_some()
+            || self.overlay.keeps_session(&peer)
+            || self.relay.keeps_session(&peer);
+        if relayed && !needed {
+            self.send_frame(
+                now,
+                peer,
+                &Frame::Close(peercall_wire::frame::CloseReason::SHUTDOWN),
+            );
+            self.peer_down(now, peer, "call ended");
+        } else if let Some(p) = self.peers.get_mut(&peer) {
+            // The session may go once idle.
             p.last_control = Some(now);
             p.on_demand = true;
         }
-        self.events.push_back(Event::CallEnded { call: id, reason });
+        for (relay, msg) in releases {
+            self.send_relay_msg(now, relay, None, &msg);
+        }
     }
 
     /// Sends `msg` now and again until answered.
@@ -2326,6 +2358,110 @@ mod tests {
         let before = b.stats().dropped(DropReason::Malformed);
         pump(T0, &mut a, &mut b);
         assert_eq!(b.stats().dropped(DropReason::Malformed), before + 1);
+    }
+
+    /// A supernode forwarding between two clients allocates no buffer per packet
+    /// once warm, when its owner hands transmit buffers back.
+    #[test]
+    fn relay_forwarding_allocates_nothing_per_packet() {
+        let ids: Vec<Identity> = (1..=3).map(|i| Identity::from_seed([i; 32])).collect();
+        let keys: Vec<PeerKey> = ids.iter().map(|i| i.peer_key()).collect();
+        let mut nodes: Vec<Node> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let mut c = Config::new(id.clone(), [10 + i as u8; 32]);
+                if i == 1 {
+                    c.role = crate::Role::Supernode;
+                }
+                Node::new(c, T0)
+            })
+            .collect();
+        // Node i sits at addr(i + 1); the supernode is node 1.
+        let deliver = |nodes: &mut Vec<Node>, now: Time| {
+            let mut buf = vec![0u8; peercall_wire::MAX_DATAGRAM];
+            loop {
+                let mut moved = false;
+                for i in 0..3 {
+                    loop {
+                        let (dest, len) = if i == 1 {
+                            match nodes[1].poll_transmit_into(&mut buf) {
+                                Some(t) => t,
+                                None => break,
+                            }
+                        } else {
+                            match nodes[i].poll_transmit() {
+                                Some(t) => {
+                                    let n = t.bytes.len();
+                                    buf[..n].copy_from_slice(&t.bytes);
+                                    (t.dest, n)
+                                }
+                                None => break,
+                            }
+                        };
+                        if let Some(j) = (0..3).find(|&j| addr(j as u8 + 1) == dest) {
+                            nodes[j].handle_datagram(now, addr(i as u8 + 1), &buf[..len]);
+                            moved = true;
+                        }
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+        };
+        for i in [0, 2] {
+            nodes[i].connect(
+                T0,
+                Contact {
+                    addr: addr(2),
+                    key: Some(keys[1]),
+                },
+            );
+        }
+        deliver(&mut nodes, T0);
+        assert!(nodes[1].peers.contains_key(&keys[0]) && nodes[1].peers.contains_key(&keys[2]));
+        // Both clients ask the relay for each other (straight into the service).
+        let mut channels = Vec::new();
+        for (c, p) in [(0, 2), (2, 0)] {
+            let s = &mut nodes[1];
+            let env = Env {
+                overlay: &s.overlay,
+                peers: &s.peers,
+            };
+            let msg = RelayMsg::Allocate {
+                peer: keys[p].0,
+                via: None,
+            };
+            s.relay.handle(T0, &env, keys[c], addr(c as u8 + 1), msg);
+            while let Some((to, _, m)) = s.relay.poll_output() {
+                if let (true, RelayMsg::Allocated { channel, .. }) = (to == keys[c], m) {
+                    channels.push(channel);
+                }
+            }
+        }
+        let inner = [7u8; 120];
+        let mut t = T0;
+        let send = |nodes: &mut Vec<Node>, t: Time| {
+            assert!(nodes[0].send_relayed(t, keys[1], channels[0], &inner));
+            deliver(nodes, t);
+        };
+        for _ in 0..20 {
+            t = t + Duration::from_millis(20);
+            send(&mut nodes, t);
+        }
+        let warm = nodes[1].stats().buffers_allocated;
+        let forwarded = nodes[1].stats().relay.packets;
+        for _ in 0..1_000 {
+            t = t + Duration::from_millis(20);
+            send(&mut nodes, t);
+        }
+        let s = nodes[1].stats();
+        assert_eq!(s.relay.packets, forwarded + 1_000, "{:?}", s.relay);
+        assert_eq!(
+            s.buffers_allocated, warm,
+            "buffers allocated while forwarding"
+        );
     }
 
     #[test]

@@ -15,6 +15,31 @@
 //! 3. Ask [`Node::poll_timeout`] for the next deadline and sleep until then or until
 //!    the next datagram, whichever comes first.
 //!
+//! # Calls
+//!
+//! [`Node::call`] places a call to a [`CallTarget`] (user id or handle) and returns
+//! its [`CallId`]; an incoming one arrives as [`Event::CallIncoming`] and is taken
+//! with [`Node::answer`] or declined with [`Node::reject`] (or answered at once when
+//! [`CallConfig::auto_answer`] is set); [`Node::hangup`] ends or cancels either.
+//! Progress comes as events: [`Event::CallRinging`], [`Event::CallConnected`] (with
+//! the active path's [`PathKind`]), [`Event::CallPathSwitched`] and
+//! [`Event::CallEnded`] with an [`EndReason`] (`NotFound`, `Unreachable(why)`,
+//! `NoAnswer`, `Rejected`, `Busy`, `HungUp(side)`, `Lost`).
+//!
+//! Audio is the owner's to clock: every 20 ms it hands [`Node::push_audio`] one
+//! frame of 48 kHz mono capture ([`FRAME_SAMPLES`] samples) and takes one frame of
+//! playout from [`Node::pull_audio`], for each active call. The engine owns per call
+//! the Opus encoder, packetizer, router (paths, probes, selection, redundancy) and
+//! receiver (jitter buffer, FEC, concealment); media is end-to-end encrypted on the
+//! callers' Noise session whichever path (direct, one relay, two relays) it takes.
+//!
+//! [`Node::calls`] and [`Node::call_stats`] give [`CallStats`] snapshots (state,
+//! peer, active path kind, per-path RTT/jitter/loss/R/MOS, switches, frames,
+//! concealment, longest gap, set-up and first-audio times, MOS estimate); node-wide
+//! call and relay counters for metrics are in [`Stats::calls`] ([`CallCounters`]) and
+//! [`Stats::relay`] ([`RelayStats`]). A supernode relays for others under
+//! [`RelayConfig`] limits (see [`relay`]); [`msg`] has the call and relay message sets.
+//!
 //! `now` must never go backwards. Everything random is drawn from a ChaCha RNG seeded
 //! by [`Config::rng_seed`], so the same inputs at the same times give the same
 //! outputs: simulations replay exactly from their seed.

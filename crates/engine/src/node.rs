@@ -269,7 +269,7 @@ pub struct Node {
     pub(crate) frame_buf: Box<[u8; MAX_DATAGRAM]>,
     /// Scratch buffers for decrypted plaintext: one per nesting level (a hop packet,
     /// then the end-to-end packet a relay delivered inside it).
-    rx: Vec<Box<[u8; MAX_DATAGRAM]>>,
+    rx: Vec<Vec<u8>>,
     /// Recycled transmit buffers.
     pub(crate) pool: BufPool,
     /// The relay service (active while a supernode).
@@ -344,7 +344,7 @@ impl Node {
             stats: Stats::default(),
             buf: Box::new([0; MAX_DATAGRAM]),
             frame_buf: Box::new([0; MAX_DATAGRAM]),
-            rx: vec![Box::new([0; MAX_DATAGRAM]), Box::new([0; MAX_DATAGRAM])],
+            rx: vec![vec![0; MAX_DATAGRAM], vec![0; MAX_DATAGRAM]],
             pool: BufPool::default(),
             relay: RelayServer::new(config.relay.clone(), relay_seed),
             calls: Calls::new(config.calls.clone(), calls_seed),
@@ -398,7 +398,7 @@ impl Node {
             Origin::Relay { relay, .. } => self.peers.get(&relay).map_or(UNSPECIFIED, |p| p.addr),
             Origin::Signal { observed, .. } => observed,
         };
-        let mut out = self.rx.pop().unwrap_or_else(|| Box::new([0; MAX_DATAGRAM]));
+        let mut out = self.rx.pop().unwrap_or_else(|| vec![0; MAX_DATAGRAM]);
         match self.endpoint.handle(now, from, datagram, &mut out[..]) {
             Err(reject) => self.stats.drop(drop_reason(&reject)),
             Ok(Received::Reply { len }) => self.send_bytes(now, origin.reply_route(), &out[..len]),

@@ -36,7 +36,7 @@
 //!
 //! # Hot path
 //!
-//! [`RelayServer::forward`] is one hash lookup of the channel, a permission check,
+//! Forwarding is one hash lookup of the channel, a permission check,
 //! a token-bucket charge and (one-relay) a second lookup of the mirror leg. It does
 //! not allocate; the engine decrypts the hop, calls it, re-encrypts into a recycled
 //! transmit buffer.

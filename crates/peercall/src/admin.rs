@@ -5,8 +5,9 @@
 //! | GET | `/healthz` | open | `ok` if the engine task answers, 503 otherwise |
 //! | GET | `/status` | open | JSON: ids, role, supernode or not, home supernodes, attached clients, members, directory share, reflexive address, sessions, uptime |
 //! | GET | `/metrics` | open | Prometheus text format |
-//! | GET | `/v1/lookup?q=HANDLE\|USER_ID` | open | looks the user up in the directory: 200 with the record (fingerprint, user id, handle, static key, endpoints, home supernodes, online, expiry); 404 not found, 504 timed out, 503 not attached |
-//! | GET | `/v1/contacts` | open | the contacts with their presence |
+//! | GET | `/` | open | the call page (`crate::page`); its files under `/assets/` |
+//! | GET | `/v1/lookup?q=HANDLE\|USER_ID` | bearer | looks the user up in the directory: 200 with the record (fingerprint, user id, handle, static key, endpoints, home supernodes, online, expiry); 404 not found, 504 timed out, 503 not attached |
+//! | GET | `/v1/contacts` | bearer | the contacts with their presence |
 //! | POST | `/v1/contacts` | bearer | `{"contact": "HANDLE" or "USER_ID"}`: a handle is looked up and the user id found is pinned (trust on first use); 201 new, 200 known, 409 handle pinned to someone else |
 //! | DELETE | `/v1/contacts/{HANDLE or USER_ID}` | bearer | removes the contact |
 //! | GET | `/v1/events` | bearer | server-sent events: presence, role, homes, ... (see `crate::events`) |
@@ -19,16 +20,27 @@
 //! | POST | `/v1/calls/{id}/reject` | bearer | declines an incoming call; 404, 409 |
 //! | DELETE | `/v1/calls/{id}` | bearer | hangs up (or cancels) a call; 404, 409 if it has ended |
 //! | POST | `/v1/webrtc/offer?echo=1` | bearer | body: a browser's SDP offer; answers `{"session", "answer"}` (201) with an echo session (feature `webrtc`) |
+//! | POST | `/v1/webrtc/offer?call=ID` | bearer | the same, joining call `ID`'s audio: 501 until the node has calls |
 //! | DELETE | `/v1/webrtc/sessions/{id}` | bearer | closes a browser session (feature `webrtc`) |
 //! | GET | `/webrtc/echo` | open | the echo test page (feature `webrtc`); the token goes in the page, or in its URL fragment `#token=` |
 //!
 //! Without the `webrtc` feature the WebRTC paths answer 501.
 //!
-//! Reading is open to local processes; anything that changes state needs
-//! `Authorization: Bearer <token>`, the token being the contents of `admin.token` in
-//! the data directory (mode 0600, so only the node's user can read it). Every request
-//! must carry a loopback `Host` header, which defeats DNS-rebinding attacks from web
-//! pages in a local browser.
+//! The operational endpoints (`/healthz`, `/status`, `/metrics`) and the page are
+//! open to local processes, so monitoring needs no secret; every `/v1/*` request
+//! needs `Authorization: Bearer <token>` (unknown `/v1/*` paths too: without the
+//! token they answer 401, not 404), the token being the contents of `admin.token` in
+//! the data directory (mode 0600, so only the node's user can read it).
+//!
+//! Against other web pages in a local browser:
+//! - every request must carry a loopback `Host` header, which defeats DNS
+//!   rebinding;
+//! - cross-origin requests are refused (403): an `Origin` header other than the
+//!   node's own, or a `Sec-Fetch-Site` other than `same-origin` or `none` (only a
+//!   top-level navigation to the page may come from elsewhere). No CORS header is
+//!   ever sent, so preflights fail too;
+//! - every response says `X-Content-Type-Options: nosniff`, sends no referrer, and
+//!   may not be framed (`Content-Security-Policy`, which the page sets strictly).
 
 use std::convert::Infallible;
 use std::fmt;
@@ -42,7 +54,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -65,6 +77,7 @@ use crate::contact::PeerSpec;
 use crate::events::EventBus;
 use crate::logging::short_key;
 use crate::metrics::Metrics;
+use crate::page;
 use crate::runtime::{self, Command, Snapshot};
 
 /// Random bytes in an admin token: 256 bits, beyond guessing.
@@ -157,7 +170,15 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/webrtc/offer", post(webrtc_offer))
         .route("/v1/webrtc/sessions/{id}", delete(webrtc_close))
         .route("/webrtc/echo", get(webrtc_echo_page))
+        .route("/", get(page::index))
+        .route("/assets/{name}", get(page::asset))
+        .fallback(not_found)
+        // Layers run outside in: headers on every answer, then the Host check, the
+        // origin check, and the token for the API.
+        .layer(middleware::from_fn_with_state(state.clone(), api_token))
+        .layer(middleware::from_fn(same_origin))
         .layer(middleware::from_fn(loopback_host))
+        .layer(middleware::map_response(security_headers))
         .with_state(state)
 }
 
@@ -182,6 +203,17 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
         axum::Json(Body {
             error: message.into(),
         }),
+    )
+        .into_response()
+}
+
+/// No such endpoint: plain text, unlike the JSON errors of endpoints that exist, so
+/// a client can tell "this node has no such API" from "no such thing".
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "no such endpoint on this node\n",
     )
         .into_response()
 }
@@ -221,6 +253,34 @@ async fn loopback_host(request: Request, next: Next) -> Response {
     }
 }
 
+/// Whether a request carries the bearer token; a refusal is counted.
+fn token_ok(headers: &HeaderMap, state: &AdminState) -> bool {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let ok = presented.is_some_and(|t| state.token.matches(t));
+    if !ok {
+        state.metrics.admin_unauthorized.inc();
+    }
+    ok
+}
+
+/// The answer to a request without the right token.
+fn unauthorized() -> Response {
+    let mut response = error(
+        StatusCode::UNAUTHORIZED,
+        "this request needs Authorization: Bearer <contents of admin.token in the data directory>",
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"peercall\""),
+    );
+    response
+}
+
 /// Proof that the request carried the bearer token.
 struct Authorized;
 
@@ -228,27 +288,95 @@ impl FromRequestParts<Shared> for Authorized {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Response> {
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim());
-        if presented.is_some_and(|t| state.token.matches(t)) {
-            return Ok(Authorized);
+        if token_ok(&parts.headers, state) {
+            Ok(Authorized)
+        } else {
+            Err(unauthorized())
         }
-        state.metrics.admin_unauthorized.inc();
-        let mut response = error(
-            StatusCode::UNAUTHORIZED,
-            "this request needs Authorization: Bearer <contents of admin.token in the data directory>",
-        );
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"peercall\""),
-        );
-        Err(response)
     }
+}
+
+/// The prefix of the API, where every request needs the token.
+const API_PREFIX: &str = "/v1/";
+
+/// Refuses every `/v1/*` request without the token, before routing: an unknown
+/// path under the API answers 401 to a caller without the token, never 404.
+async fn api_token(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    if request.uri().path().starts_with(API_PREFIX) && !token_ok(request.headers(), &state) {
+        return unauthorized();
+    }
+    next.run(request).await
+}
+
+/// Paths a top-level navigation from another site may open: the pages, which
+/// carry no secrets (a link printed elsewhere must work).
+const NAVIGABLE: [&str; 2] = ["/", "/webrtc/echo"];
+
+/// Why a request comes from another origin, if it does. `host` is the request's
+/// `Host` (already checked to be loopback): the page's own origin is
+/// `http://{host}`.
+fn cross_origin(method: &Method, path: &str, headers: &HeaderMap) -> Option<&'static str> {
+    let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let host = text(header::HOST.as_str()).unwrap_or("");
+    if let Some(origin) = text(header::ORIGIN.as_str()) {
+        let own = origin
+            .strip_prefix("http://")
+            .is_some_and(|rest| rest.eq_ignore_ascii_case(host));
+        if !own {
+            return Some("the request comes from another origin");
+        }
+    }
+    match text("sec-fetch-site") {
+        None | Some("same-origin" | "none") => None,
+        Some(_) => {
+            let navigation = matches!(*method, Method::GET | Method::HEAD)
+                && text("sec-fetch-mode") == Some("navigate")
+                && text("sec-fetch-dest") == Some("document")
+                && NAVIGABLE.contains(&path);
+            (!navigation).then_some("the request comes from another site")
+        }
+    }
+}
+
+/// Refuses cross-origin requests (see the module documentation).
+async fn same_origin(request: Request, next: Next) -> Response {
+    match cross_origin(request.method(), request.uri().path(), request.headers()) {
+        None => next.run(request).await,
+        Some(why) => error(
+            StatusCode::FORBIDDEN,
+            format!("{why}: this node's admin API answers only its own page and local tools"),
+        ),
+    }
+}
+
+/// Headers on every answer: no type sniffing, no referrer, no framing; no caching
+/// and a restrictive content policy unless the handler set its own (the pages do).
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
+    // Answers are live state, some of it personal (contacts): never cached.
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(page::API_CSP),
+        );
+    }
+    response
 }
 
 async fn healthz(State(state): State<Shared>) -> Response {
@@ -507,6 +635,7 @@ struct LookupQuery {
 }
 
 async fn lookup(
+    _: Authorized,
     State(state): State<Shared>,
     query: Result<Query<LookupQuery>, QueryRejection>,
 ) -> Response {
@@ -542,7 +671,7 @@ pub struct ContactsBody {
     pub contacts: Vec<ContactView>,
 }
 
-async fn contacts(State(state): State<Shared>) -> Response {
+async fn contacts(_: Authorized, State(state): State<Shared>) -> Response {
     match runtime::ask(&state.commands, Command::Contacts, ENGINE_TIMEOUT).await {
         Some(contacts) => axum::Json(ContactsBody { contacts }).into_response(),
         None => engine_gone(),
@@ -1046,8 +1175,10 @@ async fn get_call(_: Authorized, State(state): State<Shared>, Path(id): Path<Str
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OfferQuery {
-    /// `1` or `true`: an echo session (the only kind until calls exist).
+    /// `1` or `true`: an echo session (a diagnostic: the browser hears itself).
     echo: Option<String>,
+    /// The call whose audio the browser joins (`POST /v1/calls` gave its id).
+    call: Option<String>,
 }
 
 #[cfg(feature = "webrtc")]
@@ -1063,12 +1194,33 @@ async fn webrtc_offer(
         Ok(q) => q.0,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad query: {e}")),
     };
-    if !matches!(query.echo.as_deref(), Some("1" | "true")) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "a browser session joins a call, and this node has no calls yet: \
-             POST with ?echo=1 for the echo diagnostic",
-        );
+    let echo = matches!(query.echo.as_deref(), Some("1" | "true"));
+    match (echo, query.call.as_deref()) {
+        (true, None) => {}
+        (false, Some(call)) => {
+            // The page joins a call's audio here; the node's engine has no calls
+            // yet, so no call id can name one.
+            return error(
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "calls not available on this node: no call {call:?} to join \
+                     (only the echo diagnostic, ?echo=1, is)"
+                ),
+            );
+        }
+        (true, Some(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give either ?call=ID or ?echo=1, not both",
+            );
+        }
+        (false, None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "name the call whose audio the browser joins, ?call=ID, or ask for the \
+                 echo diagnostic with ?echo=1",
+            );
+        }
     }
     if body.len() > MAX_SDP_LEN {
         return error(
@@ -1208,6 +1360,64 @@ mod tests {
         assert!(!a.matches(""));
         assert!(!a.matches(&a.as_str()[1..]));
         assert!(!format!("{a:?}").contains(a.as_str()));
+    }
+
+    #[test]
+    fn only_same_origin_requests_and_page_navigations_pass() {
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:7601"));
+            for (name, value) in pairs {
+                h.insert(*name, HeaderValue::from_str(value).unwrap());
+            }
+            h
+        };
+        let get = Method::GET;
+        let post = Method::POST;
+        // Local tools send neither header; the page's fetches are same-origin.
+        assert_eq!(cross_origin(&get, "/v1/contacts", &headers(&[])), None);
+        for ok in [
+            vec![("origin", "http://127.0.0.1:7601")],
+            vec![("sec-fetch-site", "same-origin")],
+            vec![("sec-fetch-site", "none")],
+        ] {
+            assert_eq!(
+                cross_origin(&post, "/v1/calls", &headers(&ok)),
+                None,
+                "{ok:?}"
+            );
+        }
+        for bad in [
+            vec![("origin", "http://evil.example")],
+            vec![("origin", "https://127.0.0.1:7601")],
+            vec![("origin", "http://127.0.0.1:7602")],
+            vec![("origin", "http://127.0.0.1:7601.evil.example")],
+            vec![("origin", "null")],
+            vec![("sec-fetch-site", "cross-site")],
+            vec![("sec-fetch-site", "same-site")],
+            vec![("sec-fetch-site", "something-new")],
+        ] {
+            assert!(
+                cross_origin(&post, "/v1/calls", &headers(&bad)).is_some(),
+                "{bad:?}"
+            );
+        }
+        // A link from elsewhere opens the pages, and nothing else.
+        let nav = [
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+            ("sec-fetch-dest", "document"),
+        ];
+        assert_eq!(cross_origin(&get, "/", &headers(&nav)), None);
+        assert_eq!(cross_origin(&get, "/webrtc/echo", &headers(&nav)), None);
+        assert!(cross_origin(&get, "/status", &headers(&nav)).is_some());
+        assert!(cross_origin(&post, "/", &headers(&nav)).is_some());
+        let framed = [
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+            ("sec-fetch-dest", "iframe"),
+        ];
+        assert!(cross_origin(&get, "/", &headers(&framed)).is_some());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The commands that ask a running node: `peercall lookup`, `peercall status` and
-//! `peercall contacts`.
+//! The commands that ask a running node: `peercall lookup`, `peercall status`,
+//! `peercall contacts` and `peercall page`.
 //!
 //! They find the node through its data directory (`--data-dir`, else the
 //! `data_dir` of `--config` and the `PEERCALL_*` environment, else the default):
@@ -72,6 +72,13 @@ pub struct ContactsArgs {
     /// Print JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub node: NodeRef,
+}
+
+/// Arguments of `peercall page`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PageArgs {
     #[command(flatten)]
     pub node: NodeRef,
 }
@@ -269,6 +276,30 @@ fn short(key: &str) -> String {
     key.parse()
         .map(|k| short_key(&k))
         .unwrap_or_else(|_| key.to_owned())
+}
+
+/// Runs `peercall page`: prints a link to the node's call page that signs the
+/// browser in, the admin token in the URL fragment (which browsers never send to
+/// a server; the page takes it out of the address bar at once).
+pub fn page(args: PageArgs) -> anyhow::Result<()> {
+    let api = NodeApi::find(&args.node)?;
+    block_on(async {
+        let r = api.call("GET", "/", None, QUICK).await?;
+        if !r.is_success() {
+            bail!("the node does not serve its page: {}", explain(&r));
+        }
+        println!("{}", page_link(api.addr, &api.token));
+        eprintln!(
+            "Open it in a browser on this machine. The link holds the node's admin token: \
+             do not share it."
+        );
+        Ok(())
+    })
+}
+
+/// The signed-in link to the page of the node at `addr`.
+fn page_link(addr: SocketAddr, token: &str) -> String {
+    format!("http://{addr}/#token={token}")
 }
 
 /// Runs `peercall status`.

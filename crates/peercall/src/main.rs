@@ -21,6 +21,7 @@ mod logging;
 mod media_eval;
 mod metrics;
 mod node;
+mod page;
 mod persist;
 mod resources;
 mod runtime;
@@ -62,6 +63,8 @@ enum Command {
     Call(callcli::CallArgs),
     /// Wait for the next incoming call on the local node and answer it.
     Answer(callcli::AnswerArgs),
+    /// Print a link that opens the local node's call page in a browser, signed in.
+    Page(cli::PageArgs),
     /// Run a WAV file through the audio pipeline over a simulated network.
     MediaEval(media_eval::MediaEvalArgs),
 }
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Lookup(args) => cli::lookup(args),
         Command::Status(args) => cli::status(args),
         Command::Contacts(args) => cli::contacts(args),
+        Command::Page(args) => cli::page(args),
         Command::MediaEval(args) => media_eval::run(args),
         Command::Call(args) => callcli::call(args),
         Command::Answer(args) => callcli::answer(args),

@@ -229,6 +229,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
 
     dir.write_addr(ADMIN_ADDR_FILE, admin_local)?;
     info!(udp = %udp_local, admin = %admin_local, "node ready");
+    info!("call page at http://{admin_local}/ (`peercall page` prints a signed-in link)");
 
     let user = UserState {
         book,

@@ -57,6 +57,20 @@ fn offer_endpoint_refuses_clearly() {
     let r = node.post_authorized("/v1/webrtc/offer", "v=0");
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("echo=1"), "{}", r.body);
+    // Joining a call's audio: the node has no calls to join yet, which the page
+    // shows as "calls not available on this node".
+    let r = node.post_authorized("/v1/webrtc/offer?call=1", "v=0");
+    assert_eq!(r.status, 501, "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .expect("error")
+            .starts_with("calls not available on this node"),
+        "{}",
+        r.body
+    );
+    let r = node.post_authorized("/v1/webrtc/offer?call=1&echo=1", "v=0");
+    assert_eq!(r.status, 400, "{}", r.body);
     // An unknown query parameter.
     let r = node.post_authorized("/v1/webrtc/offer?echo=1&video=1", "v=0");
     assert_eq!(r.status, 400, "{}", r.body);

@@ -11,7 +11,7 @@ use peercall_engine::{
     Node, PathKind, RedundancyMode, RelayDrop, Role, Side,
 };
 use peercall_overlay::OverlayConfig;
-use peercall_sim::{HostId, LinkConfig, NatConfig, NatType, NodeId, Sim, seed_from_env};
+use peercall_sim::{CutId, HostId, LinkConfig, NatConfig, NatType, NodeId, Sim, seed_from_env};
 use peercall_wire::Time;
 
 const PORT: u16 = 7600;
@@ -335,6 +335,18 @@ fn symmetric_nats_talk_through_relays() {
         .map(|i| n.sim.node(n.nodes[i]).stats().relay.packets)
         .sum();
     assert!(relayed > 400, "relayed {relayed}");
+    // Hang-up: both ends give their channels back, and the relayed session closes.
+    n.sim
+        .with_node(n.nodes[n.user(1)], |node, now| node.hangup(now, cb))
+        .expect("hang up");
+    n.sim.run_for(secs(2));
+    assert_eq!(n.ended(0, ca), Some(EndReason::HungUp(Side::Remote)));
+    let channels: u64 = (0..SEEDS)
+        .map(|i| n.sim.node(n.nodes[i]).stats().relay.channels)
+        .sum();
+    assert_eq!(channels, 0);
+    let callee = n.node(1).status().peer_key;
+    assert!(n.node(0).status().sessions.iter().all(|s| s.peer != callee));
 }
 
 #[test]
@@ -368,14 +380,14 @@ fn a_relayed_call_upgrades_to_direct() {
 
 /// Cuts the direct way between the two users mid-call; returns, per side, how long
 /// after the cut the call left the direct path, and both calls' stats after 5 s.
-fn cut_direct_mid_call(n: &mut Net) -> ([Duration; 2], CallStats, CallStats) {
+fn cut_direct_mid_call(n: &mut Net) -> ([Duration; 2], CallStats, CallStats, CutId) {
     let (ca, cb) = n.connect(0, 1, secs(5));
     n.talk(&[(0, ca), (1, cb)], secs(5));
     assert_eq!(n.stats(0, ca).active_path, Some(PathKind::Direct));
     let before = [n.stats(0, ca), n.stats(1, cb)];
     let cut_at = n.sim.now();
     let (a, b) = (n.site(0), n.site(1));
-    n.sim.cut(cut_at, &[a], &[b]).expect("cut");
+    let cut = n.sim.cut(cut_at, &[a], &[b]).expect("cut");
     n.talk(&[(0, ca), (1, cb)], secs(5));
     let mut left = [Duration::MAX; 2];
     for (side, (u, call)) in [(0, ca), (1, cb)].into_iter().enumerate() {
@@ -400,13 +412,13 @@ fn cut_direct_mid_call(n: &mut Net) -> ([Duration; 2], CallStats, CallStats) {
     );
     eprintln!("caller: {sa:?}");
     eprintln!("callee: {sb:?}");
-    (left, sa, sb)
+    (left, sa, sb, cut)
 }
 
 #[test]
 fn a_dead_direct_path_is_left_fast_with_little_concealment() {
     let mut n = net(505, &[Site::Public, Site::Public], 25, auto_answer);
-    let (left, sa, sb) = cut_direct_mid_call(&mut n);
+    let (left, sa, sb, cut) = cut_direct_mid_call(&mut n);
     // RTT 50 ms: max(3 × RTT, 150 ms) = 150 ms.
     let bound = ms(150);
     assert!(left.iter().all(|d| *d <= bound), "left after {left:?}");
@@ -427,6 +439,24 @@ fn a_dead_direct_path_is_left_fast_with_little_concealment() {
             s.concealed_ms
         );
     }
+    // The direct way comes back: the call returns to it once the router trusts it
+    // again. The router's selector holds an active path for 30 s after a switch and
+    // tries a once-failed path with media at most every 30 s, so that takes up to a
+    // minute (measured: 46 s after the heal here).
+    let now = n.sim.now();
+    n.sim.heal(now, cut).expect("heal");
+    let (ca, cb) = (sa.id, sb.id);
+    n.talk(&[(0, ca), (1, cb)], secs(65));
+    let back = n.events(0).iter().find_map(|(at, e)| match e {
+        Event::CallPathSwitched {
+            to: PathKind::Direct,
+            ..
+        } if *at > now => Some(at.saturating_since(now)),
+        _ => None,
+    });
+    eprintln!("back on the direct path {back:?} after the heal");
+    assert_eq!(n.stats(0, ca).active_path, Some(PathKind::Direct));
+    assert_eq!(n.stats(1, cb).active_path, Some(PathKind::Direct));
 }
 
 #[test]
@@ -435,7 +465,7 @@ fn with_redundancy_no_frame_is_lost_when_a_path_dies() {
         c.calls.auto_answer = true;
         c.calls.redundancy = RedundancyMode::Always;
     });
-    let (left, sa, sb) = cut_direct_mid_call(&mut n);
+    let (left, sa, sb, _) = cut_direct_mid_call(&mut n);
     assert!(left.iter().all(|d| *d <= ms(150)), "left after {left:?}");
     for s in [&sa, &sb] {
         assert_eq!(s.media.lost, 0, "{s:?}");
@@ -609,48 +639,149 @@ fn relay_quota_refusals_are_counted_and_the_call_goes_on() {
 }
 
 /// Set-up to first audio with 50 ms one-way links (100 ms RTT, ± 10 ms jitter, 1 %
-/// loss) everywhere, both users behind port-restricted NATs, over many seeds: the
-/// caller's time from `call` to the callee's first audio played, p50 ≤ 1 s.
+/// loss) everywhere, over many seeds: the caller's time from `call` to the callee's
+/// first audio played, p50 ≤ 1 s, both for users behind port-restricted NATs
+/// (direct path) and behind symmetric NATs (relayed).
 #[test]
 fn setup_to_first_audio_p50_with_50ms_links() {
-    let nat = Site::Nat(NatType::PortRestricted);
     let base = seed_from_env(600).expect("PEERCALL_SIM_SEED must be a u64");
-    let mut first_audio = Vec::new();
-    let mut setup = Vec::new();
-    for k in 0..15 {
-        let mut n = net(base + k, &[nat, nat], 50, auto_answer);
-        // 50 ± 10 ms, 1 % loss on every link, so each seed draws its own run.
-        let sites = n.sites.clone();
-        for &x in &sites {
-            for &y in &sites {
-                if x != y {
-                    let link = LinkConfig {
-                        jitter: ms(10),
-                        fifo: true,
-                        loss: 0.01,
-                        ..LinkConfig::new(ms(50))
-                    };
-                    n.sim.set_link(x, y, link).expect("link");
+    for (name, nat) in [
+        ("port-restricted", NatType::PortRestricted),
+        ("symmetric", NatType::Symmetric),
+    ] {
+        let site = Site::Nat(nat);
+        let mut first_audio = Vec::new();
+        let mut setup = Vec::new();
+        for k in 0..15 {
+            let mut n = net(base + k, &[site, site], 50, auto_answer);
+            // 50 ± 10 ms, 1 % loss on every link, so each seed draws its own run.
+            let sites = n.sites.clone();
+            for &x in &sites {
+                for &y in &sites {
+                    if x != y {
+                        let link = LinkConfig {
+                            jitter: ms(10),
+                            fifo: true,
+                            loss: 0.01,
+                            ..LinkConfig::new(ms(50))
+                        };
+                        n.sim.set_link(x, y, link).expect("link");
+                    }
                 }
             }
+            let (ca, _) = n.connect(0, 1, secs(10));
+            let s = n.stats(0, ca);
+            setup.push(s.setup_ms.expect("connected"));
+            first_audio.push(s.first_audio_ms.expect("audio"));
         }
-        let (ca, _) = n.connect(0, 1, secs(10));
-        let s = n.stats(0, ca);
-        setup.push(s.setup_ms.expect("connected"));
-        first_audio.push(s.first_audio_ms.expect("audio"));
+        setup.sort_unstable();
+        first_audio.sort_unstable();
+        let p50 = |v: &[u64]| v[v.len() / 2];
+        eprintln!(
+            "{name}: set-up ms p50 {} (min {}, max {}); first audio ms p50 {} (min {}, max {}) over {} seeds from {base}",
+            p50(&setup),
+            setup[0],
+            setup[setup.len() - 1],
+            p50(&first_audio),
+            first_audio[0],
+            first_audio[first_audio.len() - 1],
+            first_audio.len()
+        );
+        assert!(p50(&first_audio) <= 1_000, "{name}: {first_audio:?}");
     }
-    setup.sort_unstable();
-    first_audio.sort_unstable();
-    let p50 = |v: &[u64]| v[v.len() / 2];
-    eprintln!(
-        "setup ms p50 {} (min {}, max {}); first audio ms p50 {} (min {}, max {}) over {} seeds from {base}",
-        p50(&setup),
-        setup[0],
-        setup[setup.len() - 1],
-        p50(&first_audio),
-        first_audio[0],
-        first_audio[first_audio.len() - 1],
-        first_audio.len()
+}
+
+/// Both users behind symmetric NATs, and each cut off from every supernode but one
+/// of its homes (different ones): only the two-relay path (caller's supernode →
+/// callee's supernode) can carry the call.
+#[test]
+fn two_relay_path_carries_the_call_when_one_relay_paths_die() {
+    let sym = Site::Nat(NatType::Symmetric);
+    let base = seed_from_env(520).expect("PEERCALL_SIM_SEED must be a u64");
+    // The first seed whose users have a home the other has not.
+    let mut n = None;
+    for k in 0..20 {
+        let net = net(base + k, &[sym, sym], 25, auto_answer);
+        let ha: Vec<_> = net
+            .node(0)
+            .overlay()
+            .homes()
+            .into_iter()
+            .map(|h| h.0)
+            .collect();
+        let hb: Vec<_> = net
+            .node(1)
+            .overlay()
+            .homes()
+            .into_iter()
+            .map(|h| h.0)
+            .collect();
+        if hb.iter().any(|b| *b != ha[0]) {
+            n = Some((net, ha, hb));
+            break;
+        }
+    }
+    let (mut n, ha, hb) = n.expect("a seed with distinct homes");
+    let (ca, cb) = n.connect(0, 1, secs(5));
+    n.talk(&[(0, ca), (1, cb)], secs(3));
+    let sa = n.stats(0, ca);
+    assert!(
+        sa.paths
+            .iter()
+            .any(|p| p.kind == PathKind::Relay2 && p.rtt.is_some()),
+        "a working two-relay path: {sa:?}"
     );
-    assert!(p50(&first_audio) <= 1_000, "{first_audio:?}");
+    // The caller's side of the two-relay path is its first home; the callee's is
+    // its first home that differs.
+    let sa_key = ha[0];
+    let sb_key = *hb.iter().find(|b| **b != sa_key).expect("distinct");
+    let seed_of = |k| {
+        (0..SEEDS)
+            .find(|&i| n.sim.node(n.nodes[i]).status().peer_key == k)
+            .expect("a seed")
+    };
+    let (ia, ib) = (seed_of(sa_key), seed_of(sb_key));
+    let others_a: Vec<HostId> = (0..SEEDS)
+        .filter(|&i| i != ia)
+        .map(|i| n.sites[i])
+        .collect();
+    let others_b: Vec<HostId> = (0..SEEDS)
+        .filter(|&i| i != ib)
+        .map(|i| n.sites[i])
+        .collect();
+    let now = n.sim.now();
+    let (a, b) = (n.site(0), n.site(1));
+    n.sim.cut(now, &[a], &others_a).expect("cut");
+    n.sim.cut(now, &[b], &others_b).expect("cut");
+    n.talk(&[(0, ca), (1, cb)], secs(5));
+    let (sa, sb) = (n.stats(0, ca), n.stats(1, cb));
+    eprintln!("caller: {sa:?}");
+    assert_eq!(sa.state, CallState::Active, "{sa:?}");
+    assert_eq!(sa.active_path, Some(PathKind::Relay2), "{sa:?}");
+    assert_eq!(sb.active_path, Some(PathKind::Relay2), "{sb:?}");
+    // Audio kept flowing: the last seconds were not concealed.
+    assert!(sa.max_gap_ms <= 500, "{sa:?}");
+    let before = sa.frames_received;
+    n.talk(&[(0, ca), (1, cb)], secs(2));
+    assert!(n.stats(0, ca).frames_received >= before + 90);
+}
+
+#[test]
+fn a_vanished_peer_ends_the_call_as_lost() {
+    let mut n = net(513, &[Site::Public, Site::Public], 25, auto_answer);
+    let (ca, cb) = n.connect(0, 1, secs(5));
+    n.talk(&[(0, ca), (1, cb)], secs(2));
+    let gone = n.nodes[n.user(1)];
+    n.sim.set_online(gone, false);
+    let at = n.sim.now();
+    n.talk(&[(0, ca)], secs(12));
+    assert_eq!(n.ended(0, ca), Some(EndReason::Lost));
+    let when = n
+        .events(0)
+        .iter()
+        .find_map(|(t, e)| matches!(e, Event::CallEnded { .. }).then_some(*t))
+        .expect("ended");
+    let after = when.saturating_since(at);
+    assert!(after <= secs(11), "ended after {after:?}");
+    assert_eq!(n.node(0).stats().calls.ended[6], 1);
 }
