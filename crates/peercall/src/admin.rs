@@ -950,11 +950,11 @@ pub struct PlacedBody {
 }
 
 /// Parses a call request body (empty: no files).
-fn call_request(body: &[u8], with_target: bool) -> Result<CallRequest, Response> {
+fn call_request(body: &[u8], with_target: bool) -> Result<CallRequest, (StatusCode, String)> {
     if body.len() > MAX_BODY {
-        return Err(error(
+        return Err((
             StatusCode::PAYLOAD_TOO_LARGE,
-            "request body too large",
+            "request body too large".into(),
         ));
     }
     if body.iter().all(u8::is_ascii_whitespace) && !with_target {
@@ -966,14 +966,14 @@ fn call_request(body: &[u8], with_target: bool) -> Result<CallRequest, Response>
         "{\"play\": \"IN.wav\" (optional), \"record\": \"OUT.wav\" (optional)}"
     };
     let request: CallRequest = serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("expected {expected}: {e}")))?;
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("expected {expected}: {e}")))?;
     if request.to.is_some() != with_target {
         let what = if with_target {
             "\"to\" is required"
         } else {
             "\"to\" does not belong in an answer"
         };
-        return Err(error(
+        return Err((
             StatusCode::BAD_REQUEST,
             format!("{what}; expected {expected}"),
         ));
@@ -1008,13 +1008,11 @@ async fn call_media(request: &CallRequest) -> Result<MediaFiles, Response> {
 }
 
 /// A call id from the path.
-fn call_id(id: &str) -> Result<CallId, Response> {
-    id.trim().parse::<u64>().map(CallId).map_err(|_| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!("{id:?} is not a call id (a number, as POST /v1/calls answers)"),
-        )
-    })
+fn call_id(id: &str) -> Result<CallId, String> {
+    id.trim()
+        .parse::<u64>()
+        .map(CallId)
+        .map_err(|_| format!("{id:?} is not a call id (a number, as POST /v1/calls answers)"))
 }
 
 /// The answer to a call command: 204, 404 unknown, 409 wrong state.
@@ -1033,7 +1031,7 @@ fn call_result(answer: Option<Result<(), CallError>>) -> Response {
 async fn place_call(_: Authorized, State(state): State<Shared>, body: Bytes) -> Response {
     let request = match call_request(&body, true) {
         Ok(r) => r,
-        Err(response) => return response,
+        Err((status, e)) => return error(status, e),
     };
     let shown = request.to.as_deref().unwrap_or("").trim().to_owned();
     let to = match parse_query(&shown) {
@@ -1081,11 +1079,11 @@ async fn answer_call(
 ) -> Response {
     let call = match call_id(&id) {
         Ok(c) => c,
-        Err(response) => return response,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let request = match call_request(&body, false) {
         Ok(r) => r,
-        Err(response) => return response,
+        Err((status, e)) => return error(status, e),
     };
     let media = match call_media(&request).await {
         Ok(m) => m,
@@ -1113,7 +1111,7 @@ async fn reject_call(
 ) -> Response {
     let call = match call_id(&id) {
         Ok(c) => c,
-        Err(response) => return response,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let answer = runtime::ask(
         &state.commands,
@@ -1131,7 +1129,7 @@ async fn hangup_call(
 ) -> Response {
     let call = match call_id(&id) {
         Ok(c) => c,
-        Err(response) => return response,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let answer = runtime::ask(
         &state.commands,
@@ -1152,7 +1150,7 @@ async fn list_calls(_: Authorized, State(state): State<Shared>) -> Response {
 async fn get_call(_: Authorized, State(state): State<Shared>, Path(id): Path<String>) -> Response {
     let call = match call_id(&id) {
         Ok(c) => c,
-        Err(response) => return response,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let answer = runtime::ask(
         &state.commands,
