@@ -229,7 +229,7 @@ fn network(root: &Path, bob_play: &Path, bob_record: &Path) -> Net {
     for (who, other, d) in [("alice", "bob", &alice), ("bob", "alice", &bob)] {
         let found = eventually(OVERLAY_WAIT, || {
             let homes = status(d)["homes"].as_array().map_or(0, Vec::len);
-            homes > 0 && d.get(&format!("/v1/lookup?q={other}")).status == 200
+            homes > 0 && request(d, "GET", &format!("/v1/lookup?q={other}"), "").status == 200
         });
         assert!(
             found,
