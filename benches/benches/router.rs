@@ -133,6 +133,8 @@ fn selector(c: &mut Criterion) {
             validated: true,
             silent: false,
             suspect: false,
+            quiet: false,
+            clean_since: Some(now),
             last_heard: Some(now),
             rtt: p.rtt,
             loss: p.loss,

@@ -13,6 +13,12 @@
 //! | GET | `/v1/events` | bearer | server-sent events: presence, role, homes, ... (see `crate::events`) |
 //! | POST | `/v1/connect` | bearer | `{"peer": "PEERKEY@HOST:PORT" or "HOST:PORT"}`: start a session |
 //! | POST | `/v1/shutdown` | bearer | graceful shutdown, as on SIGTERM |
+//! | POST | `/v1/calls` | bearer | `{"to": HANDLE or USER_ID, "play": WAV?, "record": WAV?}`: places a call; 201 `{"call": ID}` (failures come as the call's end); 400 bad target or unreadable WAV |
+//! | GET | `/v1/calls` | bearer | `{"calls": [...]}`: live calls and those ended in the last minute |
+//! | GET | `/v1/calls/{id}` | bearer | one call: state, peer, paths with RTT/jitter/loss/MOS, switches, frames, gaps, set-up and first-audio times, MOS estimate, end reason; 404 unknown |
+//! | POST | `/v1/calls/{id}/answer` | bearer | answers an incoming call (body as above without `to`, optional); 404 unknown, 409 not incoming |
+//! | POST | `/v1/calls/{id}/reject` | bearer | declines an incoming call; 404, 409 |
+//! | DELETE | `/v1/calls/{id}` | bearer | hangs up (or cancels) a call; 404, 409 if it has ended |
 //! | POST | `/v1/webrtc/offer?echo=1` | bearer | body: a browser's SDP offer; answers `{"session", "answer"}` (201) with an echo session (feature `webrtc`) |
 //! | POST | `/v1/webrtc/offer?call=ID` | bearer | the same, joining call `ID`'s audio: 501 until the node has calls |
 //! | DELETE | `/v1/webrtc/sessions/{id}` | bearer | closes a browser session (feature `webrtc`) |
@@ -39,6 +45,7 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,7 +61,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use futures_util::StreamExt;
 use peercall_crypto::{Handle, Record, UserId};
-use peercall_engine::{Found, Lookup, LookupError};
+use peercall_engine::{CallError, CallId, CallTarget, Found, Lookup, LookupError};
 use peercall_wire::Time;
 use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
@@ -64,6 +71,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use crate::book::{AddError, Added, ContactView, endpoint_strings};
+use crate::calls::{CallBody, MediaFiles, Playback, Recorder};
 use crate::clock::Clock;
 use crate::contact::PeerSpec;
 use crate::events::EventBus;
@@ -133,6 +141,8 @@ pub struct AdminState {
     pub udp_local: SocketAddr,
     /// The configured handle.
     pub handle: Option<Handle>,
+    /// This node's user id (calls to it are refused).
+    pub user_id: Option<UserId>,
     /// The event stream's source.
     pub events: Arc<EventBus>,
     /// Becomes `true` when the node stops: event streams end then.
@@ -153,6 +163,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/connect", post(connect))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/calls", get(list_calls).post(place_call))
+        .route("/v1/calls/{id}", get(get_call).delete(hangup_call))
+        .route("/v1/calls/{id}/answer", post(answer_call))
+        .route("/v1/calls/{id}/reject", post(reject_call))
         .route("/v1/webrtc/offer", post(webrtc_offer))
         .route("/v1/webrtc/sessions/{id}", delete(webrtc_close))
         .route("/webrtc/echo", get(webrtc_echo_page))
@@ -512,7 +526,7 @@ async fn metrics(State(state): State<Shared>) -> Response {
     m.contacts_online.set(gauge(snap.contacts_online));
     m.host_cache.set(gauge(snap.host_cache));
     m.event_subscribers.set(gauge(state.events.subscribers()));
-    let text = m.render(&snap.stats, state.clock.uptime());
+    let text = m.render(&snap.stats, &snap.calls, state.clock.uptime());
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response()
 }
 
@@ -904,6 +918,254 @@ async fn shutdown(_: Authorized, State(state): State<Shared>) -> Response {
         }),
     )
         .into_response()
+}
+
+/// The `POST /v1/calls` body (and, without `to`, the answer's).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallRequest {
+    /// Whom to call.
+    #[serde(default)]
+    to: Option<String>,
+    /// A WAV file to play into the call.
+    #[serde(default)]
+    play: Option<PathBuf>,
+    /// A WAV file to record the call to.
+    #[serde(default)]
+    record: Option<PathBuf>,
+}
+
+/// The `GET /v1/calls` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CallsBody {
+    /// Live calls and those ended in the last minute.
+    pub calls: Vec<CallBody>,
+}
+
+/// The `POST /v1/calls` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlacedBody {
+    /// The new call's id.
+    pub call: u64,
+}
+
+/// Parses a call request body (empty: no files).
+fn call_request(body: &[u8], with_target: bool) -> Result<CallRequest, (StatusCode, String)> {
+    if body.len() > MAX_BODY {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large".into(),
+        ));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) && !with_target {
+        return Ok(CallRequest::default());
+    }
+    let expected = if with_target {
+        "{\"to\": \"HANDLE\" or \"USER_ID\", \"play\": \"IN.wav\" (optional), \"record\": \"OUT.wav\" (optional)}"
+    } else {
+        "{\"play\": \"IN.wav\" (optional), \"record\": \"OUT.wav\" (optional)}"
+    };
+    let request: CallRequest = serde_json::from_slice(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("expected {expected}: {e}")))?;
+    if request.to.is_some() != with_target {
+        let what = if with_target {
+            "\"to\" is required"
+        } else {
+            "\"to\" does not belong in an answer"
+        };
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("{what}; expected {expected}"),
+        ));
+    }
+    Ok(request)
+}
+
+/// Loads the WAV to play and creates the one to record (off the engine task: the
+/// reader resamples). A clear 400 if either fails.
+async fn call_media(request: &CallRequest) -> Result<MediaFiles, Response> {
+    let (play, record) = (request.play.clone(), request.record.clone());
+    let loaded = tokio::task::spawn_blocking(move || -> Result<MediaFiles, String> {
+        let play = match play {
+            Some(p) => Some(Playback::load(&p).map_err(|e| format!("cannot play: {e}"))?),
+            None => None,
+        };
+        let record = match record {
+            Some(p) => Some(Recorder::create(&p).map_err(|e| format!("cannot record: {e}"))?),
+            None => None,
+        };
+        Ok(MediaFiles { play, record })
+    })
+    .await;
+    match loaded {
+        Ok(Ok(media)) => Ok(media),
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, e)),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("loading the audio files failed: {e}"),
+        )),
+    }
+}
+
+/// A call id from the path.
+fn call_id(id: &str) -> Result<CallId, String> {
+    id.trim()
+        .parse::<u64>()
+        .map(CallId)
+        .map_err(|_| format!("{id:?} is not a call id (a number, as POST /v1/calls answers)"))
+}
+
+/// The answer to a call command: 204, 404 unknown, 409 wrong state.
+fn call_result(answer: Option<Result<(), CallError>>) -> Response {
+    match answer {
+        None => engine_gone(),
+        Some(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Some(Err(e @ CallError::UnknownCall(_))) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Some(Err(e @ CallError::State { .. })) => error(StatusCode::CONFLICT, e.to_string()),
+        Some(Err(e @ CallError::Media(_))) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
+}
+
+async fn place_call(_: Authorized, State(state): State<Shared>, body: Bytes) -> Response {
+    let request = match call_request(&body, true) {
+        Ok(r) => r,
+        Err((status, e)) => return error(status, e),
+    };
+    let shown = request.to.as_deref().unwrap_or("").trim().to_owned();
+    let to = match parse_query(&shown) {
+        Ok(Lookup::User(user)) => CallTarget::User(user),
+        Ok(Lookup::Handle(handle)) => CallTarget::Handle(handle),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if let (Some(me), CallTarget::User(user)) = (state.user_id, &to)
+        && me == *user
+    {
+        return error(StatusCode::BAD_REQUEST, "this node cannot call itself");
+    }
+    if state.handle.as_ref().is_some_and(|h| shown == h.as_str()) {
+        return error(StatusCode::BAD_REQUEST, "this node cannot call itself");
+    }
+    let media = match call_media(&request).await {
+        Ok(m) => m,
+        Err(response) => return response,
+    };
+    let answer = runtime::ask(
+        &state.commands,
+        |reply| Command::PlaceCall { to, media, reply },
+        ENGINE_TIMEOUT,
+    )
+    .await;
+    match answer {
+        None => engine_gone(),
+        Some(call) => {
+            info!(%call, "admin: call placed");
+            let mut response =
+                (StatusCode::CREATED, axum::Json(PlacedBody { call: call.0 })).into_response();
+            if let Ok(value) = HeaderValue::from_str(&format!("/v1/calls/{call}")) {
+                response.headers_mut().insert(header::LOCATION, value);
+            }
+            response
+        }
+    }
+}
+
+async fn answer_call(
+    _: Authorized,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let call = match call_id(&id) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let request = match call_request(&body, false) {
+        Ok(r) => r,
+        Err((status, e)) => return error(status, e),
+    };
+    let media = match call_media(&request).await {
+        Ok(m) => m,
+        Err(response) => return response,
+    };
+    let answer = runtime::ask(
+        &state.commands,
+        |reply| Command::AnswerCall { call, media, reply },
+        ENGINE_TIMEOUT,
+    )
+    .await;
+    if !matches!(answer, Some(Ok(()))) {
+        // The engine refused: the recording it would have made is not wanted.
+        if let Some(path) = &request.record {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    call_result(answer)
+}
+
+async fn reject_call(
+    _: Authorized,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Response {
+    let call = match call_id(&id) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let answer = runtime::ask(
+        &state.commands,
+        |reply| Command::RejectCall { call, reply },
+        ENGINE_TIMEOUT,
+    )
+    .await;
+    call_result(answer)
+}
+
+async fn hangup_call(
+    _: Authorized,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Response {
+    let call = match call_id(&id) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let answer = runtime::ask(
+        &state.commands,
+        |reply| Command::HangupCall { call, reply },
+        ENGINE_TIMEOUT,
+    )
+    .await;
+    call_result(answer)
+}
+
+async fn list_calls(_: Authorized, State(state): State<Shared>) -> Response {
+    match runtime::ask(&state.commands, Command::Calls, ENGINE_TIMEOUT).await {
+        Some(calls) => axum::Json(CallsBody { calls }).into_response(),
+        None => engine_gone(),
+    }
+}
+
+async fn get_call(_: Authorized, State(state): State<Shared>, Path(id): Path<String>) -> Response {
+    let call = match call_id(&id) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let answer = runtime::ask(
+        &state.commands,
+        |reply| Command::GetCall { call, reply },
+        ENGINE_TIMEOUT,
+    )
+    .await;
+    match answer {
+        None => engine_gone(),
+        Some(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no call {call} (ended calls are kept for a minute)"),
+        ),
+        Some(Some(body)) => axum::Json(body).into_response(),
+    }
 }
 
 /// Query of `/v1/webrtc/offer`.

@@ -236,7 +236,7 @@ impl RelayProcess {
         let toml = format!(
             "data_dir = {data:?}\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              role = \"supernode\"\nlocal_addrs = []\nlog_level = \"warn\"\n\
-             relay_allow_private_targets = true\nrelay_max_channels = {channels}\n",
+             [relay]\nallow_private_targets = true\nmax_channels = {channels}\n",
             data = data.display().to_string(),
         );
         std::fs::write(&config, toml).context("could not write the relay's config")?;

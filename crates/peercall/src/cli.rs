@@ -104,7 +104,7 @@ pub enum ContactsAction {
 }
 
 /// A running node's admin API.
-struct NodeApi {
+pub(crate) struct NodeApi {
     dir: PathBuf,
     addr: SocketAddr,
     token: String,
@@ -112,7 +112,7 @@ struct NodeApi {
 
 impl NodeApi {
     /// Finds the node through its data directory.
-    fn find(node: &NodeRef) -> anyhow::Result<NodeApi> {
+    pub(crate) fn find(node: &NodeRef) -> anyhow::Result<NodeApi> {
         let dir = match &node.data_dir {
             Some(d) => d.clone(),
             None => {
@@ -151,7 +151,12 @@ impl NodeApi {
         Ok(NodeApi { dir, addr, token })
     }
 
-    async fn call(
+    /// The admin address and bearer token.
+    pub(crate) fn endpoint(&self) -> (SocketAddr, &str) {
+        (self.addr, &self.token)
+    }
+
+    pub(crate) async fn call(
         &self,
         method: &str,
         path: &str,
@@ -173,7 +178,7 @@ impl NodeApi {
     }
 
     /// A request whose 2xx body parses as `T`; an error in words otherwise.
-    async fn json<T: serde::de::DeserializeOwned>(
+    pub(crate) async fn json<T: serde::de::DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
@@ -191,7 +196,7 @@ impl NodeApi {
 }
 
 /// An error response in words.
-fn explain(r: &Response) -> String {
+pub(crate) fn explain(r: &Response) -> String {
     let message = r.error_message();
     match r.status {
         404 => format!("not found: {message}"),
@@ -201,7 +206,7 @@ fn explain(r: &Response) -> String {
     }
 }
 
-fn block_on<F: Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+pub(crate) fn block_on<F: Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -176,9 +176,196 @@ fn dechunk(mut rest: &str) -> Result<String, &'static str> {
     }
 }
 
+/// One server-sent event: its `event:` kind and `data:` text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The kind (`message` when the server named none).
+    pub kind: String,
+    /// The data lines, joined with newlines.
+    pub data: String,
+}
+
+/// Longest event accepted from the stream: far above any event the node sends (a
+/// call's end with its statistics is a few kilobytes).
+const MAX_EVENT: usize = 1024 * 1024;
+
+/// A subscription to a node's `GET /v1/events` stream (chunked HTTP/1.1).
+pub struct EventStream {
+    reader: tokio::io::BufReader<TcpStream>,
+    /// Text received and not yet parsed into events.
+    pending: String,
+    chunked: bool,
+}
+
+impl EventStream {
+    /// Opens the stream; fails unless the node answers 200.
+    pub async fn open(
+        addr: SocketAddr,
+        path: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<EventStream, ClientError> {
+        use tokio::io::AsyncBufReadExt;
+        let io = |source| ClientError::Io {
+            method: "GET".into(),
+            path: path.to_owned(),
+            addr,
+            source,
+        };
+        let bad = |reason| ClientError::BadResponse {
+            method: "GET".into(),
+            path: path.to_owned(),
+            addr,
+            reason,
+        };
+        let open = async {
+            let mut stream = TcpStream::connect(addr)
+                .await
+                .map_err(|source| ClientError::Connect { addr, source })?;
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\
+                 Authorization: Bearer {token}\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.map_err(io)?;
+            let mut reader = tokio::io::BufReader::new(stream);
+            let mut status_line = String::new();
+            reader.read_line(&mut status_line).await.map_err(io)?;
+            let status: u16 = status_line
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or(bad("no status code"))?;
+            let mut chunked = false;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).await.map_err(io)? == 0 {
+                    return Err(bad("no end of headers"));
+                }
+                let line = line.trim_end();
+                if line.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.trim().eq_ignore_ascii_case("transfer-encoding")
+                    && value.trim().eq_ignore_ascii_case("chunked")
+                {
+                    chunked = true;
+                }
+            }
+            if status != 200 {
+                return Err(bad("the node refused the event stream"));
+            }
+            Ok(EventStream {
+                reader,
+                pending: String::new(),
+                chunked,
+            })
+        };
+        tokio::time::timeout(timeout, open)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                method: "GET".into(),
+                path: path.to_owned(),
+                addr,
+                timeout,
+            })?
+    }
+
+    /// The next event; `None` when the stream ends (the node stopped).
+    pub async fn next(&mut self) -> std::io::Result<Option<SseEvent>> {
+        loop {
+            if let Some(event) = take_event(&mut self.pending) {
+                return Ok(Some(event));
+            }
+            if self.pending.len() > MAX_EVENT {
+                return Err(std::io::Error::other("event larger than 1 MiB"));
+            }
+            let Some(text) = self.read_more().await? else {
+                return Ok(None);
+            };
+            self.pending.push_str(&text.replace("\r\n", "\n"));
+        }
+    }
+
+    /// The next piece of the body: a chunk, or what a read returns.
+    async fn read_more(&mut self) -> std::io::Result<Option<String>> {
+        use tokio::io::AsyncBufReadExt;
+        let bytes = if self.chunked {
+            let mut size = String::new();
+            if self.reader.read_line(&mut size).await? == 0 {
+                return Ok(None);
+            }
+            let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| std::io::Error::other("bad chunk size"))?;
+            if size == 0 {
+                return Ok(None);
+            }
+            if size > MAX_EVENT {
+                return Err(std::io::Error::other("chunk larger than 1 MiB"));
+            }
+            let mut chunk = vec![0u8; size + 2];
+            self.reader.read_exact(&mut chunk).await?;
+            chunk.truncate(size);
+            chunk
+        } else {
+            let mut buf = vec![0u8; 4096];
+            let n = self.reader.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            buf.truncate(n);
+            buf
+        };
+        String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| std::io::Error::other("event stream is not UTF-8"))
+    }
+}
+
+/// Takes the first complete event (ended by a blank line) out of `pending`;
+/// comments (keep-alives) are skipped.
+fn take_event(pending: &mut String) -> Option<SseEvent> {
+    loop {
+        let end = pending.find("\n\n")?;
+        let block: String = pending.drain(..end + 2).collect();
+        let mut kind = None;
+        let mut data: Vec<&str> = Vec::new();
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                kind = Some(v.trim().to_owned());
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        if kind.is_some() || !data.is_empty() {
+            return Some(SseEvent {
+                kind: kind.unwrap_or_else(|| "message".into()),
+                data: data.join("\n"),
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_are_parsed_and_comments_skipped() {
+        let mut p =
+            String::from(": keep-alive\n\nevent: hello\ndata: {\"a\":1}\n\nevent: x\ndata:");
+        assert_eq!(
+            take_event(&mut p),
+            Some(SseEvent {
+                kind: "hello".into(),
+                data: "{\"a\":1}".into()
+            })
+        );
+        assert_eq!(take_event(&mut p), None, "incomplete");
+        p.push_str(" 2\nid: 7\n\n");
+        assert_eq!(take_event(&mut p).unwrap().data, "2");
+        assert!(p.is_empty());
+    }
 
     #[test]
     fn parses_plain_and_chunked_responses() {

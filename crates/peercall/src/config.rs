@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use config::{Config as Layers, File, FileFormat, Map, Source, Value, ValueKind};
 use peercall_crypto::Handle;
-use peercall_engine::{OverlayConfig, Role};
+use peercall_engine::{CallConfig, OverlayConfig, RedundancyMode, RelayConfig, Role};
 use peercall_overlay::config as overlay;
 use thiserror::Error;
 
@@ -28,7 +28,7 @@ use crate::contact::{PeerSpec, PeerSpecError};
 pub const ENV_PREFIX: &str = "PEERCALL_";
 
 /// Every config key, in documentation order.
-pub const KEYS: [&str; 27] = [
+pub const KEYS: [&str; 43] = [
     "data_dir",
     "listen",
     "admin",
@@ -43,8 +43,6 @@ pub const KEYS: [&str; 27] = [
     "supernode_attach_rate",
     "supernode_attach_burst",
     "bandwidth_mbps",
-    "relay_allow_private_targets",
-    "relay_max_channels",
     "record_ttl_secs",
     "record_refresh_secs",
     "election_min_uptime_secs",
@@ -56,7 +54,42 @@ pub const KEYS: [&str; 27] = [
     "election_min_supernodes",
     "log_format",
     "log_level",
+    "calls.auto_answer",
+    "calls.answer_play",
+    "calls.answer_record",
+    "calls.max_calls",
+    "calls.ring_timeout_secs",
+    "calls.connect_timeout_secs",
+    "calls.lost_timeout_secs",
+    "calls.redundancy",
+    "relay.enabled",
+    "relay.allow_private_targets",
+    "relay.max_channels",
+    "relay.max_channels_per_client",
+    "relay.client_bytes_per_sec",
+    "relay.client_burst_bytes",
+    "relay.request_rate",
+    "relay.request_burst",
+    "relay.lifetime_secs",
+    "relay.idle_timeout_secs",
 ];
+
+/// Config sections: a TOML table (`[calls]`) whose keys are named `calls.KEY`;
+/// in the environment `PEERCALL_CALLS_KEY`.
+pub const SECTIONS: [&str; 2] = ["calls", "relay"];
+
+/// Most calls at a time a node may be configured for: each call runs an Opus
+/// encoder and decoder on the daemon's audio clock; more than this on one host is a
+/// typo, not a plan.
+pub const MAX_CALLS: u64 = 64;
+/// Upper bound of the call timeouts: ten minutes of ringing or connecting is
+/// already far beyond any caller's patience.
+pub const MAX_CALL_TIMEOUT_SECS: u64 = 600;
+/// Upper bound of the relay's count keys (channels, requests): far beyond one
+/// process, so only typos are refused.
+pub const MAX_RELAY_COUNT: u64 = 10_000_000;
+/// Upper bound of the relay's byte keys: 1 GB/s per client is beyond any uplink.
+pub const MAX_RELAY_BYTES: u64 = 1_000_000_000;
 
 /// Default UDP address: all interfaces, peercall's port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7600";
@@ -199,11 +232,6 @@ pub struct Settings {
     pub supernode_attach_burst: NonZeroU32,
     /// Upstream bandwidth offered for promotion, kbit/s (configured in Mbit/s).
     pub bandwidth_kbps: u32,
-    /// Relay to loopback, private, link-local and multicast addresses (loopback
-    /// demos, private test networks, `peercall bench relay`).
-    pub relay_allow_private_targets: bool,
-    /// Relay channels (two per relayed call) held at once as a supernode.
-    pub relay_max_channels: NonZeroU32,
     /// Lifetime of the signed directory record.
     pub record_ttl_secs: NonZeroU64,
     /// Re-publication interval of the record; always shorter than its lifetime.
@@ -214,6 +242,56 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Log level.
     pub log_level: LogLevel,
+    /// Call settings (`calls.*`).
+    pub calls: CallSettings,
+    /// Relay settings (`relay.*`), used while the node is a supernode.
+    pub relay: RelayConfig,
+}
+
+/// The `calls.*` keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallSettings {
+    /// Answer incoming calls at once.
+    pub auto_answer: bool,
+    /// WAV file played into auto-answered calls (silence without one).
+    pub answer_play: Option<PathBuf>,
+    /// WAV file each auto-answered call is recorded to (overwritten per call).
+    pub answer_record: Option<PathBuf>,
+    /// Calls at a time; more are answered busy.
+    pub max_calls: usize,
+    /// Ringing without an answer this long ends the call (`no_answer`).
+    pub ring_timeout_secs: NonZeroU64,
+    /// No session with the callee within this long ends the call (`unreachable`).
+    pub connect_timeout_secs: NonZeroU64,
+    /// Every path silent this long ends the call (`lost`).
+    pub lost_timeout_secs: NonZeroU64,
+    /// When the router sends redundant copies.
+    pub redundancy: RedundancyMode,
+}
+
+impl CallSettings {
+    /// The engine's call settings these keys make (codec and jitter buffer at the
+    /// engine's defaults).
+    pub fn call_config(&self) -> CallConfig {
+        CallConfig {
+            auto_answer: self.auto_answer,
+            max_calls: self.max_calls,
+            ring_timeout: Duration::from_secs(self.ring_timeout_secs.get()),
+            connect_timeout: Duration::from_secs(self.connect_timeout_secs.get()),
+            lost_timeout: Duration::from_secs(self.lost_timeout_secs.get()),
+            redundancy: self.redundancy,
+            ..CallConfig::default()
+        }
+    }
+}
+
+/// The config spelling of a redundancy mode.
+pub fn redundancy_str(mode: RedundancyMode) -> &'static str {
+    match mode {
+        RedundancyMode::Auto => "auto",
+        RedundancyMode::Always => "always",
+        RedundancyMode::Never => "never",
+    }
 }
 
 impl Settings {
@@ -230,16 +308,6 @@ impl Settings {
     /// The host cache save interval.
     pub fn state_save(&self) -> Duration {
         Duration::from_secs(self.state_save_secs.get())
-    }
-
-    /// The relay service settings these keys make (the rest keep the engine's
-    /// defaults).
-    pub fn relay_config(&self) -> peercall_engine::RelayConfig {
-        peercall_engine::RelayConfig {
-            allow_private_targets: self.relay_allow_private_targets,
-            max_channels: self.relay_max_channels.get() as usize,
-            ..peercall_engine::RelayConfig::default()
-        }
     }
 
     /// The overlay settings these keys make. The host cache, the local addresses and
@@ -448,7 +516,10 @@ impl Origin {
     fn of(key: &str, value: Option<&str>, file: Option<&Path>) -> Origin {
         match value {
             None | Some(ORIGIN_DEFAULT) => Origin::Default,
-            Some(ORIGIN_ENV) => Origin::Env(format!("{ENV_PREFIX}{}", key.to_uppercase())),
+            Some(ORIGIN_ENV) => Origin::Env(format!(
+                "{ENV_PREFIX}{}",
+                key.replace('.', "_").to_uppercase()
+            )),
             Some(o) => match o.strip_prefix(ORIGIN_FLAG) {
                 Some(flag) => Origin::Flag(flag.to_owned()),
                 None => {
@@ -592,9 +663,6 @@ fn defaults(data_dir: Option<&Path>) -> Layer {
         o,
         kbps_to_mbps(d.resources.bandwidth_kbps),
     );
-    let r = peercall_engine::RelayConfig::default();
-    l.set("relay_allow_private_targets", o, r.allow_private_targets);
-    l.set("relay_max_channels", o, r.max_channels as u64);
     l.set("record_ttl_secs", o, d.record_ttl.as_secs());
     l.set("record_refresh_secs", o, d.refresh_interval.as_secs());
     let e = d.election;
@@ -627,6 +695,38 @@ fn defaults(data_dir: Option<&Path>) -> Layer {
     l.set("election_min_supernodes", o, u64::from(e.min_supernodes));
     l.set("log_format", o, LogFormat::default().as_str());
     l.set("log_level", o, LogLevel::default().as_str());
+    let c = CallConfig::default();
+    l.set("calls.auto_answer", o, c.auto_answer);
+    l.set("calls.answer_play", o, "");
+    l.set("calls.answer_record", o, "");
+    l.set("calls.max_calls", o, c.max_calls as u64);
+    l.set("calls.ring_timeout_secs", o, c.ring_timeout.as_secs());
+    l.set("calls.connect_timeout_secs", o, c.connect_timeout.as_secs());
+    l.set("calls.lost_timeout_secs", o, c.lost_timeout.as_secs());
+    l.set("calls.redundancy", o, redundancy_str(c.redundancy));
+    let r = RelayConfig::default();
+    l.set("relay.enabled", o, r.enabled);
+    l.set("relay.allow_private_targets", o, r.allow_private_targets);
+    l.set("relay.max_channels", o, r.max_channels as u64);
+    l.set(
+        "relay.max_channels_per_client",
+        o,
+        r.max_channels_per_client as u64,
+    );
+    l.set(
+        "relay.client_bytes_per_sec",
+        o,
+        u64::from(r.client_rate_bps),
+    );
+    l.set(
+        "relay.client_burst_bytes",
+        o,
+        u64::from(r.client_burst_bytes),
+    );
+    l.set("relay.request_rate", o, u64::from(r.request_rate));
+    l.set("relay.request_burst", o, u64::from(r.request_burst));
+    l.set("relay.lifetime_secs", o, r.lifetime.as_secs());
+    l.set("relay.idle_timeout_secs", o, r.idle_timeout.as_secs());
     l
 }
 
@@ -669,7 +769,18 @@ fn env_map(env: &[(OsString, OsString)]) -> Result<Map<String, String>, ConfigEr
             origin: Origin::Env(name.to_string()),
             error: Box::new(KeyError::NotUnicode),
         })?;
-        map.insert(name.into_owned(), value.to_owned());
+        // `PEERCALL_CALLS_AUTO_ANSWER` is `calls.auto_answer`: the section's
+        // name becomes a path, which the config crate nests like a TOML table.
+        let section = SECTIONS.iter().find(|s| {
+            key.len() > s.len()
+                && key[..s.len()].eq_ignore_ascii_case(s)
+                && key.as_bytes()[s.len()] == b'_'
+        });
+        let name = match section {
+            Some(s) => format!("{ENV_PREFIX}{s}.{}", &key[s.len() + 1..]),
+            None => name.into_owned(),
+        };
+        map.insert(name, value.to_owned());
     }
     Ok(map)
 }
@@ -704,8 +815,7 @@ pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
 
 /// Parses merged values into settings.
 fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, ConfigError> {
-    // Sorted, so the error reported does not depend on hash order.
-    let values: BTreeMap<String, Value> = values.into_iter().collect();
+    let values = flatten(values, file)?;
     if let Some((key, value)) = values.iter().find(|(k, _)| !KEYS.contains(&k.as_str())) {
         return Err(ConfigError::Key {
             key: key.clone(),
@@ -820,13 +930,13 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
         supernode_attach_rate: p.key("supernode_attach_rate", parse_capacity)?,
         supernode_attach_burst: p.key("supernode_attach_burst", parse_capacity)?,
         bandwidth_kbps: p.key("bandwidth_mbps", parse_mbps)?,
-        relay_allow_private_targets: p.key("relay_allow_private_targets", parse_bool)?,
-        relay_max_channels: p.key("relay_max_channels", parse_capacity)?,
         record_ttl_secs,
         record_refresh_secs,
         election,
         log_format: p.key("log_format", parse_log_format)?,
         log_level: p.key("log_level", parse_log_level)?,
+        calls: parse_calls(&p)?,
+        relay: parse_relay(&p)?,
     };
     // The overlay's own check, as a backstop: every relation it checks is checked
     // above under our key names, so this only fails if the two drift apart.
@@ -838,6 +948,40 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
         });
     }
     Ok(settings)
+}
+
+/// The merged values by key, sorted (so the error reported does not depend on
+/// hash order), a section's table spread out into `section.key` entries.
+fn flatten(
+    values: Map<String, Value>,
+    file: Option<&Path>,
+) -> Result<BTreeMap<String, Value>, ConfigError> {
+    let mut flat = BTreeMap::new();
+    for (key, value) in values {
+        if !SECTIONS.contains(&key.as_str()) {
+            flat.insert(key, value);
+            continue;
+        }
+        let origin = Origin::of(&key, value.origin(), file);
+        match value.kind {
+            ValueKind::Table(table) => {
+                for (inner, v) in table {
+                    flat.insert(format!("{key}.{inner}"), v);
+                }
+            }
+            other => {
+                return Err(ConfigError::Key {
+                    origin,
+                    key,
+                    error: Box::new(KeyError::Type {
+                        expected: "a table of keys",
+                        found: kind_name(&other),
+                    }),
+                });
+            }
+        }
+    }
+    Ok(flat)
 }
 
 /// Looks keys up and attaches the key and origin to errors.
@@ -862,6 +1006,94 @@ impl Parser<'_> {
             origin: Origin::of(key, value.origin(), self.file),
             error: Box::new(error),
         })
+    }
+}
+
+fn parse_calls(p: &Parser<'_>) -> Result<CallSettings, ConfigError> {
+    let timeout = |v: &Value| {
+        parse_uint(
+            v,
+            1,
+            MAX_CALL_TIMEOUT_SECS,
+            "a whole number of seconds from 1 to 600",
+        )
+        // In range, so non-zero.
+        .map(|n| NonZeroU64::new(n).unwrap_or(NonZeroU64::MIN))
+    };
+    Ok(CallSettings {
+        auto_answer: p.key("calls.auto_answer", parse_bool)?,
+        answer_play: p.key("calls.answer_play", parse_optional_path)?,
+        answer_record: p.key("calls.answer_record", parse_optional_path)?,
+        max_calls: p.key("calls.max_calls", |v| {
+            parse_uint(v, 1, MAX_CALLS, "a whole number from 1 to 64").map(|n| n as usize)
+        })?,
+        ring_timeout_secs: p.key("calls.ring_timeout_secs", timeout)?,
+        connect_timeout_secs: p.key("calls.connect_timeout_secs", timeout)?,
+        lost_timeout_secs: p.key("calls.lost_timeout_secs", timeout)?,
+        redundancy: p.key("calls.redundancy", |v| {
+            const ALLOWED: &str = "auto, always, never";
+            let s = text(v, ALLOWED)?;
+            [
+                RedundancyMode::Auto,
+                RedundancyMode::Always,
+                RedundancyMode::Never,
+            ]
+            .into_iter()
+            .find(|m| redundancy_str(*m) == s)
+            .ok_or_else(|| choice(s, ALLOWED))
+        })?,
+    })
+}
+
+fn parse_relay(p: &Parser<'_>) -> Result<RelayConfig, ConfigError> {
+    let count = |v: &Value| parse_uint(v, 1, MAX_RELAY_COUNT, "a whole number from 1 to 10000000");
+    let bytes = |v: &Value| {
+        parse_uint(
+            v,
+            1,
+            MAX_RELAY_BYTES,
+            "a whole number of bytes from 1 to 1000000000",
+        )
+        // In range, so within u32.
+        .map(|n| n as u32)
+    };
+    let secs = |v: &Value| parse_secs(v).map(|n| Duration::from_secs(n.get()));
+    Ok(RelayConfig {
+        enabled: p.key("relay.enabled", parse_bool)?,
+        allow_private_targets: p.key("relay.allow_private_targets", parse_bool)?,
+        max_channels: p.key("relay.max_channels", count)? as usize,
+        max_channels_per_client: p.key("relay.max_channels_per_client", count)? as usize,
+        client_rate_bps: p.key("relay.client_bytes_per_sec", bytes)?,
+        client_burst_bytes: p.key("relay.client_burst_bytes", bytes)?,
+        request_rate: p.key("relay.request_rate", count)? as u32,
+        request_burst: p.key("relay.request_burst", count)? as u32,
+        lifetime: p.key("relay.lifetime_secs", secs)?,
+        idle_timeout: p.key("relay.idle_timeout_secs", secs)?,
+    })
+}
+
+/// `true` or `false` (TOML booleans, or the words from the environment).
+fn parse_bool(v: &Value) -> Result<bool, KeyError> {
+    const EXPECTED: &str = "true or false";
+    match &v.kind {
+        ValueKind::Boolean(b) => Ok(*b),
+        ValueKind::String(s) => match s.trim() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            other => Err(choice(other, EXPECTED)),
+        },
+        other => Err(KeyError::Type {
+            expected: EXPECTED,
+            found: kind_name(other),
+        }),
+    }
+}
+
+/// A path, or `""` for none.
+fn parse_optional_path(v: &Value) -> Result<Option<PathBuf>, KeyError> {
+    match text(v, "a path string (\"\" for none)")? {
+        "" => Ok(None),
+        s => Ok(Some(PathBuf::from(s))),
     }
 }
 
@@ -1047,22 +1279,6 @@ fn permille_to_fraction(permille: u16) -> f64 {
     f64::from(permille) / 1000.0
 }
 
-fn parse_bool(v: &Value) -> Result<bool, KeyError> {
-    match &v.kind {
-        ValueKind::Boolean(b) => Ok(*b),
-        // Environment variables are always strings.
-        ValueKind::String(s) => match s.trim() {
-            "true" => Ok(true),
-            "false" => Ok(false),
-            other => Err(choice(other, "true, false")),
-        },
-        other => Err(KeyError::Type {
-            expected: "true or false",
-            found: kind_name(other),
-        }),
-    }
-}
-
 fn parse_capacity(v: &Value) -> Result<NonZeroU32, KeyError> {
     let n = parse_uint(
         v,
@@ -1211,8 +1427,6 @@ mod tests {
             supernode_attach_rate: NonZeroU32::new(20).unwrap(),
             supernode_attach_burst: NonZeroU32::new(40).unwrap(),
             bandwidth_kbps: 0,
-            relay_allow_private_targets: false,
-            relay_max_channels: NonZeroU32::new(4_096).unwrap(),
             record_ttl_secs: NonZeroU64::new(120).unwrap(),
             record_refresh_secs: NonZeroU64::new(60).unwrap(),
             election: overlay::ElectionConfig {
@@ -1226,7 +1440,77 @@ mod tests {
             },
             log_format: LogFormat::Text,
             log_level: LogLevel::Info,
+            calls: CallSettings {
+                auto_answer: false,
+                answer_play: None,
+                answer_record: None,
+                max_calls: 1,
+                ring_timeout_secs: NonZeroU64::new(30).unwrap(),
+                connect_timeout_secs: NonZeroU64::new(10).unwrap(),
+                lost_timeout_secs: NonZeroU64::new(10).unwrap(),
+                redundancy: RedundancyMode::Auto,
+            },
+            relay: RelayConfig::default(),
         }
+    }
+
+    #[test]
+    fn call_and_relay_sections_parse_from_file_and_environment() {
+        let f = toml_file(
+            "[calls]\nauto_answer = true\nanswer_record = \"/tmp/x.wav\"\nmax_calls = 2\n\
+             redundancy = \"always\"\n[relay]\nallow_private_targets = true\nmax_channels = 10\n",
+        );
+        let s = load(&with_file(&f)).unwrap();
+        assert!(s.calls.auto_answer);
+        assert_eq!(s.calls.answer_record, Some(PathBuf::from("/tmp/x.wav")));
+        assert_eq!(s.calls.answer_play, None);
+        let c = s.calls.call_config();
+        assert_eq!((c.max_calls, c.redundancy), (2, RedundancyMode::Always));
+        assert_eq!(
+            c.ring_timeout,
+            Duration::from_secs(30),
+            "untouched keys keep defaults"
+        );
+        assert!(s.relay.allow_private_targets);
+        assert_eq!(s.relay.max_channels, 10);
+        assert!(s.relay.enabled);
+
+        let mut src = with_file(&f);
+        src.env = vec![
+            ("PEERCALL_CALLS_AUTO_ANSWER".into(), "false".into()),
+            ("PEERCALL_RELAY_IDLE_TIMEOUT_SECS".into(), "5".into()),
+        ];
+        let s = load(&src).unwrap();
+        assert!(!s.calls.auto_answer, "the environment wins over the file");
+        assert_eq!(s.calls.max_calls, 2);
+        assert_eq!(s.relay.idle_timeout, Duration::from_secs(5));
+
+        let (key, origin, error) = key_error(&with_env(&[("PEERCALL_CALLS_AUTO_ANSWER", "yes")]));
+        assert_eq!(key, "calls.auto_answer");
+        assert_eq!(origin, Origin::Env("PEERCALL_CALLS_AUTO_ANSWER".into()));
+        assert!(matches!(error, KeyError::Choice { .. }), "{error}");
+        let msg = load(&with_env(&[("PEERCALL_CALLS_MAX_CALLS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("config key 'calls.max_calls': "), "{msg}");
+        let f = toml_file("[relay]\nallow_private = true\n");
+        assert_eq!(
+            key_error(&with_file(&f)),
+            (
+                "relay.allow_private".to_owned(),
+                Origin::File(f.path().display().to_string()),
+                KeyError::Unknown
+            )
+        );
+        let f = toml_file("calls = 3\n");
+        assert!(matches!(
+            key_error(&with_file(&f)),
+            (k, _, KeyError::Type { .. }) if k == "calls"
+        ));
+        let f = toml_file("[relay]\nclient_bytes_per_sec = 0\n");
+        assert_eq!(key_error(&with_file(&f)).0, "relay.client_bytes_per_sec");
+        let f = toml_file("[calls]\nredundancy = \"sometimes\"\n");
+        assert_eq!(key_error(&with_file(&f)).0, "calls.redundancy");
     }
 
     #[test]
@@ -1392,7 +1676,17 @@ mod tests {
             .unwrap();
         let table = only_file.collect().unwrap();
         for key in KEYS {
-            if key == "data_dir" {
+            if let Some((section, inner)) = key.split_once('.') {
+                let ValueKind::Table(t) = &table[section].kind else {
+                    panic!("[{section}] is a table in configs/default.toml");
+                };
+                assert!(
+                    t.contains_key(inner),
+                    "{key} is set in configs/default.toml"
+                );
+                assert!(text.contains(&format!("\n[{section}]\n")));
+                assert!(text.contains(&format!("\n{inner} = ")), "{key}");
+            } else if key == "data_dir" {
                 // Its default depends on the environment: documented as a comment.
                 assert!(text.contains("\n# data_dir = "), "data_dir documented");
             } else {

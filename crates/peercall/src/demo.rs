@@ -120,7 +120,8 @@ async fn demo(net: &mut Network, out: &Narrator, args: &DemoArgs) -> anyhow::Res
         net.root_path().display()
     ));
 
-    let seed = net.spawn("seed", "supernode", None, None)?;
+    // Relays may forward to loopback: the whole network is on 127.0.0.1.
+    let seed = net.spawn("seed", "supernode", None, None, RELAY_LOOPBACK)?;
     net.wait_ready(seed).await?;
     let seed_ready = net.members[seed].ready()?;
     let (seed_key, seed_udp) = (seed_ready.status.peer_key.clone(), seed_ready.udp);
@@ -141,7 +142,8 @@ async fn demo(net: &mut Network, out: &Narrator, args: &DemoArgs) -> anyhow::Res
             (Handshake::Xx, seed_udp.to_string())
         };
         out.say(format!("{name:<7} starting: {}", handshake.explain()));
-        desktops.push(net.spawn(&name, "auto", Some(&spec), Some(handshake))?);
+        let extra = desktop_extra(&name, i == 2, &net.recording);
+        desktops.push(net.spawn(&name, "auto", Some(&spec), Some(handshake), &extra)?);
     }
     for &d in &desktops {
         net.wait_ready(d).await?;
@@ -158,7 +160,10 @@ async fn demo(net: &mut Network, out: &Narrator, args: &DemoArgs) -> anyhow::Res
 
     net.wait_sessions(out, seed, &desktops).await?;
     net.wait_keepalives(out).await?;
-    let summary = net.summary(seed).await?;
+    let mut summary = net.summary(seed).await?;
+    if desktops.len() >= 2 {
+        summary.call = Some(net.call(out, desktops[0], desktops[1]).await?);
+    }
     if args.json {
         let text = serde_json::to_string(&summary).context("summary as JSON")?;
         out.stdout(&text);
@@ -253,6 +258,9 @@ struct Network {
     root: Option<tempfile::TempDir>,
     /// Global flags passed on to the nodes.
     log_flags: Vec<String>,
+    /// Where desk-2 records the demo call: outside the temporary directory, so it
+    /// is still there after the demo.
+    recording: PathBuf,
 }
 
 impl Network {
@@ -268,10 +276,13 @@ impl Network {
         if let Some(v) = log.log_level.and_then(|l| l.to_possible_value()) {
             log_flags.extend(["--log-level".to_owned(), v.get_name().to_owned()]);
         }
+        let recording =
+            std::env::temp_dir().join(format!("peercall-demo-call-{}.wav", std::process::id()));
         Ok(Network {
             members: Vec::new(),
             root: Some(root),
             log_flags,
+            recording,
         })
     }
 
@@ -286,12 +297,13 @@ impl Network {
         role: &'static str,
         seed: Option<&str>,
         handshake: Option<Handshake>,
+        extra: &str,
     ) -> anyhow::Result<usize> {
         let root = self.root_path().to_owned();
         let data_dir = root.join(name);
         let config = root.join(format!("{name}.toml"));
         let log = root.join(format!("{name}.log"));
-        std::fs::write(&config, node_config(&data_dir, role, seed)?)
+        std::fs::write(&config, node_config(&data_dir, role, seed, extra)?)
             .with_context(|| format!("could not write {}", config.display()))?;
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("could not create {}", log.display()))?;
@@ -521,13 +533,144 @@ impl Network {
                 dropped: dropped_total(&text),
             });
         }
+        let mut supernodes = 0;
+        let mut promotions = 0;
+        for m in &self.members {
+            let ready = m.ready()?;
+            let status = get_status(ready.admin).await?;
+            supernodes += usize::from(status.supernode);
+            promotions += counter(
+                &get_metrics(ready.admin).await?,
+                "peercall_overlay_promotions_total",
+            );
+        }
         Ok(Summary {
+            supernodes,
+            promotions,
+            call: None,
             sessions: nodes[seed].sessions.len(),
             setup_ms: ms_f64(self.members[seed].spawned.elapsed()),
             keepalive_secs: KEEPALIVE_SECS,
             temp_dir: self.root_path().display().to_string(),
             nodes,
         })
+    }
+
+    /// desk-1 looks desk-2 up and calls it with speech; desk-2 answers by itself
+    /// and records. Hangs up after [`CALL_SECS`] of conversation.
+    async fn call(
+        &mut self,
+        out: &Narrator,
+        caller: usize,
+        callee: usize,
+    ) -> anyhow::Result<crate::callcli::Summary> {
+        let speech = self.root_path().join("speech.wav");
+        let what = write_speech(&speech)?;
+        let (from, to) = (&self.members[caller], &self.members[callee]);
+        let (name, ready) = (to.name.clone(), from.ready()?);
+        let (admin, token) = (ready.admin, ready.token.clone());
+        out.say(format!("{} plays {what}: {}", from.name, speech.display()));
+        let deadline = Instant::now() + LOOKUP_TIMEOUT;
+        let found = loop {
+            let r = client::request(
+                admin,
+                "GET",
+                &format!("/v1/lookup?q={name}"),
+                Some(&token),
+                None,
+                HTTP_TIMEOUT + Duration::from_secs(10),
+            )
+            .await?;
+            if r.is_success() {
+                break serde_json::from_str::<crate::admin::LookupBody>(&r.body)?;
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} not found in the directory: {}", r.error_message());
+            }
+            tokio::time::sleep(METRICS_POLL).await;
+        };
+        out.say(format!(
+            "{} looked up {name} in the directory: fingerprint {}, endpoints {}",
+            from.name,
+            found.fingerprint,
+            found.endpoints.join(", ")
+        ));
+        let body = serde_json::json!({ "to": name, "play": speech.display().to_string() });
+        let r = client::request(
+            admin,
+            "POST",
+            "/v1/calls",
+            Some(&token),
+            Some(&body.to_string()),
+            HTTP_TIMEOUT,
+        )
+        .await?;
+        if !r.is_success() {
+            bail!("could not place the call: {}", r.error_message());
+        }
+        let placed: crate::admin::PlacedBody = serde_json::from_str(&r.body)?;
+        let path = format!("/v1/calls/{}", placed.call);
+        let get = || async {
+            let r = client::request(admin, "GET", &path, Some(&token), None, HTTP_TIMEOUT).await?;
+            anyhow::Ok(serde_json::from_str::<crate::calls::CallBody>(&r.body)?)
+        };
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let mut last = get().await?;
+        while last.state != "active" && last.state != "ended" {
+            if Instant::now() >= deadline {
+                bail!("the call did not connect within {CONNECT_TIMEOUT:?}");
+            }
+            tokio::time::sleep(SESSION_POLL).await;
+            last = get().await?;
+        }
+        if last.state == "ended" {
+            bail!(
+                "the call failed: {}",
+                last.end_reason.as_deref().unwrap_or("ended")
+            );
+        }
+        out.say(format!(
+            "call connected in {} ms over {}; {name} answered by itself and records",
+            last.setup_ms.unwrap_or(0),
+            last.path_kind.as_deref().unwrap_or("?")
+        ));
+        for _ in 0..CALL_SECS {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            last = get().await?;
+            let p = last.active();
+            out.say(format!(
+                "  {} via {}, RTT {}, loss {:.1} %, MOS {}, {} frames out / {} in",
+                last.state,
+                last.path_kind.as_deref().unwrap_or("-"),
+                p.and_then(|p| p.rtt_ms)
+                    .map_or("-".to_owned(), |r| format!("{r:.1} ms")),
+                p.map_or(0.0, |p| p.loss * 100.0),
+                last.mos_estimate
+                    .map_or("-".to_owned(), |m| format!("{m:.2}")),
+                last.frames_sent,
+                last.frames_received
+            ));
+        }
+        let _ = client::request(admin, "DELETE", &path, Some(&token), None, HTTP_TIMEOUT).await?;
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        while last.state != "ended" && Instant::now() < deadline {
+            tokio::time::sleep(SESSION_POLL).await;
+            last = get().await?;
+        }
+        let mut summary = crate::callcli::Summary::of(&last);
+        summary.record = Some(self.recording.display().to_string());
+        out.say(format!(
+            "hung up: set-up {} ms, first audio {} ms, {} switches, longest gap {} ms, MOS {}; {name}'s recording: {}",
+            opt_ms(summary.setup_ms),
+            opt_ms(summary.first_audio_ms),
+            summary.path_switches,
+            summary.max_gap_ms,
+            summary
+                .mos_estimate
+                .map_or("-".to_owned(), |m| format!("{m:.2}")),
+            self.recording.display()
+        ));
+        Ok(summary)
     }
 
     /// Asks every running node to shut down, waits up to [`STOP_TIMEOUT`], then kills
@@ -608,7 +751,12 @@ impl Drop for Network {
 }
 
 /// The config file of one demo node.
-fn node_config(data_dir: &Path, role: &str, seed: Option<&str>) -> anyhow::Result<String> {
+fn node_config(
+    data_dir: &Path,
+    role: &str,
+    seed: Option<&str>,
+    extra: &str,
+) -> anyhow::Result<String> {
     let dir = data_dir
         .to_str()
         .ok_or_else(|| anyhow!("the temporary directory {data_dir:?} is not UTF-8"))?;
@@ -623,9 +771,77 @@ fn node_config(data_dir: &Path, role: &str, seed: Option<&str>) -> anyhow::Resul
          role = \"{role}\"\n\
          seeds = [{seeds}]\n\
          keepalive_secs = {KEEPALIVE_SECS}\n\
-         session_timeout_secs = {SESSION_TIMEOUT_SECS}\n",
+         session_timeout_secs = {SESSION_TIMEOUT_SECS}\n\
+         {extra}",
         quote(dir)
     ))
+}
+
+/// Config of every node: relays may forward to loopback (the network is on one
+/// host).
+const RELAY_LOOPBACK: &str = "[relay]\nallow_private_targets = true\n";
+/// Seconds of conversation in the demo call.
+const CALL_SECS: u64 = 4;
+/// How long the callee may take to become findable in the directory.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the call may take to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// What the demo's caller says.
+const SPEECH: &str = "Hello from peercall. This call runs over a peer to peer network of real nodes on this machine.";
+
+/// A desktop's extra config: its handle, relays to loopback, and for the callee
+/// auto-answer with a recording.
+fn desktop_extra(name: &str, callee: bool, recording: &Path) -> String {
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut extra = format!("handle = {}\n{RELAY_LOOPBACK}", quote(name));
+    if callee {
+        extra.push_str(&format!(
+            "[calls]\nauto_answer = true\nanswer_record = {}\n",
+            quote(&recording.display().to_string())
+        ));
+    }
+    extra
+}
+
+/// Writes the caller's speech: espeak-ng's voice if it is installed, else a
+/// synthetic voiced signal (syllables on changing pitches with harmonics).
+fn write_speech(path: &Path) -> anyhow::Result<&'static str> {
+    let espeak = Command::new("espeak-ng")
+        .arg("-w")
+        .arg(path)
+        .arg(SPEECH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if espeak.is_ok_and(|s| s.success()) && path.exists() {
+        return Ok("espeak-ng speech");
+    }
+    const RATE: u32 = 16_000;
+    const SECS: f64 = 4.0;
+    let samples: Vec<f32> = (0..(SECS * f64::from(RATE)) as usize)
+        .map(|i| {
+            let t = i as f64 / f64::from(RATE);
+            let (syllable, pause) = (0.18, 0.09);
+            let n = (t / (syllable + pause)).floor();
+            let within = t - n * (syllable + pause);
+            if within >= syllable {
+                return 0.0;
+            }
+            let pitch = 110.0 + (n * 37.0) % 120.0;
+            let envelope = (std::f64::consts::PI * within / syllable).sin().powi(2);
+            let voiced: f64 = (1..=12)
+                .map(|k| {
+                    let k = f64::from(k);
+                    (2.0 * std::f64::consts::PI * pitch * k * t).sin() / k
+                })
+                .sum();
+            (0.25 * envelope * voiced) as f32
+        })
+        .collect();
+    let resampled = peercall_media::wav::resample_to_48k(&samples, RATE)?;
+    peercall_media::wav::write_wav(path, &peercall_media::wav::to_i16(&resampled))?;
+    Ok("a synthetic voiced signal (espeak-ng is not installed)")
 }
 
 /// The summary, as printed with `--json`.
@@ -641,6 +857,14 @@ struct Summary {
     keepalive_secs: u64,
     /// The temporary directory holding every node's data, config and log.
     temp_dir: String,
+    /// Supernodes in the network (the seed; desktops are not promoted within the
+    /// demo's minute: the election wants an hour of uptime).
+    supernodes: usize,
+    /// Promotions the tier decided.
+    promotions: u64,
+    /// The call from desk-1 to desk-2: the fields of `peercall call --json`, and
+    /// where desk-2's recording is.
+    call: Option<crate::callcli::Summary>,
 }
 
 /// One node in the summary.
@@ -789,6 +1013,10 @@ fn sessions_column(names: &[String]) -> String {
     }
 }
 
+fn opt_ms(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1}", ms_f64(d))
 }
@@ -880,7 +1108,11 @@ mod tests {
         let dir = tmp.path().join("a \"quoted\" \\ dir");
         let file = tmp.path().join("node.toml");
         let seed = "127.0.0.1:7600";
-        std::fs::write(&file, node_config(&dir, "supernode", Some(seed)).unwrap()).unwrap();
+        std::fs::write(
+            &file,
+            node_config(&dir, "supernode", Some(seed), "").unwrap(),
+        )
+        .unwrap();
         let sources = crate::config::Sources {
             file: Some(file.clone()),
             env: Vec::new(),
@@ -896,7 +1128,7 @@ mod tests {
         assert_eq!(settings.session_timeout_secs.get(), SESSION_TIMEOUT_SECS);
         assert!(settings.listen.ip().is_loopback() && settings.listen.port() == 0);
 
-        std::fs::write(&file, node_config(&dir, "auto", None).unwrap()).unwrap();
+        std::fs::write(&file, node_config(&dir, "auto", None, "").unwrap()).unwrap();
         let settings = crate::config::load(&sources).unwrap();
         assert!(settings.seeds.is_empty());
         assert_eq!(settings.role.as_str(), "auto");

@@ -14,6 +14,11 @@
 //! | `contact_added`, `contact_removed` | the contact |
 //! | `session_up` | `{"peer", "addr"}` |
 //! | `session_down` | `{"peer", "reason"}` |
+//! | `call_incoming` | `{"call", "from", "fingerprint", "handle"}`: a verified caller; answer with `POST /v1/calls/{call}/answer` |
+//! | `call_ringing` | `{"call"}`: the callee's phone rings |
+//! | `call_connected` | `{"call", "path"}`: media flows (`path`: direct, relay1 or relay2) |
+//! | `call_path_switched` | `{"call", "from", "to"}`: the active path changed |
+//! | `call_ended` | `{"call", "outcome", "reason", "stats"}`: outcome as in `peercall_calls_total`, the reason in words, the call as `GET /v1/calls/{id}` shows it |
 //!
 //! A subscriber that falls more than [`EVENT_BUFFER`] events behind misses the
 //! oldest and is told so with a `lagged` event (`{"missed": n}`): a slow client

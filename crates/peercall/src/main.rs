@@ -8,6 +8,8 @@
 mod admin;
 mod bench;
 mod book;
+mod callcli;
+mod calls;
 mod cli;
 mod client;
 mod clock;
@@ -59,6 +61,11 @@ enum Command {
     Status(cli::StatusArgs),
     /// List, add or remove contacts (pinned by user id; presence is followed).
     Contacts(cli::ContactsArgs),
+    /// Call a user through the local node: live status, hang-up after --duration or
+    /// on Ctrl-C, then a summary (--json: one object on stdout).
+    Call(callcli::CallArgs),
+    /// Wait for the next incoming call on the local node and answer it.
+    Answer(callcli::AnswerArgs),
     /// Print a link that opens the local node's call page in a browser, signed in.
     Page(cli::PageArgs),
     /// Load tools: `bench relay` drives voice streams through a relay process.
@@ -82,6 +89,8 @@ fn main() -> ExitCode {
         Command::MediaEval(args) => media_eval::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Sim(args) => sim::run(args),
+        Command::Call(args) => callcli::call(args),
+        Command::Answer(args) => callcli::answer(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,10 +9,15 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use peercall_engine::{DropReason, Stats};
+use peercall_engine::{
+    CallState, CallStats, DropReason, EndReason, PathKind, RelayDrop, SETUP_BUCKETS_MS, Stats,
+    kind_index,
+};
 use peercall_wire::Time;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{Bucket, Histogram, Metric, MetricFamily, MetricType};
 use prometheus::{
-    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Reads one counter out of a stats snapshot.
@@ -320,6 +325,349 @@ const OVERLAY_GAUGES: [(&str, &str, Getter); 8] = [
     ),
 ];
 
+/// Call and relay counters: name, help, value.
+const CALL_COUNTERS: [(&str, &str, Getter); 15] = [
+    (
+        "peercall_calls_placed_total",
+        "Calls this node placed.",
+        |s| s.calls.outgoing,
+    ),
+    (
+        "peercall_calls_received_total",
+        "Calls this node received (invitations that created a call).",
+        |s| s.calls.incoming,
+    ),
+    (
+        "peercall_call_path_switches_total",
+        "Active path changes in calls.",
+        |s| s.calls.path_switches,
+    ),
+    (
+        "peercall_call_frames_concealed_total",
+        "20 ms audio frames concealed (lost or late) in calls.",
+        |s| s.calls.frames_concealed,
+    ),
+    (
+        "peercall_call_busy_rejected_total",
+        "Invitations answered busy (the node was in as many calls as allowed).",
+        |s| s.calls.busy_rejected,
+    ),
+    (
+        "peercall_call_forged_invites_total",
+        "Invitations whose caller record did not verify or did not match the session: dropped.",
+        |s| s.calls.forged_invites,
+    ),
+    (
+        "peercall_call_bad_messages_total",
+        "Call messages that did not decode, or for no known call: dropped.",
+        |s| s.calls.bad_messages,
+    ),
+    (
+        "peercall_call_relay_refusals_total",
+        "Relay channel requests of this node's calls that relays refused.",
+        |s| s.calls.relay_refusals,
+    ),
+    (
+        "peercall_call_unroutable_packets_total",
+        "Call packets for a path without a route: dropped.",
+        |s| s.calls.unroutable,
+    ),
+    (
+        "peercall_call_relay_messages_dropped_total",
+        "Relay messages of calls dropped before sending (no session to the relay, queue full).",
+        |s| s.calls.relay_msgs_dropped,
+    ),
+    (
+        "peercall_relay_packets_total",
+        "Packets this supernode relayed.",
+        |s| s.relay.packets,
+    ),
+    (
+        "peercall_relay_bytes_total",
+        "Bytes of end-to-end packets this supernode relayed.",
+        |s| s.relay.bytes,
+    ),
+    (
+        "peercall_relay_allocations_total",
+        "Relay channels granted (new ones, not refreshes).",
+        |s| s.relay.allocations,
+    ),
+    (
+        "peercall_relay_refusals_total",
+        "Relay requests refused (quota, rate, private target, disabled).",
+        |s| s.relay.refusals,
+    ),
+    (
+        "peercall_relay_expired_channels_total",
+        "Relay channels expired (idle or past their lifetime).",
+        |s| s.relay.expired,
+    ),
+];
+
+/// Call and relay gauges: name, help, value.
+const CALL_GAUGES: [(&str, &str, Getter); 4] = [
+    (
+        "peercall_calls_active",
+        "Calls not ended (placing, ringing, connected).",
+        |s| s.calls.active,
+    ),
+    (
+        "peercall_relay_sessions",
+        "Clients holding at least one relay channel on this supernode.",
+        |s| s.relay.clients,
+    ),
+    (
+        "peercall_relay_channels",
+        "Relay channels held on this supernode.",
+        |s| s.relay.channels,
+    ),
+    (
+        "peercall_relay_active_channels",
+        "Relay channels whose peer consented: forwarding now.",
+        |s| s.relay.active_channels,
+    ),
+];
+
+/// Path kinds, in the engine's per-kind counter order.
+const PATH_KINDS: [PathKind; 3] = [PathKind::Direct, PathKind::Relay1, PathKind::Relay2];
+
+/// The set-up time histogram, built from the engine's per-bucket counts at each
+/// scrape (the engine counts; this only exports).
+#[derive(Debug)]
+struct SetupHistogram {
+    desc: Desc,
+    /// Per-bucket counts (not cumulative), +Inf last; sum in ms.
+    counts: Mutex<([u64; SETUP_BUCKETS_MS.len() + 1], u64)>,
+}
+
+/// Name and help of the set-up time histogram.
+const SETUP_HISTOGRAM: (&str, &str) = (
+    "peercall_call_setup_seconds",
+    "Time from placing or receiving a call to it being connected.",
+);
+
+impl SetupHistogram {
+    fn new() -> Result<SetupHistogram, prometheus::Error> {
+        Ok(SetupHistogram {
+            desc: Desc::new(
+                SETUP_HISTOGRAM.0.to_owned(),
+                SETUP_HISTOGRAM.1.to_owned(),
+                Vec::new(),
+                std::collections::HashMap::new(),
+            )?,
+            counts: Mutex::new(([0; SETUP_BUCKETS_MS.len() + 1], 0)),
+        })
+    }
+}
+
+impl Collector for SetupHistogram {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (counts, sum_ms) = *self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(SETUP_BUCKETS_MS.len());
+        for (bound, count) in SETUP_BUCKETS_MS.iter().zip(counts) {
+            cumulative += count;
+            let mut b = Bucket::default();
+            b.set_cumulative_count(cumulative);
+            b.set_upper_bound(*bound as f64 / 1000.0);
+            buckets.push(b);
+        }
+        let mut h = Histogram::default();
+        h.set_bucket(buckets);
+        h.set_sample_count(counts.iter().sum());
+        h.set_sample_sum(sum_ms as f64 / 1000.0);
+        let mut m = Metric::default();
+        m.set_histogram(h);
+        let mut family = MetricFamily::default();
+        family.set_name(SETUP_HISTOGRAM.0.to_owned());
+        family.set_help(SETUP_HISTOGRAM.1.to_owned());
+        family.set_field_type(MetricType::HISTOGRAM);
+        family.set_metric(vec![m]);
+        vec![family]
+    }
+}
+
+/// Series of calls and relays beyond the plain counters and gauges.
+#[derive(Debug)]
+struct CallMetrics {
+    outcomes: Vec<IntCounter>,
+    paths_active: Vec<IntGauge>,
+    paths_up: Vec<IntCounter>,
+    relay_drops: Vec<IntCounter>,
+    rtt: GaugeVec,
+    jitter: GaugeVec,
+    loss: GaugeVec,
+    mos: GaugeVec,
+    setup: std::sync::Arc<SetupHistogram>,
+}
+
+/// A registered counter family with one label, every value exported from zero.
+fn labeled_counters(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+) -> Result<Vec<IntCounter>, prometheus::Error> {
+    let family = IntCounterVec::new(Opts::new(name, help), &[label])?;
+    let counters = values
+        .iter()
+        .map(|v| family.with_label_values(&[*v]))
+        .collect();
+    registry.register(Box::new(family))?;
+    Ok(counters)
+}
+
+impl CallMetrics {
+    fn new(registry: &Registry) -> Result<CallMetrics, prometheus::Error> {
+        let kinds: Vec<&str> = PATH_KINDS.iter().map(|k| k.label()).collect();
+        let outcomes = labeled_counters(
+            registry,
+            "peercall_calls_total",
+            "Calls ended, by outcome (completed: hung up by either side after connecting).",
+            "outcome",
+            &EndReason::LABELS,
+        )?;
+        let paths_up = labeled_counters(
+            registry,
+            "peercall_call_paths_up_total",
+            "Call paths that came up, by kind.",
+            "kind",
+            &kinds,
+        )?;
+        let drop_labels: Vec<&str> = RelayDrop::ALL.iter().map(|r| r.label()).collect();
+        let relay_drops = labeled_counters(
+            registry,
+            "peercall_relay_dropped_packets_total",
+            "Packets a relay dropped, by reason.",
+            "reason",
+            &drop_labels,
+        )?;
+        let active = IntGaugeVec::new(
+            Opts::new(
+                "peercall_call_paths_active",
+                "Active paths of live calls, by kind.",
+            ),
+            &["kind"],
+        )?;
+        let paths_active = kinds
+            .iter()
+            .map(|k| active.with_label_values(&[*k]))
+            .collect();
+        registry.register(Box::new(active))?;
+        let per_kind = |name: &str, help: &str| -> Result<GaugeVec, prometheus::Error> {
+            let g = GaugeVec::new(Opts::new(name, help), &["kind"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let setup = std::sync::Arc::new(SetupHistogram::new()?);
+        registry.register(Box::new(ArcCollector(setup.clone())))?;
+        Ok(CallMetrics {
+            outcomes,
+            paths_active,
+            paths_up,
+            relay_drops,
+            rtt: per_kind(
+                "peercall_call_path_rtt_seconds",
+                "Round-trip time of the active path of connected calls, by its kind (mean over calls; absent when no call uses the kind).",
+            )?,
+            jitter: per_kind(
+                "peercall_call_path_jitter_seconds",
+                "Jitter of the active path of connected calls, by its kind (mean over calls).",
+            )?,
+            loss: per_kind(
+                "peercall_call_path_loss_ratio",
+                "Loss fraction of the active path of connected calls, by its kind (mean over calls).",
+            )?,
+            mos: per_kind(
+                "peercall_call_path_mos",
+                "E-model MOS estimate of the active path of connected calls, by its kind (mean over calls).",
+            )?,
+            setup,
+        })
+    }
+
+    fn mirror(&self, stats: &Stats, calls: &[CallStats]) {
+        for (i, c) in self.outcomes.iter().enumerate() {
+            advance(c, stats.calls.ended.get(i).copied().unwrap_or(0));
+        }
+        for kind in PATH_KINDS {
+            let i = kind_index(kind);
+            let n = stats.calls.active_paths.get(i).copied().unwrap_or(0);
+            self.paths_active[i].set(i64::try_from(n).unwrap_or(i64::MAX));
+            advance(
+                &self.paths_up[i],
+                stats.calls.paths_up.get(i).copied().unwrap_or(0),
+            );
+        }
+        for (i, reason) in RelayDrop::ALL.iter().enumerate() {
+            advance(&self.relay_drops[i], stats.relay.dropped(*reason));
+        }
+        *self.setup.counts.lock().unwrap_or_else(|e| e.into_inner()) =
+            (stats.calls.setup_buckets, stats.calls.setup_ms_sum);
+        for kind in PATH_KINDS {
+            // The active path of every connected call of this kind.
+            let paths: Vec<_> = calls
+                .iter()
+                .filter(|c| c.state == CallState::Active && c.active_path == Some(kind))
+                .filter_map(|c| {
+                    c.paths.iter().find(|p| {
+                        p.kind == kind
+                            && Some(p.kind) == c.active_path
+                            && p.state == peercall_engine::PathState::Active
+                    })
+                })
+                .collect();
+            let label = [kind.label()];
+            if paths.is_empty() {
+                for g in [&self.rtt, &self.jitter, &self.loss, &self.mos] {
+                    // Absent, not zero: no call measures this kind now.
+                    let _ = g.remove_label_values(&label);
+                }
+                continue;
+            }
+            let n = paths.len() as f64;
+            let mean = |f: &dyn Fn(&peercall_engine::CallPathStats) -> f64| {
+                paths.iter().map(|p| f(p)).sum::<f64>() / n
+            };
+            let rtts: Vec<f64> = paths
+                .iter()
+                .filter_map(|p| p.rtt.map(|r| r.as_secs_f64()))
+                .collect();
+            if rtts.is_empty() {
+                let _ = self.rtt.remove_label_values(&label);
+            } else {
+                self.rtt
+                    .with_label_values(&label)
+                    .set(rtts.iter().sum::<f64>() / rtts.len() as f64);
+            }
+            self.jitter
+                .with_label_values(&label)
+                .set(mean(&|p| p.jitter.as_secs_f64()));
+            self.loss.with_label_values(&label).set(mean(&|p| p.loss));
+            self.mos.with_label_values(&label).set(mean(&|p| p.mos));
+        }
+    }
+}
+
+/// Registers a shared collector.
+#[derive(Debug)]
+struct ArcCollector(std::sync::Arc<SetupHistogram>);
+
+impl Collector for ArcCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
 /// The state files whose failed saves are counted (bounded label values).
 const STATE_FILES: [&str; 2] = [crate::store::HOSTS_FILE, crate::store::CONTACTS_FILE];
 
@@ -345,6 +693,8 @@ pub struct Metrics {
     /// State files that did not load at start and were set aside.
     pub state_files_set_aside: IntCounter,
     drops: IntCounterVec,
+    calls: CallMetrics,
+    buffers_allocated: IntCounter,
     uptime: Gauge,
     sessions_ended: IntCounterVec,
     /// Failed UDP sends (the engine counted them as sent; the OS refused).
@@ -382,6 +732,7 @@ impl Metrics {
         let engine_counters = ENGINE_COUNTERS
             .iter()
             .chain(MORE_COUNTERS.iter())
+            .chain(CALL_COUNTERS.iter())
             .map(|(name, help, get)| Ok((counter(name, help)?, *get)))
             .collect::<Result<_, prometheus::Error>>()?;
         let mut labeled = Vec::new();
@@ -394,6 +745,7 @@ impl Metrics {
         }
         let gauges = OVERLAY_GAUGES
             .iter()
+            .chain(CALL_GAUGES.iter())
             .map(|(name, help, get)| Ok((gauge(name, help)?, *get)))
             .collect::<Result<_, prometheus::Error>>()?;
         let state_save_errors = IntCounterVec::new(
@@ -449,7 +801,14 @@ impl Metrics {
         )?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build))?;
+        let calls = CallMetrics::new(&registry)?;
+        let buffers_allocated = counter(
+            "peercall_transmit_buffers_allocated_total",
+            "Transmit buffers the engine allocated because none was free to reuse (relays reuse them per packet).",
+        )?;
         Ok(Metrics {
+            calls,
+            buffers_allocated,
             #[cfg(feature = "webrtc")]
             webrtc: crate::webrtc::WebRtcMetrics::new(&registry)?,
             udp_send_errors: counter(
@@ -521,8 +880,9 @@ impl Metrics {
         }
     }
 
-    /// Mirrors `stats` and `uptime`, then renders the Prometheus text format.
-    pub fn render(&self, stats: &Stats, uptime: Duration) -> String {
+    /// Mirrors `stats`, the live `calls` and `uptime`, then renders the Prometheus
+    /// text format.
+    pub fn render(&self, stats: &Stats, calls: &[CallStats], uptime: Duration) -> String {
         // A poisoned lock only means another scrape panicked; the data is still fine.
         let _guard = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         for (counter, get) in self.engine_counters.iter().chain(&self.labeled) {
@@ -539,6 +899,8 @@ impl Metrics {
                 stats.dropped(reason),
             );
         }
+        self.calls.mirror(stats, calls);
+        advance(&self.buffers_allocated, stats.buffers_allocated);
         self.uptime.set(uptime.as_secs_f64());
         let mut out = Vec::new();
         // Encoding our own well-formed families into a Vec cannot fail.
@@ -588,7 +950,7 @@ mod tests {
     #[test]
     fn mirrors_stats_and_exports_every_drop_reason_from_zero() {
         let m = Metrics::new(Time::from_secs(1_700_000_000)).unwrap();
-        let text = m.render(&Stats::default(), Duration::from_secs(3));
+        let text = m.render(&Stats::default(), &[], Duration::from_secs(3));
         for reason in DropReason::ALL {
             let series = format!(
                 "peercall_dropped_datagrams_total{{reason=\"{}\"}}",
@@ -608,7 +970,7 @@ mod tests {
             ..Stats::default()
         };
         stats.drops[DropReason::Replay as usize] = 4;
-        let text = m.render(&stats, Duration::from_secs(4));
+        let text = m.render(&stats, &[], Duration::from_secs(4));
         assert_eq!(
             value_of(&text, "peercall_datagrams_received_total"),
             Some(7.0)
@@ -626,7 +988,7 @@ mod tests {
         // A later snapshot moves the counters to the new totals, not by them.
         stats.datagrams_in = 9;
         stats.sessions = 1;
-        let text = m.render(&stats, Duration::from_secs(5));
+        let text = m.render(&stats, &[], Duration::from_secs(5));
         assert_eq!(
             value_of(&text, "peercall_datagrams_received_total"),
             Some(9.0)
@@ -637,7 +999,7 @@ mod tests {
     #[test]
     fn mirrors_overlay_stats_with_bounded_labels() {
         let m = Metrics::new(Time::ZERO).unwrap();
-        let text = m.render(&Stats::default(), Duration::ZERO);
+        let text = m.render(&Stats::default(), &[], Duration::ZERO);
         for (name, _, label, values) in LABELED_COUNTERS {
             for (value, _) in values {
                 let series = format!("{name}{{{label}=\"{value}\"}}");
@@ -664,7 +1026,7 @@ mod tests {
         stats.overlay.forged_records = 2;
         stats.overlay.swim.deaths = 1;
         stats.overlay.msgs_out = 9;
-        let text = m.render(&stats, Duration::ZERO);
+        let text = m.render(&stats, &[], Duration::ZERO);
         let v = |series: &str| value_of(&text, series);
         assert_eq!(v("peercall_stun_answered_total"), Some(3.0));
         assert_eq!(v("peercall_control_frames_received_total"), Some(4.0));
@@ -683,11 +1045,11 @@ mod tests {
         assert_eq!(v("peercall_overlay_messages_sent_total"), Some(9.0));
         // Gauges follow the value down; counters never go back.
         stats.overlay.clients = 2;
-        let text = m.render(&stats, Duration::ZERO);
+        let text = m.render(&stats, &[], Duration::ZERO);
         assert_eq!(value_of(&text, "peercall_overlay_clients"), Some(2.0));
         m.state_save_failed("contacts.json");
         m.state_save_failed("not-a-state-file");
-        let text = m.render(&stats, Duration::ZERO);
+        let text = m.render(&stats, &[], Duration::ZERO);
         assert_eq!(
             value_of(
                 &text,
@@ -701,7 +1063,7 @@ mod tests {
     #[test]
     fn ended_sessions_are_counted_by_reason() {
         let m = Metrics::new(Time::ZERO).unwrap();
-        let text = m.render(&Stats::default(), Duration::ZERO);
+        let text = m.render(&Stats::default(), &[], Duration::ZERO);
         for label in ["closed_by_peer", "timed_out"] {
             let series = format!("peercall_sessions_ended_total{{reason=\"{label}\"}}");
             assert_eq!(value_of(&text, &series), Some(0.0), "{series}");
@@ -709,7 +1071,7 @@ mod tests {
         m.session_ended("closed by peer");
         m.session_ended("closed by peer");
         m.session_ended("Odd-Reason 2");
-        let text = m.render(&Stats::default(), Duration::ZERO);
+        let text = m.render(&Stats::default(), &[], Duration::ZERO);
         let value = |label: &str| {
             value_of(
                 &text,
@@ -724,7 +1086,7 @@ mod tests {
     #[test]
     fn every_series_has_help_and_counters_are_typed_total() {
         let m = Metrics::new(Time::ZERO).unwrap();
-        let text = m.render(&Stats::default(), Duration::ZERO);
+        let text = m.render(&Stats::default(), &[], Duration::ZERO);
         let families: Vec<&str> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -40,7 +40,7 @@ use crate::logging::{self, LogArgs};
 use crate::metrics::Metrics;
 use crate::persist::Persister;
 use crate::resources::{self, CpuSampler};
-use crate::runtime::{self, Command, Engine, UserState};
+use crate::runtime::{self, AnswerMedia, Command, Engine, UserState};
 use crate::store::{
     ADMIN_ADDR_FILE, ADMIN_TOKEN_FILE, CONTACTS_FILE, DataDir, HOSTS_FILE, UDP_ADDR_FILE,
 };
@@ -145,6 +145,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         role = settings.role.as_str(),
         "identity loaded"
     );
+    let identity_user = identity.user_id();
     let token = AdminToken::generate(&mut OsRng);
     dir.write(ADMIN_TOKEN_FILE, token.as_str().as_bytes())?;
 
@@ -178,7 +179,9 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     engine_config.keepalive_interval = settings.keepalive();
     engine_config.session_timeout = settings.session_timeout();
     engine_config.overlay = settings.overlay_config();
-    engine_config.relay = settings.relay_config();
+    engine_config.calls = settings.calls.call_config();
+    engine_config.relay = settings.relay.clone();
+    let answer_media = answer_media(&settings)?;
     engine_config.overlay.host_cache = host_cache;
     engine_config.overlay.local_addrs =
         resources::local_endpoints(&settings.local_addrs, udp_local);
@@ -214,6 +217,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         clock,
         udp_local,
         handle: settings.handle.clone(),
+        user_id: Some(identity_user),
         events: events.clone(),
         stopping,
     });
@@ -237,6 +241,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         events,
         persister: Persister::start(dir.clone(), metrics.clone()),
         save_interval: settings.state_save(),
+        answer_media,
     };
     // The engine runs on its own thread with a single-threaded runtime: the thread
     // that waits in epoll for the socket runs the engine itself, so a datagram costs
@@ -332,6 +337,42 @@ impl EngineParts {
             Ok(engine.run().await)
         })
     }
+}
+
+/// Loads the auto-answer files (`calls.answer_play`, `calls.answer_record`):
+/// a WAV that does not load, or a recording directory that does not exist, stops
+/// start-up with the key named.
+fn answer_media(settings: &Settings) -> anyhow::Result<AnswerMedia> {
+    let play = match &settings.calls.answer_play {
+        Some(path) => Some(
+            crate::calls::Playback::load(path)
+                .with_context(|| "config key 'calls.answer_play': cannot play this file")?,
+        ),
+        None => None,
+    };
+    if let Some(path) = &settings.calls.answer_record {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "config key 'calls.answer_record': the directory {} does not exist",
+                dir.display()
+            );
+        }
+    }
+    if settings.calls.auto_answer {
+        info!(
+            play = settings.calls.answer_play.is_some(),
+            record = settings.calls.answer_record.is_some(),
+            "calls are answered automatically"
+        );
+    }
+    Ok(AnswerMedia {
+        play,
+        record: settings.calls.answer_record.clone(),
+    })
 }
 
 /// Measures CPU headroom every [`CPU_SAMPLE_INTERVAL`] and hands it, with the

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use peercall_crypto::{Handle, UserId};
 use peercall_engine::{
-    Contact, Event, Found, Lookup, LookupError, Node, OverlayEvent, RequestId, Resources, Stats,
-    Status,
+    CallError, CallId, CallStats, CallTarget, Contact, EndReason, Event, FRAME_SAMPLES, Found,
+    Lookup, LookupError, Node, OverlayEvent, PathKind, RequestId, Resources, Stats, Status,
 };
 use peercall_wire::Time;
 use serde::Serialize;
@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::book::{AddError, Added, ContactBook, ContactView};
+use crate::calls::{AudioInfo, CallAudio, CallBody, FRAME, MediaFiles, Playback, Recorder};
 use crate::clock::Clock;
 use crate::events::EventBus;
 use crate::hosts;
@@ -53,6 +54,10 @@ const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// Lookups from the admin API in flight at once; more are refused (the overlay
 /// answers each within seconds, so this only bounds a runaway client).
 pub const MAX_PENDING_LOOKUPS: usize = 256;
+
+/// Audio of ended calls remembered for the API: as many as the engine lingers on
+/// at most, a bound for a node that takes many short calls.
+const MAX_ENDED_AUDIO: usize = 64;
 
 /// The answer to a lookup.
 pub type LookupResult = Result<Found, LookupError>;
@@ -95,6 +100,47 @@ pub enum Command {
     },
     /// New resource figures for the election (CPU headroom measured by the shell).
     SetResources(Resources),
+    /// Place a call; the answer is its id (failures come as its end).
+    PlaceCall {
+        /// Whom to call.
+        to: CallTarget,
+        /// What to play and record.
+        media: MediaFiles,
+        /// Where the answer goes.
+        reply: oneshot::Sender<CallId>,
+    },
+    /// Answer an incoming call.
+    AnswerCall {
+        /// The call.
+        call: CallId,
+        /// What to play and record.
+        media: MediaFiles,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<(), CallError>>,
+    },
+    /// Decline an incoming call.
+    RejectCall {
+        /// The call.
+        call: CallId,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<(), CallError>>,
+    },
+    /// Hang up (or cancel) a call.
+    HangupCall {
+        /// The call.
+        call: CallId,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<(), CallError>>,
+    },
+    /// Every call the engine knows (live, and ended in the last minute).
+    Calls(oneshot::Sender<Vec<CallBody>>),
+    /// One call.
+    GetCall {
+        /// The call.
+        call: CallId,
+        /// Where the answer goes (`None`: no such call).
+        reply: oneshot::Sender<Option<CallBody>>,
+    },
     /// Close the node and stop.
     Shutdown,
     /// Answer a browser's SDP offer with an echo session.
@@ -132,6 +178,8 @@ pub struct Snapshot {
     pub contacts_online: usize,
     /// Supernodes in the host cache.
     pub host_cache: usize,
+    /// Every call the engine knows.
+    pub calls: Vec<CallStats>,
     /// The WebRTC gateway's counters.
     #[cfg(feature = "webrtc")]
     pub webrtc: Option<peercall_gateway::Stats>,
@@ -148,6 +196,18 @@ pub struct UserState {
     pub persister: Persister,
     /// How often the host cache is saved.
     pub save_interval: Duration,
+    /// What auto-answered calls play and record.
+    pub answer_media: AnswerMedia,
+}
+
+/// What auto-answered calls play and record (`calls.answer_play`,
+/// `calls.answer_record`).
+#[derive(Debug, Clone, Default)]
+pub struct AnswerMedia {
+    /// Played into each auto-answered call.
+    pub play: Option<Playback>,
+    /// Each auto-answered call is recorded here (overwriting the last).
+    pub record: Option<std::path::PathBuf>,
 }
 
 /// What the engine task leaves behind: the state to save at shutdown.
@@ -179,6 +239,13 @@ pub struct Engine {
     /// The host cache as last saved, to skip saves that change nothing.
     saved_hosts: Vec<u8>,
     lookups: HashMap<RequestId, oneshot::Sender<Option<LookupResult>>>,
+    /// Audio of calls on the clock (connected calls).
+    audio: HashMap<CallId, CallAudio>,
+    /// What calls not connected yet will play and record.
+    pending_media: HashMap<CallId, MediaFiles>,
+    /// The audio of ended calls, for the API while the engine lingers on them.
+    ended_audio: HashMap<CallId, AudioInfo>,
+    answer_media: AnswerMedia,
     #[cfg(feature = "webrtc")]
     webrtc: Option<crate::webrtc::WebRtc>,
 }
@@ -218,6 +285,10 @@ impl Engine {
             persister: user.persister,
             save_interval: user.save_interval,
             lookups: HashMap::new(),
+            audio: HashMap::new(),
+            pending_media: HashMap::new(),
+            ended_audio: HashMap::new(),
+            answer_media: user.answer_media,
             #[cfg(feature = "webrtc")]
             webrtc: None,
         }
@@ -244,6 +315,11 @@ impl Engine {
         let mut save = tokio::time::interval(self.save_interval);
         save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         save.tick().await;
+        // The audio clock: each tick does every connected call's due frames, counted
+        // from the call's own start (see `crate::calls`), so a late tick neither
+        // drifts nor bursts more than the catch-up bound; missed ticks are skipped.
+        let mut audio_tick = tokio::time::interval(FRAME);
+        audio_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let deadline = self.poll_timeout();
             let wake = deadline.and_then(|t| self.clock.instant_at(t));
@@ -274,6 +350,7 @@ impl Engine {
                     Some(command) => self.command(command),
                 },
                 _ = save.tick() => self.save_hosts(),
+                _ = audio_tick.tick(), if !self.audio.is_empty() => self.audio_tick(),
                 () = sleep_until(wake) => {
                     let now = self.clock.now();
                     // A capped sleep may wake before the deadline: then just re-arm.
@@ -302,6 +379,10 @@ impl Engine {
             w.close_all();
         }
         self.drain().await;
+        // Recordings of calls the close did not end (none expected) are finished too.
+        for (call, mut audio) in std::mem::take(&mut self.audio) {
+            finish_recording(call, &mut audio);
+        }
         Final {
             hosts: hosts::to_json(self.node.host_cache()),
             contacts: self.book.to_json(),
@@ -361,6 +442,35 @@ impl Engine {
                 let _ = reply.send(answer);
             }
             Command::SetResources(resources) => self.node.set_resources(resources),
+            Command::PlaceCall { to, media, reply } => {
+                let call = self.node.call(now, to);
+                info!(%call, "placing a call");
+                self.pending_media.insert(call, media);
+                let _ = reply.send(call);
+            }
+            Command::AnswerCall { call, media, reply } => {
+                self.pending_media.insert(call, media);
+                let result = self.node.answer(now, call);
+                if result.is_err() {
+                    self.pending_media.remove(&call);
+                }
+                let _ = reply.send(result);
+            }
+            Command::RejectCall { call, reply } => {
+                let _ = reply.send(self.node.reject(now, call));
+            }
+            Command::HangupCall { call, reply } => {
+                let _ = reply.send(self.node.hangup(now, call));
+            }
+            Command::Calls(reply) => {
+                let calls = self.node.calls(now);
+                let bodies = calls.iter().map(|s| self.call_body(s)).collect();
+                let _ = reply.send(bodies);
+            }
+            Command::GetCall { call, reply } => {
+                let body = self.node.call_stats(now, call).map(|s| self.call_body(&s));
+                let _ = reply.send(body);
+            }
             // Served in the loop.
             Command::Connect(_) | Command::Snapshot(_) | Command::Shutdown => {}
             #[cfg(feature = "webrtc")]
@@ -458,6 +568,7 @@ impl Engine {
             contacts: self.book.len(),
             contacts_online: self.book.online(),
             host_cache: self.node.host_cache().len(),
+            calls: self.node.calls(self.clock.now()),
             #[cfg(feature = "webrtc")]
             webrtc: self.webrtc.as_ref().map(|w| w.stats()),
         }
@@ -548,20 +659,144 @@ impl Engine {
                 );
             }
             Event::Overlay(e) => self.overlay_event(e),
-            // Calls are logged only; the admin API and metrics for calls come with
-            // the daemon side of issue 5.
-            Event::CallIncoming { call, .. } => info!(%call, "incoming call"),
-            Event::CallRinging { call } => info!(%call, "ringing"),
-            Event::CallConnected { call, path } => {
-                info!(%call, path = path.map_or("none", |k| k.label()), "call connected")
+            Event::CallIncoming { call, from, handle } => {
+                info!(%call, from = %from.fingerprint(), "incoming call");
+                self.events.publish(
+                    "call_incoming",
+                    serde_json::json!({
+                        "call": call.0,
+                        "from": from.to_string(),
+                        "fingerprint": from.fingerprint(),
+                        "handle": handle.as_ref().map(|h| h.as_str()),
+                    }),
+                );
             }
-            Event::CallPathSwitched { call, from, to } => info!(
-                %call,
-                from = from.map_or("none", |k| k.label()),
-                to = to.label(),
-                "call path switched"
-            ),
-            Event::CallEnded { call, reason } => info!(%call, %reason, "call ended"),
+            Event::CallRinging { call } => {
+                info!(%call, "ringing");
+                self.events
+                    .publish("call_ringing", serde_json::json!({ "call": call.0 }));
+            }
+            Event::CallConnected { call, path } => {
+                info!(%call, path = path_label(path), "call connected");
+                self.start_audio(call);
+                self.events.publish(
+                    "call_connected",
+                    serde_json::json!({ "call": call.0, "path": path.map(PathKind::label) }),
+                );
+            }
+            Event::CallPathSwitched { call, from, to } => {
+                info!(%call, from = path_label(from), to = to.label(), "call path switched");
+                self.events.publish(
+                    "call_path_switched",
+                    serde_json::json!({
+                        "call": call.0,
+                        "from": from.map(PathKind::label),
+                        "to": to.label(),
+                    }),
+                );
+            }
+            Event::CallEnded { call, reason } => self.call_ended(call, reason),
+        }
+    }
+
+    /// Puts a connected call's audio on the clock: the files given when it was
+    /// placed or answered, or the auto-answer files for an incoming call answered
+    /// by the engine.
+    fn start_audio(&mut self, call: CallId) {
+        let media = match self.pending_media.remove(&call) {
+            Some(m) => m,
+            None => {
+                let incoming = self
+                    .node
+                    .call_stats(self.clock.now(), call)
+                    .is_some_and(|s| !s.outgoing);
+                if incoming {
+                    self.auto_answer_media(call)
+                } else {
+                    MediaFiles::default()
+                }
+            }
+        };
+        self.audio
+            .insert(call, CallAudio::new(media, Instant::now()));
+    }
+
+    /// The auto-answer files for `call`.
+    fn auto_answer_media(&self, call: CallId) -> MediaFiles {
+        let record =
+            self.answer_media
+                .record
+                .as_deref()
+                .and_then(|path| match Recorder::create(path) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        warn!(%call, error = %e, "calls.answer_record: not recording");
+                        None
+                    }
+                });
+        MediaFiles {
+            play: self.answer_media.play.clone(),
+            record,
+        }
+    }
+
+    /// Takes a call off the clock, finishes its recording and tells the clients.
+    fn call_ended(&mut self, call: CallId, reason: EndReason) {
+        info!(%call, %reason, outcome = reason.label(), "call ended");
+        self.pending_media.remove(&call);
+        if let Some(mut audio) = self.audio.remove(&call) {
+            finish_recording(call, &mut audio);
+            if self.ended_audio.len() >= MAX_ENDED_AUDIO {
+                // Forget the oldest (lowest id: ids grow).
+                if let Some(oldest) = self.ended_audio.keys().min().copied() {
+                    self.ended_audio.remove(&oldest);
+                }
+            }
+            self.ended_audio.insert(call, audio.info);
+        }
+        let body = self
+            .node
+            .call_stats(self.clock.now(), call)
+            .map(|s| self.call_body(&s));
+        self.events.publish(
+            "call_ended",
+            serde_json::json!({
+                "call": call.0,
+                "outcome": reason.label(),
+                "reason": reason.to_string(),
+                "stats": body,
+            }),
+        );
+    }
+
+    /// The API view of a call.
+    fn call_body(&self, stats: &CallStats) -> CallBody {
+        let audio = self
+            .audio
+            .get(&stats.id)
+            .map(|a| a.info.clone())
+            .or_else(|| self.ended_audio.get(&stats.id).cloned());
+        CallBody::new(stats, audio)
+    }
+
+    /// One tick of the audio clock: every connected call's due frames, pushed
+    /// from its file and pulled into its recording.
+    fn audio_tick(&mut self) {
+        let mut frame = [0i16; FRAME_SAMPLES];
+        let wall = Instant::now();
+        let now = self.clock.now();
+        for (&call, audio) in &mut self.audio {
+            for _ in 0..audio.due(wall) {
+                audio.next_capture(&mut frame);
+                if let Err(e) = self.node.push_audio(now, call, &frame) {
+                    debug!(%call, error = %e, "push_audio");
+                }
+                if let Err(e) = self.node.pull_audio(now, call, &mut frame) {
+                    debug!(%call, error = %e, "pull_audio");
+                    frame.fill(0);
+                }
+                audio.playout(&frame);
+            }
         }
     }
 
@@ -619,6 +854,23 @@ impl Engine {
                     .publish("reflexive", serde_json::json!({ "addr": addr.to_string() }));
             }
         }
+    }
+}
+
+/// A path kind's label, `none` without one.
+fn path_label(kind: Option<PathKind>) -> &'static str {
+    kind.map_or("none", PathKind::label)
+}
+
+/// Finishes a call's recording, logging the outcome.
+fn finish_recording(call: CallId, audio: &mut CallAudio) {
+    match audio.finish() {
+        Some(Ok(path)) => info!(%call, path = %path.display(), "call recording written"),
+        Some(Err(e)) => {
+            warn!(%call, error = %e, "call recording failed");
+            audio.info.record_error = Some(e);
+        }
+        None => {}
     }
 }
 

@@ -136,6 +136,7 @@ fn demo_brings_up_a_network_and_leaves_nothing_behind() {
     assert_eq!(out.lines().count(), 1, "{out}");
     let summary: Value = serde_json::from_str(&out).expect("summary JSON");
     check_summary(&summary);
+    check_call(&summary);
     check_cleaned_up(&summary);
     // The narrative went to stderr.
     for expected in [
@@ -146,9 +147,43 @@ fn demo_brings_up_a_network_and_leaves_nothing_behind() {
         "authenticated keepalives flowing",
         "all 4 nodes exited",
         "removed",
+        "looked up desk-2 in the directory",
+        "call connected in",
+        "hung up: set-up",
     ] {
         assert!(err.contains(expected), "{expected:?} in:\n{err}");
     }
+}
+
+/// The call from desk-1 to desk-2: the `peercall call --json` fields, audio both
+/// ways, and desk-2's finished recording (removed here).
+fn check_call(summary: &Value) {
+    assert_eq!(summary["supernodes"], 1, "{summary}");
+    assert!(summary["promotions"].as_u64().is_some(), "{summary}");
+    let call = &summary["call"];
+    assert_eq!(call["outcome"], "completed", "{call}");
+    assert_eq!(call["handle"], "desk-2", "{call}");
+    let setup = call["setup_ms"].as_u64().expect("setup_ms");
+    let first_audio = call["first_audio_ms"].as_u64().expect("first_audio_ms");
+    assert!(setup <= first_audio && first_audio < 3_000, "{call}");
+    for field in ["frames_sent", "frames_received"] {
+        assert!(call[field].as_u64().expect(field) >= 100, "{call}");
+    }
+    for field in ["path_switches", "concealed_ms", "max_gap_ms"] {
+        assert!(call[field].as_u64().is_some(), "{field}: {call}");
+    }
+    assert!(call["mos_estimate"].as_f64().is_some(), "{call}");
+    assert!(
+        !call["paths_used"]
+            .as_array()
+            .expect("paths_used")
+            .is_empty()
+    );
+    let record = Path::new(call["record"].as_str().expect("record"));
+    let wav = hound::WavReader::open(record).expect("desk-2's recording is a finished WAV");
+    assert_eq!(wav.spec().sample_rate, 48_000);
+    assert!(wav.duration() >= 48_000 * 3, "{} samples", wav.duration());
+    std::fs::remove_file(record).expect("remove the recording");
 }
 
 #[test]
@@ -183,6 +218,10 @@ fn keep_running_serves_metrics_until_ctrl_c_then_cleans_up() {
         }
     };
     check_summary(&summary);
+    // The call's recording outlives the demo by design; a test removes it.
+    if let Some(record) = summary["call"]["record"].as_str() {
+        let _ = std::fs::remove_file(record);
+    }
 
     // Every node's metrics are where the summary says, and keepalives keep coming.
     for node in summary["nodes"].as_array().expect("nodes") {
