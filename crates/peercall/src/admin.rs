@@ -147,6 +147,9 @@ pub struct AdminState {
     pub events: Arc<EventBus>,
     /// Becomes `true` when the node stops: event streams end then.
     pub stopping: watch::Receiver<bool>,
+    /// The UDP socket's debug block list; `None` (the endpoints answer 404) unless
+    /// `debug_endpoints = true`.
+    pub debug_block: Option<Arc<crate::udp::BlockList>>,
 }
 
 type Shared = Arc<AdminState>;
@@ -167,6 +170,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/calls/{id}", get(get_call).delete(hangup_call))
         .route("/v1/calls/{id}/answer", post(answer_call))
         .route("/v1/calls/{id}/reject", post(reject_call))
+        .route(
+            "/v1/debug/block",
+            get(debug_blocked).post(debug_block).delete(debug_unblock),
+        )
         .route("/v1/webrtc/offer", post(webrtc_offer))
         .route("/v1/webrtc/sessions/{id}", delete(webrtc_close))
         .route("/webrtc/echo", get(webrtc_echo_page))
@@ -918,6 +925,76 @@ async fn shutdown(_: Authorized, State(state): State<Shared>) -> Response {
         }),
     )
         .into_response()
+}
+
+/// The `POST /v1/debug/block` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockRequest {
+    /// `IP:PORT` to cut off.
+    addr: String,
+}
+
+/// The block list's answer: what it holds now.
+#[derive(Serialize)]
+struct BlockList {
+    blocked: Vec<String>,
+}
+
+fn block_list(list: &crate::udp::BlockList) -> Response {
+    axum::Json(BlockList {
+        blocked: list.addrs().iter().map(ToString::to_string).collect(),
+    })
+    .into_response()
+}
+
+/// `GET /v1/debug/block`: the addresses blocked (404 without `debug_endpoints`).
+async fn debug_blocked(_: Authorized, State(state): State<Shared>) -> Response {
+    match &state.debug_block {
+        Some(list) => block_list(list),
+        None => not_found().await,
+    }
+}
+
+/// `POST /v1/debug/block`: drop every datagram to or from `addr` at the UDP socket.
+async fn debug_block(_: Authorized, State(state): State<Shared>, body: Bytes) -> Response {
+    let Some(list) = &state.debug_block else {
+        return not_found().await;
+    };
+    if body.len() > MAX_BODY {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    }
+    let request: BlockRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"addr\": \"IP:PORT\"}}: {e}"),
+            );
+        }
+    };
+    let addr: SocketAddr = match request.addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid addr {:?} (expected IP:PORT): {e}", request.addr),
+            );
+        }
+    };
+    list.block(addr);
+    info!(%addr, "admin: debug block list: datagrams to and from the address dropped");
+    block_list(list)
+}
+
+/// `DELETE /v1/debug/block`: empty the block list.
+async fn debug_unblock(_: Authorized, State(state): State<Shared>) -> Response {
+    let Some(list) = &state.debug_block else {
+        return not_found().await;
+    };
+    let n = list.clear();
+    info!(addresses = n, "admin: debug block list emptied");
+    block_list(list)
 }
 
 /// The `POST /v1/calls` body (and, without `to`, the answer's).

@@ -28,7 +28,7 @@ use crate::contact::{PeerSpec, PeerSpecError};
 pub const ENV_PREFIX: &str = "PEERCALL_";
 
 /// Every config key, in documentation order.
-pub const KEYS: [&str; 43] = [
+pub const KEYS: [&str; 44] = [
     "data_dir",
     "listen",
     "admin",
@@ -54,6 +54,7 @@ pub const KEYS: [&str; 43] = [
     "election_min_supernodes",
     "log_format",
     "log_level",
+    "debug_endpoints",
     "calls.auto_answer",
     "calls.answer_play",
     "calls.answer_record",
@@ -242,6 +243,9 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Log level.
     pub log_level: LogLevel,
+    /// Whether the admin API serves the debug endpoints (`/v1/debug/*`: the
+    /// datagram block list used by `peercall demo` to cut a path).
+    pub debug_endpoints: bool,
     /// Call settings (`calls.*`).
     pub calls: CallSettings,
     /// Relay settings (`relay.*`), used while the node is a supernode.
@@ -695,6 +699,7 @@ fn defaults(data_dir: Option<&Path>) -> Layer {
     l.set("election_min_supernodes", o, u64::from(e.min_supernodes));
     l.set("log_format", o, LogFormat::default().as_str());
     l.set("log_level", o, LogLevel::default().as_str());
+    l.set("debug_endpoints", o, false);
     let c = CallConfig::default();
     l.set("calls.auto_answer", o, c.auto_answer);
     l.set("calls.answer_play", o, "");
@@ -935,6 +940,7 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
         election,
         log_format: p.key("log_format", parse_log_format)?,
         log_level: p.key("log_level", parse_log_level)?,
+        debug_endpoints: p.key("debug_endpoints", parse_bool)?,
         calls: parse_calls(&p)?,
         relay: parse_relay(&p)?,
     };
@@ -1440,6 +1446,7 @@ mod tests {
             },
             log_format: LogFormat::Text,
             log_level: LogLevel::Info,
+            debug_endpoints: false,
             calls: CallSettings {
                 auto_answer: false,
                 answer_play: None,

@@ -162,7 +162,10 @@ async fn demo(net: &mut Network, out: &Narrator, args: &DemoArgs) -> anyhow::Res
     net.wait_keepalives(out).await?;
     let mut summary = net.summary(seed).await?;
     if desktops.len() >= 2 {
-        summary.call = Some(net.call(out, desktops[0], desktops[1]).await?);
+        let (call, cut) = net.call(out, desktops[0], desktops[1]).await?;
+        summary.call = Some(call);
+        summary.path_cut_at_s = cut.as_ref().map(|c| c.at_s);
+        summary.path_switch_ms = cut.and_then(|c| c.switch_ms);
     }
     if args.json {
         let text = serde_json::to_string(&summary).context("summary as JSON")?;
@@ -548,6 +551,8 @@ impl Network {
             supernodes,
             promotions,
             call: None,
+            path_cut_at_s: None,
+            path_switch_ms: None,
             sessions: nodes[seed].sessions.len(),
             setup_ms: ms_f64(self.members[seed].spawned.elapsed()),
             keepalive_secs: KEEPALIVE_SECS,
@@ -563,7 +568,7 @@ impl Network {
         out: &Narrator,
         caller: usize,
         callee: usize,
-    ) -> anyhow::Result<crate::callcli::Summary> {
+    ) -> anyhow::Result<(crate::callcli::Summary, Option<PathCut>)> {
         let speech = self.root_path().join("speech.wav");
         let what = write_speech(&speech)?;
         let (from, to) = (&self.members[caller], &self.members[callee]);
@@ -634,22 +639,15 @@ impl Network {
             last.setup_ms.unwrap_or(0),
             last.path_kind.as_deref().unwrap_or("?")
         ));
-        for _ in 0..CALL_SECS {
+        let connected = Instant::now();
+        let mut cut = None;
+        for second in 1..=CALL_SECS {
             tokio::time::sleep(Duration::from_secs(1)).await;
             last = get().await?;
-            let p = last.active();
-            out.say(format!(
-                "  {} via {}, RTT {}, loss {:.1} %, MOS {}, {} frames out / {} in",
-                last.state,
-                last.path_kind.as_deref().unwrap_or("-"),
-                p.and_then(|p| p.rtt_ms)
-                    .map_or("-".to_owned(), |r| format!("{r:.1} ms")),
-                p.map_or(0.0, |p| p.loss * 100.0),
-                last.mos_estimate
-                    .map_or("-".to_owned(), |m| format!("{m:.2}")),
-                last.frames_sent,
-                last.frames_received
-            ));
+            out.say(format!("  {}", call_line(&last)));
+            if second == CUT_AFTER_SECS {
+                cut = Some(self.cut_path(out, caller, callee, connected, &get).await?);
+            }
         }
         let _ = client::request(admin, "DELETE", &path, Some(&token), None, HTTP_TIMEOUT).await?;
         let deadline = Instant::now() + CONNECT_TIMEOUT;
@@ -659,6 +657,15 @@ impl Network {
         }
         let mut summary = crate::callcli::Summary::of(&last);
         summary.record = Some(self.recording.display().to_string());
+        if let Some(cut) = &cut {
+            out.say(format!(
+                "the direct path was cut {:.1} s into the call; the call switched away {} after the cut, over {}",
+                cut.at_s,
+                cut.switch_ms
+                    .map_or("never".to_owned(), |t| format!("{t} ms")),
+                summary.paths_used.join(" then ")
+            ));
+        }
         out.say(format!(
             "hung up: set-up {} ms, first audio {} ms, {} switches, longest gap {} ms, MOS {}; {name}'s recording: {}",
             opt_ms(summary.setup_ms),
@@ -670,7 +677,74 @@ impl Network {
                 .map_or("-".to_owned(), |m| format!("{m:.2}")),
             self.recording.display()
         ));
-        Ok(summary)
+        Ok((summary, cut))
+    }
+
+    /// Cuts the direct path between `caller` and `callee` in the caller's own UDP
+    /// socket (its debug block list: every datagram to or from the callee's
+    /// address is dropped both ways), then watches the call's statistics every
+    /// [`SWITCH_POLL`] until the active path changes, or [`SWITCH_TIMEOUT`].
+    async fn cut_path<F, Fut>(
+        &self,
+        out: &Narrator,
+        caller: usize,
+        callee: usize,
+        connected: Instant,
+        get: &F,
+    ) -> anyhow::Result<PathCut>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<crate::calls::CallBody>>,
+    {
+        let (from, to) = (&self.members[caller], &self.members[callee]);
+        let ready = from.ready()?;
+        let target = to.ready()?.udp;
+        let before = get().await?;
+        let body = serde_json::json!({ "addr": target.to_string() });
+        let r = client::request(
+            ready.admin,
+            "POST",
+            "/v1/debug/block",
+            Some(&ready.token),
+            Some(&body.to_string()),
+            HTTP_TIMEOUT,
+        )
+        .await?;
+        if !r.is_success() {
+            bail!("could not cut the direct path: {}", r.error_message());
+        }
+        let at = Instant::now();
+        let at_s = (at - connected).as_secs_f64();
+        out.say(format!(
+            "direct path cut: {} now drops every datagram to and from {} ({}'s UDP address) in its own socket (POST /v1/debug/block); the call was on {}",
+            from.name,
+            target,
+            to.name,
+            before.path_kind.as_deref().unwrap_or("-")
+        ));
+        let deadline = at + SWITCH_TIMEOUT;
+        let mut switch_ms = None;
+        while Instant::now() < deadline {
+            tokio::time::sleep(SWITCH_POLL).await;
+            let now = get().await?;
+            if now.path_switches > before.path_switches && now.path_kind != before.path_kind {
+                let t = at.elapsed().as_millis() as u64;
+                switch_ms = Some(t);
+                out.say(format!(
+                    "call_path_switched: {} -> {} seen {t} ms after the cut (switch {} of the call)",
+                    before.path_kind.as_deref().unwrap_or("-"),
+                    now.path_kind.as_deref().unwrap_or("-"),
+                    now.path_switches
+                ));
+                break;
+            }
+        }
+        if switch_ms.is_none() {
+            out.say(format!(
+                "the call did not switch paths within {SWITCH_TIMEOUT:?} of the cut"
+            ));
+        }
+        Ok(PathCut { at_s, switch_ms })
     }
 
     /// Asks every running node to shut down, waits up to [`STOP_TIMEOUT`], then kills
@@ -780,8 +854,18 @@ fn node_config(
 /// Config of every node: relays may forward to loopback (the network is on one
 /// host).
 const RELAY_LOOPBACK: &str = "[relay]\nallow_private_targets = true\n";
-/// Seconds of conversation in the demo call.
-const CALL_SECS: u64 = 4;
+/// Seconds of conversation in the demo call: a few before the cut, a few after it
+/// on the relayed path.
+const CALL_SECS: u64 = 8;
+/// Seconds into the call at which desk-1 cuts the direct path: long enough for the
+/// router to have measured both paths and settled.
+const CUT_AFTER_SECS: u64 = 4;
+/// Poll interval of the call's statistics right after the cut: the resolution of
+/// the reported time to switch.
+const SWITCH_POLL: Duration = Duration::from_millis(10);
+/// How long the demo watches for the switch after the cut (the router's silence
+/// rule should switch within a few hundred ms; this only bounds the wait).
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the callee may take to become findable in the directory.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the call may take to connect.
@@ -793,7 +877,11 @@ const SPEECH: &str = "Hello from peercall. This call runs over a peer to peer ne
 /// auto-answer with a recording.
 fn desktop_extra(name: &str, callee: bool, recording: &Path) -> String {
     let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let mut extra = format!("handle = {}\n{RELAY_LOOPBACK}", quote(name));
+    // Debug endpoints: the demo cuts the call's direct path with the block list.
+    let mut extra = format!(
+        "handle = {}\ndebug_endpoints = true\n{RELAY_LOOPBACK}",
+        quote(name)
+    );
     if callee {
         extra.push_str(&format!(
             "[calls]\nauto_answer = true\nanswer_record = {}\n",
@@ -865,6 +953,38 @@ struct Summary {
     /// The call from desk-1 to desk-2: the fields of `peercall call --json`, and
     /// where desk-2's recording is.
     call: Option<crate::callcli::Summary>,
+    /// Seconds into the call when desk-1 cut the direct path to desk-2.
+    path_cut_at_s: Option<f64>,
+    /// From the cut to the call's statistics showing another active path, ms (at
+    /// the demo's polling resolution, [`SWITCH_POLL`]); none if it never switched.
+    path_switch_ms: Option<u64>,
+}
+
+/// What cutting the direct path did.
+#[derive(Debug)]
+struct PathCut {
+    /// Seconds into the call.
+    at_s: f64,
+    /// Cut to switch seen, ms.
+    switch_ms: Option<u64>,
+}
+
+/// One line of a call's live status.
+fn call_line(c: &crate::calls::CallBody) -> String {
+    let p = c.active();
+    format!(
+        "{} via {}, RTT {}, loss {:.1} %, MOS {}, {} frames out / {} in, {} switches, {} ms concealed",
+        c.state,
+        c.path_kind.as_deref().unwrap_or("-"),
+        p.and_then(|p| p.rtt_ms)
+            .map_or("-".to_owned(), |r| format!("{r:.1} ms")),
+        p.map_or(0.0, |p| p.loss * 100.0),
+        c.mos_estimate.map_or("-".to_owned(), |m| format!("{m:.2}")),
+        c.frames_sent,
+        c.frames_received,
+        c.path_switches,
+        c.concealed_ms
+    )
 }
 
 /// One node in the summary.

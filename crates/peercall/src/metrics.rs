@@ -708,6 +708,8 @@ pub struct Metrics {
     pub udp_send_calls: IntCounter,
     /// Admin requests refused for a missing or wrong bearer token.
     pub admin_unauthorized: IntCounter,
+    /// Datagrams dropped by the debug block list (`debug_endpoints`).
+    pub debug_blocked: IntCounter,
     /// The WebRTC gateway's series.
     #[cfg(feature = "webrtc")]
     pub webrtc: crate::webrtc::WebRtcMetrics,
@@ -827,6 +829,10 @@ impl Metrics {
             udp_send_calls: counter(
                 "peercall_udp_send_calls_total",
                 "UDP send calls; datagrams sent divided by this is the mean GSO run.",
+            )?,
+            debug_blocked: counter(
+                "peercall_debug_blocked_datagrams_total",
+                "Datagrams to or from an address on the debug block list (POST /v1/debug/block), dropped at the UDP socket.",
             )?,
             admin_unauthorized: counter(
                 "peercall_admin_unauthorized_total",

@@ -210,6 +210,12 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     let interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
 
+    let debug_block = settings
+        .debug_endpoints
+        .then(|| Arc::new(crate::udp::BlockList::new(metrics.debug_blocked.clone())));
+    if debug_block.is_some() {
+        tracing::warn!("debug endpoints on: POST /v1/debug/block can cut this node's traffic");
+    }
     let state = Arc::new(AdminState {
         commands: commands.clone(),
         token,
@@ -220,6 +226,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         user_id: Some(identity_user),
         events: events.clone(),
         stopping,
+        debug_block: debug_block.clone(),
     });
     let (stop_admin, admin_stopped) = oneshot::channel::<()>();
     let admin_task = tokio::spawn(admin::serve(listener, state, async {
@@ -256,6 +263,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         commands: command_rx,
         metrics,
         user,
+        debug_block,
         #[cfg(feature = "webrtc")]
         webrtc,
     };
@@ -305,6 +313,8 @@ struct EngineParts {
     commands: mpsc::Receiver<Command>,
     metrics: Arc<Metrics>,
     user: UserState,
+    /// The debug block list (`debug_endpoints`).
+    debug_block: Option<Arc<crate::udp::BlockList>>,
     #[cfg(feature = "webrtc")]
     webrtc: crate::webrtc::WebRtc,
 }
@@ -324,6 +334,10 @@ impl EngineParts {
             let socket =
                 crate::udp::BatchSocket::new(socket).context("could not set up the UDP socket")?;
             socket.set_buffers(UDP_SOCKET_BUFFER);
+            let socket = match self.debug_block {
+                Some(block) => socket.with_block_list(block),
+                None => socket,
+            };
             let engine = Engine::new(
                 self.node,
                 socket,

@@ -13,8 +13,13 @@
 //! allocated once, and the engine's transmit buffers go back to its pool through
 //! `Node::poll_transmit_into`.
 
+use std::collections::HashSet;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use prometheus::IntCounter;
 
 use peercall_wire::MAX_DATAGRAM;
 use quinn_udp::{BATCH_SIZE, RecvMeta, Transmit, UdpSocketState};
@@ -32,6 +37,74 @@ pub const TX_DATAGRAMS: usize = 2 * BATCH_SIZE;
 /// The kernel's cap on one GSO send: 64 KiB of payload.
 const GSO_MAX_BYTES: usize = 65_000;
 
+/// The debug block list (`debug_endpoints = true`): datagrams to or from a listed
+/// address are dropped at the socket, as if the network between lost them, so a
+/// test can cut one path of a call on loopback, where no firewall rule is at hand.
+///
+/// Cheap when empty: the socket loop reads one atomic flag per batch and takes the
+/// lock only while the list holds an address.
+#[derive(Debug)]
+pub struct BlockList {
+    /// Whether `addrs` is non-empty (read without the lock).
+    active: AtomicBool,
+    addrs: RwLock<HashSet<SocketAddr>>,
+    /// `peercall_debug_blocked_datagrams_total`.
+    dropped: IntCounter,
+}
+
+impl BlockList {
+    /// An empty list counting its drops in `dropped`.
+    pub fn new(dropped: IntCounter) -> BlockList {
+        BlockList {
+            active: AtomicBool::new(false),
+            addrs: RwLock::new(HashSet::new()),
+            dropped,
+        }
+    }
+
+    /// Adds `addr`; returns whether it was new.
+    pub fn block(&self, addr: SocketAddr) -> bool {
+        let mut addrs = self.addrs.write().unwrap_or_else(PoisonError::into_inner);
+        let new = addrs.insert(addr);
+        self.active.store(true, Ordering::Release);
+        new
+    }
+
+    /// Empties the list; returns how many addresses it held.
+    pub fn clear(&self) -> usize {
+        let mut addrs = self.addrs.write().unwrap_or_else(PoisonError::into_inner);
+        let n = addrs.len();
+        addrs.clear();
+        self.active.store(false, Ordering::Release);
+        n
+    }
+
+    /// The listed addresses, sorted.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let addrs = self.addrs.read().unwrap_or_else(PoisonError::into_inner);
+        let mut v: Vec<SocketAddr> = addrs.iter().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Whether `addr` is listed; if so, counts `datagrams` dropped. No lock is
+    /// taken while the list is empty.
+    fn drops(&self, addr: SocketAddr, datagrams: usize) -> bool {
+        if !self.active.load(Ordering::Acquire) {
+            return false;
+        }
+        let listed = self
+            .addrs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&addr);
+        if listed {
+            self.dropped.inc_by(datagrams as u64);
+        }
+        listed
+    }
+}
+
 /// A UDP socket with batched receive and send.
 #[derive(Debug)]
 pub struct BatchSocket {
@@ -40,6 +113,8 @@ pub struct BatchSocket {
     /// `BATCH_SIZE` receive slots of [`RECV_SLOT`] bytes, back to back.
     rx: Box<[u8]>,
     meta: [RecvMeta; BATCH_SIZE],
+    /// The debug block list, when the node serves the debug endpoints.
+    block: Option<Arc<BlockList>>,
 }
 
 impl BatchSocket {
@@ -52,7 +127,14 @@ impl BatchSocket {
             state,
             rx: vec![0; RECV_SLOT * BATCH_SIZE].into_boxed_slice(),
             meta: [RecvMeta::default(); BATCH_SIZE],
+            block: None,
         })
+    }
+
+    /// Drops datagrams to and from the addresses in `block` from now on.
+    pub fn with_block_list(mut self, block: Arc<BlockList>) -> BatchSocket {
+        self.block = Some(block);
+        self
     }
 
     /// The bound address.
@@ -70,6 +152,7 @@ impl BatchSocket {
             state,
             rx,
             meta,
+            ..
         } = self;
         loop {
             let socket: &UdpSocket = socket;
@@ -103,6 +186,15 @@ impl BatchSocket {
     ) {
         for (meta, slot) in self.meta.iter().zip(self.rx.chunks(RECV_SLOT)).take(filled) {
             let data = &slot[..meta.len.min(slot.len())];
+            if let Some(block) = &self.block {
+                let datagrams = match meta.stride {
+                    0 => 1,
+                    stride => data.len().div_ceil(stride).max(1),
+                };
+                if block.drops(meta.addr, datagrams) {
+                    continue;
+                }
+            }
             if data.is_empty() {
                 // An empty datagram is still one (the engine counts it as junk).
                 f(meta.addr, meta.timestamp, data);
@@ -139,6 +231,13 @@ impl BatchSocket {
         let mut calls = 0;
         let mut failed = 0;
         for run in &tx.runs {
+            if self
+                .block
+                .as_ref()
+                .is_some_and(|b| b.drops(run.dest, run.count))
+            {
+                continue;
+            }
             let transmit = Transmit {
                 destination: run.dest,
                 ecn: None,
