@@ -165,7 +165,13 @@ async fn demo(net: &mut Network, out: &Narrator, args: &DemoArgs) -> anyhow::Res
         let (call, cut) = net.call(out, desktops[0], desktops[1]).await?;
         summary.call = Some(call);
         summary.path_cut_at_s = cut.as_ref().map(|c| c.at_s);
-        summary.path_switch_ms = cut.and_then(|c| c.switch_ms);
+        summary.path_switch_ms = cut.as_ref().and_then(|c| c.switch_ms);
+        summary.callee_call = cut.and_then(|c| c.callee);
+        // The block list's drops happened during the call, after the snapshot.
+        for (node, m) in summary.nodes.iter_mut().zip(&net.members) {
+            let text = get_metrics(m.ready()?.admin).await?;
+            node.debug_blocked = counter(&text, "peercall_debug_blocked_datagrams_total");
+        }
     }
     if args.json {
         let text = serde_json::to_string(&summary).context("summary as JSON")?;
@@ -534,6 +540,7 @@ impl Network {
                 datagrams_sent: counter(&text, "peercall_datagrams_sent_total"),
                 datagrams_received: counter(&text, "peercall_datagrams_received_total"),
                 dropped: dropped_total(&text),
+                debug_blocked: counter(&text, "peercall_debug_blocked_datagrams_total"),
             });
         }
         let mut supernodes = 0;
@@ -553,6 +560,7 @@ impl Network {
             call: None,
             path_cut_at_s: None,
             path_switch_ms: None,
+            callee_call: None,
             sessions: nodes[seed].sessions.len(),
             setup_ms: ms_f64(self.members[seed].spawned.elapsed()),
             keepalive_secs: KEEPALIVE_SECS,
@@ -569,6 +577,8 @@ impl Network {
         caller: usize,
         callee: usize,
     ) -> anyhow::Result<(crate::callcli::Summary, Option<PathCut>)> {
+        let callee_ready = self.members[callee].ready()?;
+        let (callee_admin, callee_token) = (callee_ready.admin, callee_ready.token.clone());
         let speech = self.root_path().join("speech.wav");
         let what = write_speech(&speech)?;
         let (from, to) = (&self.members[caller], &self.members[callee]);
@@ -657,7 +667,31 @@ impl Network {
         }
         let mut summary = crate::callcli::Summary::of(&last);
         summary.record = Some(self.recording.display().to_string());
-        if let Some(cut) = &cut {
+        // What desk-2 heard: its side of the call (ended calls stay listed a minute).
+        let r = client::request(
+            callee_admin,
+            "GET",
+            "/v1/calls",
+            Some(&callee_token),
+            None,
+            HTTP_TIMEOUT,
+        )
+        .await?;
+        let heard = serde_json::from_str::<crate::admin::CallsBody>(&r.body)
+            .ok()
+            .and_then(|b| b.calls.into_iter().max_by_key(|c| c.call));
+        if let Some(c) = &heard {
+            out.say(format!(
+                "{name}'s side: {} switches over {}, {} ms concealed, longest gap {} ms, {} frames in",
+                c.path_switches,
+                c.paths_used.join(" then "),
+                c.concealed_ms,
+                c.max_gap_ms,
+                c.frames_received
+            ));
+        }
+        if let Some(cut) = &mut cut {
+            cut.callee = heard.as_ref().map(crate::callcli::Summary::of);
             out.say(format!(
                 "the direct path was cut {:.1} s into the call; the call switched away {} after the cut, over {}",
                 cut.at_s,
@@ -744,7 +778,11 @@ impl Network {
                 "the call did not switch paths within {SWITCH_TIMEOUT:?} of the cut"
             ));
         }
-        Ok(PathCut { at_s, switch_ms })
+        Ok(PathCut {
+            at_s,
+            switch_ms,
+            callee: None,
+        })
     }
 
     /// Asks every running node to shut down, waits up to [`STOP_TIMEOUT`], then kills
@@ -958,6 +996,8 @@ struct Summary {
     /// From the cut to the call's statistics showing another active path, ms (at
     /// the demo's polling resolution, [`SWITCH_POLL`]); none if it never switched.
     path_switch_ms: Option<u64>,
+    /// The same call as desk-2 saw it (what desk-2 heard of desk-1).
+    callee_call: Option<crate::callcli::Summary>,
 }
 
 /// What cutting the direct path did.
@@ -967,6 +1007,8 @@ struct PathCut {
     at_s: f64,
     /// Cut to switch seen, ms.
     switch_ms: Option<u64>,
+    /// The callee's side of the call.
+    callee: Option<crate::callcli::Summary>,
 }
 
 /// One line of a call's live status.
@@ -1017,6 +1059,8 @@ struct NodeSummary {
     datagrams_received: u64,
     /// Datagrams dropped for any reason.
     dropped: u64,
+    /// Datagrams its debug block list dropped (the demo's path cut).
+    debug_blocked: u64,
 }
 
 /// Where the demo's words go: stdout, or stderr when stdout carries the JSON.

@@ -149,6 +149,8 @@ fn demo_brings_up_a_network_and_leaves_nothing_behind() {
         "removed",
         "looked up desk-2 in the directory",
         "call connected in",
+        "direct path cut:",
+        "call_path_switched: direct -> relay",
         "hung up: set-up",
     ] {
         assert!(err.contains(expected), "{expected:?} in:\n{err}");
@@ -179,11 +181,58 @@ fn check_call(summary: &Value) {
             .expect("paths_used")
             .is_empty()
     );
+    check_path_cut(summary);
     let record = Path::new(call["record"].as_str().expect("record"));
     let wav = hound::WavReader::open(record).expect("desk-2's recording is a finished WAV");
     assert_eq!(wav.spec().sample_rate, 48_000);
     assert!(wav.duration() >= 48_000 * 3, "{} samples", wav.duration());
     std::fs::remove_file(record).expect("remove the recording");
+}
+
+/// Longest audio gap either side may hear across the cut: the router leaves a
+/// silent path within max(3 × RTT, 150 ms) on loopback, and the jitter buffer and
+/// concealment cover part of that; 200 ms leaves room for a loaded machine.
+const MAX_GAP_MS: u64 = 200;
+
+/// The direct path was cut mid-call in desk-1's socket, and the call went on over
+/// a relay through the seed, on both sides, with a bounded gap.
+fn check_path_cut(summary: &Value) {
+    let cut_at = summary["path_cut_at_s"].as_f64().expect("path_cut_at_s");
+    assert!((3.0..6.0).contains(&cut_at), "{summary}");
+    let switch_ms = summary["path_switch_ms"]
+        .as_u64()
+        .expect("the call switched paths after the cut");
+    assert!(switch_ms < 3_000, "{switch_ms} ms");
+    for side in [&summary["call"], &summary["callee_call"]] {
+        assert!(
+            side["path_switches"].as_u64().expect("path_switches") >= 1,
+            "{side}"
+        );
+        let used: Vec<&str> = side["paths_used"]
+            .as_array()
+            .expect("paths_used")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(used.first(), Some(&"direct"), "{side}");
+        assert!(used.iter().any(|k| k.starts_with("relay")), "{side}");
+        let gap = side["max_gap_ms"].as_u64().expect("max_gap_ms");
+        assert!(gap <= MAX_GAP_MS, "longest gap {gap} ms: {side}");
+        assert!(
+            side["frames_received"].as_u64().expect("frames") >= 300,
+            "{side}"
+        );
+    }
+    // The cut happened in desk-1's socket, and only there.
+    let nodes = summary["nodes"].as_array().expect("nodes");
+    for node in nodes {
+        let blocked = node["debug_blocked"].as_u64().expect("debug_blocked");
+        if node["name"] == "desk-1" {
+            assert!(blocked > 0, "{node}");
+        } else {
+            assert_eq!(blocked, 0, "{node}");
+        }
+    }
 }
 
 #[test]
