@@ -465,4 +465,82 @@ mod tests {
         });
         assert_eq!(empties, 1);
     }
+
+    #[tokio::test]
+    async fn the_block_list_drops_both_ways_and_counts() {
+        let counter = IntCounter::new("blocked", "test").unwrap();
+        let list = Arc::new(BlockList::new(counter.clone()));
+        let a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap())
+            .unwrap()
+            .with_block_list(list.clone());
+        let mut b = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let send = |n: u8, to: SocketAddr| {
+            let mut tx = TxBatch::new(1);
+            for i in 0..n {
+                assert!(tx.push(to, &[i]));
+            }
+            tx
+        };
+        // Empty list: everything goes out.
+        assert!(list.addrs().is_empty());
+        let mut tx = send(3, b_addr);
+        a.flush(&mut tx).await;
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), b.recv_batch())
+            .await
+            .expect("sent while the list is empty")
+            .unwrap();
+        let mut got = 0;
+        b.for_each(n, |_, _| got += 1);
+        assert!(got >= 1);
+        while got < 3 {
+            let n = b.recv_batch().await.unwrap();
+            b.for_each(n, |_, _| got += 1);
+        }
+        assert_eq!(counter.get(), 0);
+
+        // Blocked: sends to b are dropped and counted...
+        assert!(list.block(b_addr));
+        assert!(!list.block(b_addr), "already listed");
+        assert_eq!(list.addrs(), vec![b_addr]);
+        let mut tx = send(4, b_addr);
+        let (calls, failed) = a.flush(&mut tx).await;
+        assert_eq!((calls, failed), (0, 0));
+        assert_eq!(counter.get(), 4);
+        // ...and so is what b sends to a.
+        let mut tx = send(2, a_addr);
+        b.flush(&mut tx).await;
+        let mut a = a;
+        let mut delivered = 0;
+        while counter.get() < 6 {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), a.recv_batch())
+                .await
+                .expect("b's datagrams reach a's socket")
+                .unwrap();
+            a.for_each(n, |_, _| delivered += 1);
+        }
+        assert_eq!(delivered, 0);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(100), b.recv_batch())
+                .await
+                .is_err(),
+            "nothing reached b"
+        );
+
+        // Cleared: traffic flows again.
+        assert_eq!(list.clear(), 1);
+        let mut tx = send(1, b_addr);
+        a.flush(&mut tx).await;
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), b.recv_batch())
+            .await
+            .expect("sent once cleared")
+            .unwrap();
+        let mut got = 0;
+        b.for_each(n, |from, _| {
+            assert_eq!(from, a_addr);
+            got += 1;
+        });
+        assert_eq!(got, 1);
+        assert_eq!(counter.get(), 6);
+    }
 }

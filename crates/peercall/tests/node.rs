@@ -160,6 +160,76 @@ fn sigint_and_admin_shutdown_exit_cleanly() {
     );
 }
 
+/// `debug_endpoints`: off, the block list does not exist (404); on, it needs the
+/// token, checks its input, and drops (and counts) datagrams from a listed address
+/// until it is emptied.
+#[test]
+fn debug_block_list_is_off_by_default_and_drops_what_it_lists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut plain = Daemon::start(&tmp.path().join("plain"));
+    let r = plain.post_authorized("/v1/debug/block", r#"{"addr": "127.0.0.1:9"}"#);
+    assert_eq!(r.status, 404, "{}", r.body);
+    plain.stop();
+
+    let mut node = Daemon::start_with(
+        &tmp.path().join("debug"),
+        &[],
+        &[("PEERCALL_DEBUG_ENDPOINTS", "true")],
+    );
+    let r = http(
+        node.admin(),
+        "POST",
+        "/v1/debug/block",
+        &[],
+        r#"{"addr": "127.0.0.1:9"}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 401, "the token is required");
+    for bad in [
+        r#"{"addr": "nowhere"}"#,
+        r#"{"address": "127.0.0.1:9"}"#,
+        "[]",
+    ] {
+        let r = node.post_authorized("/v1/debug/block", bad);
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert!(r.json()["error"].is_string(), "{}", r.body);
+    }
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let from = peer.local_addr().unwrap();
+    let r = node.post_authorized("/v1/debug/block", &format!(r#"{{"addr": "{from}"}}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["blocked"][0], from.to_string());
+    let counts = |node: &Daemon| {
+        let text = node.get("/metrics").body;
+        (
+            metric(&text, "peercall_debug_blocked_datagrams_total").expect("blocked series"),
+            metric(&text, "peercall_datagrams_received_total").expect("received series"),
+        )
+    };
+    let (blocked0, received0) = counts(&node);
+    for _ in 0..5 {
+        peer.send_to(b"junk", node.udp()).unwrap();
+    }
+    assert!(eventually(Duration::from_secs(5), || counts(&node).0 >= blocked0 + 5.0));
+    assert_eq!(counts(&node).1, received0, "the engine saw none of them");
+
+    let auth = format!("Bearer {}", node.token());
+    let r = http(
+        node.admin(),
+        "DELETE",
+        "/v1/debug/block",
+        &[("Authorization", &auth)],
+        "",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["blocked"], serde_json::json!([]));
+    peer.send_to(b"junk", node.udp()).unwrap();
+    assert!(eventually(Duration::from_secs(5), || counts(&node).1 > received0));
+    assert_eq!(counts(&node).0, blocked0 + 5.0);
+    node.stop();
+}
+
 #[test]
 fn identity_persists_across_restarts() {
     let tmp = tempfile::tempdir().unwrap();
