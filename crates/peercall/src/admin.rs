@@ -22,6 +22,9 @@
 //! | POST | `/v1/webrtc/offer?echo=1` | bearer | body: a browser's SDP offer; answers `{"session", "answer"}` (201) with an echo session (feature `webrtc`) |
 //! | POST | `/v1/webrtc/offer?call=ID` | bearer | the same, joining call `ID`'s audio: 501 until the node has calls |
 //! | DELETE | `/v1/webrtc/sessions/{id}` | bearer | closes a browser session (feature `webrtc`) |
+//! | GET | `/v1/debug/block` | bearer | `{"blocked": ["IP:PORT", ...]}`: the debug block list (only with `debug_endpoints = true`, else 404) |
+//! | POST | `/v1/debug/block` | bearer | `{"addr": "IP:PORT"}`: the UDP socket drops every datagram to or from it, counted in `peercall_debug_blocked_datagrams_total` (cuts a path for tests and `peercall demo`); answers the list; 400 bad address; 404 without `debug_endpoints` |
+//! | DELETE | `/v1/debug/block` | bearer | empties the block list; 404 without `debug_endpoints` |
 //! | GET | `/webrtc/echo` | open | the echo test page (feature `webrtc`); the token goes in the page, or in its URL fragment `#token=` |
 //!
 //! Without the `webrtc` feature the WebRTC paths answer 501.
