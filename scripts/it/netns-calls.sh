@@ -221,13 +221,60 @@ netns_wait "the call to leave the cut direct path" 5 off_direct ||
     fail "the call stayed on the cut direct path for 5 s"
 seen_ms=$(awk -v a="$t_cut" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }')
 seen_kind=$(active_kind || echo "?")
+# The switch as a's node logged it (its own clock: not limited by the polling).
+switch_ms=$("$NETNS_PYTHON" - "$t_cut" "$(netns_node_dir a)/node.log" <<'EOF'
+import datetime, re, sys
+t_cut, lines = float(sys.argv[1]), open(sys.argv[2]).read().splitlines()
+hits = [l for l in lines if 'call path switched' in l and 'from="direct"' in l]
+if hits:
+    stamp = re.sub(r"\x1b\[[0-9;]*m", "", hits[-1]).split()[0].replace("Z", "+00:00")
+    print(round((datetime.datetime.fromisoformat(stamp).timestamp() - t_cut) * 1000))
+else:
+    print("?")
+EOF
+)
 wait $call_pid || fail "a -> carol (failover): peercall call failed: $(tail -n 5 "$NETNS_STATE/call-carol.err")"
 check_completed carol
 [ "$(field carol 'd["path_switches"] >= 1 and any(p in ("relay1", "relay2") for p in d["paths_used"])')" = true ] ||
     fail "failover: no switch to a relay: $(describe carol)"
 dropped=$(netns_exec nata iptables -w 5 -L FORWARD -v -n -x | awk '/netns-cut/ { n += $1 } END { print n + 0 }')
 [ "$dropped" -gt 0 ] || fail "the cut dropped nothing: the call was not on the path it cut"
-measured "failover a -> c, direct path cut in nata: left direct for $seen_kind (seen ${seen_ms} ms after the cut, at 0.2 s polling), $dropped datagrams dropped; $(describe carol)"
+c_side=$(node_api c GET /v1/calls | netns_json '(lambda c: "c heard %d frames, %d switches, longest gap %d ms, %d ms concealed" % (c["frames_received"], c["path_switches"], c["max_gap_ms"], c["concealed_ms"]))(max(d["calls"], key=lambda c: c["call"]))') ||
+    fail "c's calls"
+measured "failover a -> c, direct path cut in nata: a switched direct -> $seen_kind ${switch_ms} ms after the cut (its log; seen by polling after ${seen_ms} ms), $dropped datagrams dropped; $(describe carol); $c_side"
+
+# 4. upgrade (measured, never failing the run): a -> c with the direct path cut
+# from the start, healed once the call runs on a relay: does it move to direct?
+# a's session with c must end first: a call placed over a session whose path is
+# dead (not yet timed out) waits for that session's timeout (see the report).
+netns_cut nata "$(netns_addr a)" "$(netns_public_addr c)" || fail "netns_cut"
+no_session_c() { ! netns_node_session a c; }
+upgrade="not measured"
+on_relay() { case $(active_kind) in relay1 | relay2) return 0 ;; esac; return 1; }
+if ! netns_wait "a's session with c to end" $((SESSION_TIMEOUT_SECS + 4)) no_session_c; then
+    upgrade="not measured: a's session with c outlived the cut"
+else
+    rm -f "$NETNS_STATE/call-carol.json"
+    place_call carol $FAILOVER_CALL_SECS &
+    call_pid=$!
+    if ! netns_wait "the upgrade call to be active on a relay" $DIRECT_WAIT on_relay; then
+        upgrade="not measured: the call was not on a relay within ${DIRECT_WAIT}s"
+    else
+        t_heal=$EPOCHREALTIME
+        netns_heal nata "$(netns_addr a)" "$(netns_public_addr c)"
+        if netns_wait "the call to upgrade to direct" $((FAILOVER_CALL_SECS - 3)) on_direct; then
+            upgrade="moved to direct $(awk -v a="$t_heal" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }') ms after the heal"
+        else
+            upgrade="did NOT move to direct within $((FAILOVER_CALL_SECS - 3)) s of the heal"
+        fi
+    fi
+    if wait $call_pid; then
+        upgrade="$upgrade; $(describe carol)"
+    else
+        upgrade="$upgrade; the call failed: $(tail -n 1 "$NETNS_STATE/call-carol.err")"
+    fi
+fi
+measured "upgrade (not asserted): a -> c started with the direct path cut, healed mid-call: $upgrade"
 
 trap - INT TERM HUP
 echo "netns-calls: summary ($((SECONDS - start)) s):"
