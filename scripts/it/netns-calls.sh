@@ -10,7 +10,9 @@
 #   3. failover: during an a -> c call on the direct path, an iptables DROP in a's
 #      NAT router cuts UDP between a and c's public address (the supernodes stay
 #      reachable): the call switches (path_switches >= 1) to a relay and completes.
-# Needs root; skips (exit 0) without it or without `ip netns`. About 60 s.
+#   4. measured, not asserted: a call started with the direct path cut, healed once
+#      on a relay: does it upgrade to direct?
+# Needs root; skips (exit 0) without it or without `ip netns`. About 45 s.
 set -euo pipefail
 # Decimal points in EPOCHREALTIME and awk, whatever the caller's locale.
 export LC_ALL=C
