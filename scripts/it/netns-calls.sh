@@ -267,7 +267,8 @@ else
         if netns_wait "the call to upgrade to direct" $((FAILOVER_CALL_SECS - 3)) on_direct; then
             upgrade="moved to direct $(awk -v a="$t_heal" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }') ms after the heal"
         else
-            upgrade="did NOT move to direct within $((FAILOVER_CALL_SECS - 3)) s of the heal"
+            direct_state=$(node_api a GET /v1/calls | netns_json '"; ".join("%s %s, RTT %s ms, R %.1f" % (p["kind"], p["state"], p["rtt_ms"] and round(p["rtt_ms"], 2), p["r"]) for c in d["calls"] if c["state"] == "active" for p in c["paths"])' || echo "?")
+            upgrade="did NOT move to direct within $((FAILOVER_CALL_SECS - 3)) s of the heal (paths then: $direct_state)"
         fi
     fi
     if wait $call_pid; then
