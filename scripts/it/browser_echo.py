@@ -29,21 +29,19 @@ Prints one JSON line with the figures. Every process it starts is stopped by PID
 import argparse
 import base64
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import scipy.io.wavfile as wavfile
 import scipy.signal as sps
+
+from webdriver import CHROMIUM_FLAGS, WebDriver, free_port, http, node_env, stop, wait_for_file
 
 SENTENCE = ("The quick brown fox jumps over the lazy dog, "
             "and then it runs back home before the rain.")
@@ -74,107 +72,10 @@ MAX_CONTROL_NCC = 0.3
 # The longest the browser may live: set-up, the recording, and slack.
 BROWSER_SECONDS = 120
 
-CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--allow-loopback-in-peer-connection",
-    "--autoplay-policy=no-user-gesture-required",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-]
 
 
 def log(msg):
     print(f"browser-echo: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(path, timeout, proc):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"the node exited with status {proc.returncode} before writing {path.name}")
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} did not appear within {timeout} s")
-
-
-def http(method, url, body=None, headers=None, timeout=30):
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if body is not None and "Content-Type" not in (headers or {}):
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-class WebDriver:
-    """The few WebDriver commands the test needs, over chromedriver's HTTP API."""
-
-    def __init__(self, port):
-        self.base = f"http://127.0.0.1:{port}"
-        self.session = None
-
-    def call(self, method, path, body=None, timeout=60):
-        status, text = http(method, self.base + path, body, timeout=timeout)
-        value = json.loads(text).get("value") if text else None
-        if status != 200:
-            raise RuntimeError(f"WebDriver {method} {path}: HTTP {status}: {text[:500]}")
-        return value
-
-    def start(self, binary, args):
-        caps = {"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {"binary": binary, "args": args},
-        }}}
-        self.session = self.call("POST", "/session", caps)["sessionId"]
-        self.call("POST", f"/session/{self.session}/timeouts",
-                  {"script": 90_000, "pageLoad": 30_000})
-
-    def open(self, url):
-        self.call("POST", f"/session/{self.session}/url", {"url": url})
-
-    def run_async(self, script, *args, timeout=120):
-        return self.call("POST", f"/session/{self.session}/execute/async",
-                         {"script": script, "args": list(args)}, timeout=timeout)
-
-    def quit(self):
-        if self.session:
-            try:
-                self.call("DELETE", f"/session/{self.session}", timeout=10)
-            except Exception as e:  # the browser may be gone already
-                log(f"closing the browser: {e}")
-            self.session = None
-
-
-def stop(proc, name):
-    """Stops a process this script started (and its process group), by PID."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    log(f"stopped {name} (pid {proc.pid})")
 
 
 def make_speech(work):
@@ -296,29 +197,21 @@ def main():
         node_log = open(work / "node.log", "w")
         # The node reads PEERCALL_* variables as configuration; the suite's own
         # (PEERCALL_FUZZ_SECONDS, PEERCALL_VENV, ...) are not for it.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PEERCALL_")}
+        env = node_env({})
         node = subprocess.Popen(
             [args.bin, "--log-level", "debug", "node", "--data-dir", str(data),
              "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
             stdout=node_log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        admin = wait_for(data / "admin.addr", 30, node)
+        admin = wait_for_file(data / "admin.addr", 30, node)
         token = (data / "admin.token").read_text().strip()
-        log(f"node up: admin {admin}, udp {wait_for(data / 'udp.addr', 5, node)}")
+        log(f"node up: admin {admin}, udp {wait_for_file(data / 'udp.addr', 5, node)}")
 
         port = free_port()
         driver_proc = subprocess.Popen(
             [args.chromedriver, f"--port={port}"], stdout=open(work / "chromedriver.log", "w"),
             stderr=subprocess.STDOUT, start_new_session=True)
         driver = WebDriver(port)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                driver.call("GET", "/status", timeout=2)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        driver.wait_ready()
         # Chromium itself is bounded too, whatever happens to the driver.
         browser = work / "chromium"
         browser.write_text(f'#!/bin/sh\nexec timeout --kill-after=5 {BROWSER_SECONDS} '
@@ -411,14 +304,14 @@ def main():
         raise
     finally:
         if driver:
-            driver.quit()
-        stop(driver_proc, "chromedriver")
+            driver.quit(log)
+        stop(driver_proc, "chromedriver", log)
         if node is not None and node.poll() is None:
             node.send_signal(signal.SIGTERM)
             try:
                 node.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                stop(node, "peercall node")
+                stop(node, "peercall node", log)
         if args.keep:
             log(f"work directory kept: {work}")
         else:

@@ -2,7 +2,7 @@
 the process helpers the real-browser tests share: start `peercall node` processes
 and chromedriver on loopback, stop them by PID.
 
-Used by scripts/it/browser_page.py (the call page)."""
+Used by scripts/it/browser_page.py (the call page) and scripts/it/browser_echo.py."""
 
 import json
 import os
