@@ -70,7 +70,7 @@ use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::info;
 
 use crate::book::{AddError, Added, ContactView, endpoint_strings};
@@ -1189,17 +1189,11 @@ async fn reject_call(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Response {
-    let call = match call_id(&id) {
-        Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let answer = runtime::ask(
-        &state.commands,
-        |reply| Command::RejectCall { call, reply },
-        ENGINE_TIMEOUT,
-    )
-    .await;
-    call_result(answer)
+    call_command(&state, &id, |call, reply| Command::RejectCall {
+        call,
+        reply,
+    })
+    .await
 }
 
 async fn hangup_call(
@@ -1207,17 +1201,25 @@ async fn hangup_call(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Response {
-    let call = match call_id(&id) {
+    call_command(&state, &id, |call, reply| Command::HangupCall {
+        call,
+        reply,
+    })
+    .await
+}
+
+/// Parses the call id of the path, asks the engine `make(call)`, and answers with
+/// its result.
+async fn call_command(
+    state: &Shared,
+    id: &str,
+    make: impl FnOnce(CallId, oneshot::Sender<Result<(), CallError>>) -> Command,
+) -> Response {
+    let call = match call_id(id) {
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let answer = runtime::ask(
-        &state.commands,
-        |reply| Command::HangupCall { call, reply },
-        ENGINE_TIMEOUT,
-    )
-    .await;
-    call_result(answer)
+    call_result(runtime::ask(&state.commands, |reply| make(call, reply), ENGINE_TIMEOUT).await)
 }
 
 async fn list_calls(_: Authorized, State(state): State<Shared>) -> Response {
