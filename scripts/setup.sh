@@ -3,8 +3,10 @@
 # sets the shared build cache. Idempotent and quiet when everything is present.
 
 # Debian packages the build and the tests need (alsa-utils for the human-voice
-# recordings in /usr/share/sounds/alsa that scripts/quality.sh builds its clips from).
-PEERCALL_APT_PACKAGES=(cmake pkg-config iproute2 iptables prometheus sox espeak-ng alsa-utils stun-client)
+# recordings in /usr/share/sounds/alsa that scripts/quality.sh builds its clips from;
+# python3-venv, python3-dev and gcc for the test-time venv, where pip builds `pesq`).
+PEERCALL_APT_PACKAGES=(cmake pkg-config iproute2 iptables prometheus sox espeak-ng alsa-utils stun-client
+    python3-venv python3-dev gcc)
 
 peercall_missing_packages() {
     local p
