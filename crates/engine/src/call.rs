@@ -103,6 +103,10 @@ const MAX_QUEUED_RELAY_MSGS: usize = 16;
 const FEEDBACK_INTERVAL: Duration = Duration::from_secs(1);
 /// Frame length in milliseconds, for gap and concealment figures.
 const FRAME_MS: u64 = peercall_media::FRAME_MS as u64;
+/// The longest run of frames a pass-through source may skip and still be taken as
+/// the same clock (two seconds of its DTX or loss); a longer jump, or a step back,
+/// is a new clock and counts as no gap.
+const MAX_PASSTHROUGH_SKIP: u32 = 100;
 /// Upper bounds (ms) of the set-up time histogram buckets; the last is +Inf.
 pub const SETUP_BUCKETS_MS: [u64; 8] = [100, 250, 500, 750, 1_000, 2_000, 5_000, 10_000];
 
@@ -532,6 +536,14 @@ impl std::fmt::Debug for Audio {
     }
 }
 
+/// Where a frame to send comes from.
+enum Source<'a> {
+    /// Capture to encode.
+    Pcm(&'a [i16; FRAME_SAMPLES]),
+    /// An Opus packet coded elsewhere, after `skipped` frames it never sent.
+    Opus { opus: &'a [u8], skipped: u32 },
+}
+
 #[derive(Debug)]
 struct Call {
     id: CallId,
@@ -568,6 +580,12 @@ struct Call {
     gap_ms: u64,
     max_gap_ms: u64,
     playing: bool,
+    /// Opus pass-through (see [`Node::set_opus_passthrough`]): audio comes from
+    /// [`Node::push_opus`] and fresh frames go out as [`Event::CallOpus`].
+    passthrough: bool,
+    /// The pass-through source's last RTP-style timestamp, to count the frames it
+    /// skipped.
+    passthrough_ts: Option<u32>,
     next_feedback: Time,
     paths_used: Vec<PathKind>,
     unreachable: Option<Unreachable>,
@@ -620,6 +638,8 @@ impl Call {
             gap_ms: 0,
             max_gap_ms: 0,
             playing: false,
+            passthrough: false,
+            passthrough_ts: None,
             next_feedback: now,
             paths_used: Vec::new(),
             unreachable: None,
@@ -892,15 +912,92 @@ impl Node {
     }
 
     /// Feeds 20 ms of 48 kHz mono capture for call `id`; sent when the call is
-    /// active and a path works (dropped otherwise).
+    /// active and a path works (dropped otherwise). Ignored while the call passes
+    /// Opus through ([`Node::set_opus_passthrough`]).
     pub fn push_audio(
         &mut self,
         now: Time,
         id: CallId,
         pcm: &[i16; FRAME_SAMPLES],
     ) -> Result<(), CallError> {
+        self.send_audio(now, id, Source::Pcm(pcm))
+    }
+
+    /// Sends one 20 ms Opus packet coded elsewhere (a browser) in call `id`, which
+    /// must pass Opus through ([`Node::set_opus_passthrough`]). `timestamp` is the
+    /// source's 48 kHz RTP timestamp: a jump of more than one frame (the source's
+    /// DTX, or a packet lost on its way here) moves the stream's timestamp alike,
+    /// so the far end conceals the gap instead of shortening it. Packets of another
+    /// duration are refused (the far end's jitter buffer plays 20 ms frames).
+    pub fn push_opus(
+        &mut self,
+        now: Time,
+        id: CallId,
+        timestamp: u32,
+        opus: &[u8],
+    ) -> Result<(), CallError> {
         let call = find_mut(&mut self.calls.calls, id).ok_or(CallError::UnknownCall(id))?;
-        if call.state != CallState::Active {
+        if !call.passthrough {
+            return Err(CallError::State {
+                call: id,
+                state: call.state.label(),
+                what: "take Opus without pass-through",
+            });
+        }
+        if opus.len() > peercall_wire::frame::MAX_OPUS_PACKET {
+            return Err(CallError::Media(format!(
+                "Opus packet of {} bytes, more than {}",
+                opus.len(),
+                peercall_wire::frame::MAX_OPUS_PACKET
+            )));
+        }
+        match peercall_media::codec::packet_samples(opus) {
+            Some(FRAME_SAMPLES) => {}
+            Some(n) => {
+                return Err(CallError::Media(format!(
+                    "Opus packet of {} ms, only 20 ms frames are carried",
+                    n / 48
+                )));
+            }
+            None => return Err(CallError::Media("malformed Opus packet".into())),
+        }
+        // Frames the source skipped since its last packet: a forward jump of a
+        // few frames (a step back or a huge jump is a new source clock: no skip).
+        let skipped = call.passthrough_ts.map_or(0, |last| {
+            let frames = timestamp.wrapping_sub(last) / FRAME_SAMPLES as u32;
+            if (2..=MAX_PASSTHROUGH_SKIP).contains(&frames) {
+                frames - 1
+            } else {
+                0
+            }
+        });
+        call.passthrough_ts = Some(timestamp);
+        self.send_audio(now, id, Source::Opus { opus, skipped })
+    }
+
+    /// Turns Opus pass-through on or off for call `id` (any live state). While it
+    /// is on, [`Node::push_opus`] feeds the call and [`Node::push_audio`] is
+    /// ignored, and the first copy of every media frame received is also handed
+    /// out as [`Event::CallOpus`]; [`Node::pull_audio`] keeps decoding (the call's
+    /// statistics need it) for a shell that wants it.
+    pub fn set_opus_passthrough(&mut self, id: CallId, on: bool) -> Result<(), CallError> {
+        let call = find_mut(&mut self.calls.calls, id).ok_or(CallError::UnknownCall(id))?;
+        if !call.live() {
+            return Err(CallError::State {
+                call: id,
+                state: call.state.label(),
+                what: "change its audio source",
+            });
+        }
+        call.passthrough = on;
+        call.passthrough_ts = None;
+        Ok(())
+    }
+
+    fn send_audio(&mut self, now: Time, id: CallId, source: Source<'_>) -> Result<(), CallError> {
+        let call = find_mut(&mut self.calls.calls, id).ok_or(CallError::UnknownCall(id))?;
+        if call.state != CallState::Active || (call.passthrough && matches!(source, Source::Pcm(_)))
+        {
             return Ok(());
         }
         let Some(peer) = call.peer else {
@@ -911,11 +1008,18 @@ impl Node {
         let Some(mut audio) = call.audio.take() else {
             return Ok(());
         };
-        let n = match audio.encoder.encode(pcm, &mut audio.buf) {
-            Ok(n) => n,
-            Err(e) => {
-                call.audio = Some(audio);
-                return Err(CallError::Media(e.to_string()));
+        let n = match source {
+            Source::Pcm(pcm) => match audio.encoder.encode(pcm, &mut audio.buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    call.audio = Some(audio);
+                    return Err(CallError::Media(e.to_string()));
+                }
+            },
+            Source::Opus { opus, skipped } => {
+                audio.packetizer.skip(skipped);
+                audio.buf[..opus.len()].copy_from_slice(opus);
+                opus.len()
             }
         };
         let plan = call.router.send_plan(now);
@@ -1233,6 +1337,14 @@ impl Node {
                 {
                     call.frames_received += 1;
                     audio.receiver.push(now, m);
+                    if call.passthrough {
+                        self.events.push_back(Event::CallOpus {
+                            call: id,
+                            seq: m.seq,
+                            timestamp: m.timestamp,
+                            opus: m.payload.to_vec(),
+                        });
+                    }
                 }
             }
             _ => {}

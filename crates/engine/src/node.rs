@@ -136,6 +136,20 @@ pub enum Event {
         /// The kind now active.
         to: PathKind,
     },
+    /// A received Opus packet of a call that passes Opus through
+    /// ([`Node::set_opus_passthrough`]): the first copy of each frame, as it
+    /// arrived (late or out of order included), for a player with its own jitter
+    /// buffer (a browser).
+    CallOpus {
+        /// The call.
+        call: CallId,
+        /// The stream's sequence number.
+        seq: u32,
+        /// Its 48 kHz timestamp.
+        timestamp: u32,
+        /// The Opus packet.
+        opus: Vec<u8>,
+    },
     /// The call is over.
     CallEnded {
         /// The call.

@@ -70,6 +70,17 @@ impl Packetizer {
         self.timestamp
     }
 
+    /// Skips `frames` 20 ms frames that were never coded here (a pass-through source
+    /// that sent nothing for them): their timestamps are consumed and the next
+    /// packet starts a talkspurt, as after DTX.
+    pub fn skip(&mut self, frames: u32) {
+        if frames > 0 {
+            let samples = (FRAME_SAMPLES as u32).wrapping_mul(frames);
+            self.timestamp = self.timestamp.wrapping_add(samples);
+            self.after_gap = true;
+        }
+    }
+
     /// Numbers the encoder's output for the next 20 ms frame. Returns `None` for a
     /// DTX frame (nothing worth sending); its timestamp is still consumed.
     pub fn packetize<'a>(&mut self, payload: &'a [u8]) -> Option<OutgoingFrame<'a>> {
@@ -98,6 +109,19 @@ impl Packetizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipped_frames_move_the_timestamp_and_start_a_talkspurt() {
+        let mut p = Packetizer::starting_at(7, 1000);
+        let speech = [0x78u8, 1, 2, 3];
+        p.packetize(&speech).unwrap();
+        p.skip(0);
+        assert_eq!(p.packetize(&speech).unwrap().flags, 0);
+        p.skip(3);
+        let f = p.packetize(&speech).unwrap();
+        assert_eq!((f.seq, f.timestamp), (9, 1000 + 5 * FRAME_SAMPLES as u32));
+        assert_eq!(f.flags, Media::FLAG_TALKSPURT);
+    }
 
     #[test]
     fn numbers_wrap_and_dtx_keeps_sequence_dense() {

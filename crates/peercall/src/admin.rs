@@ -1268,26 +1268,24 @@ async fn webrtc_offer(
     query: Result<axum::extract::Query<OfferQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Response {
-    use peercall_gateway::{GatewayError, MAX_SDP_LEN};
+    use peercall_gateway::MAX_SDP_LEN;
 
     let query = match query {
         Ok(q) => q.0,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad query: {e}")),
     };
     let echo = matches!(query.echo.as_deref(), Some("1" | "true"));
-    match (echo, query.call.as_deref()) {
-        (true, None) => {}
-        (false, Some(call)) => {
-            // The page joins a call's audio here; the node's engine has no calls
-            // yet, so no call id can name one.
-            return error(
-                StatusCode::NOT_IMPLEMENTED,
-                format!(
-                    "calls not available on this node: no call {call:?} to join \
-                     (only the echo diagnostic, ?echo=1, is)"
-                ),
-            );
-        }
+    let call = match (echo, query.call.as_deref()) {
+        (true, None) => None,
+        (false, Some(call)) => match call.parse::<u64>() {
+            Ok(id) => Some(peercall_engine::CallId(id)),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad call id {call:?}: a call id is a number"),
+                );
+            }
+        },
         (true, Some(_)) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -1301,7 +1299,7 @@ async fn webrtc_offer(
                  echo diagnostic with ?echo=1",
             );
         }
-    }
+    };
     if body.len() > MAX_SDP_LEN {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -1312,37 +1310,59 @@ async fn webrtc_offer(
         return error(StatusCode::BAD_REQUEST, "the SDP offer is not UTF-8 text");
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
-    if !runtime::send(&state.commands, Command::WebRtcEchoOffer { sdp, reply }).await {
+    if !runtime::send(&state.commands, Command::WebRtcOffer { call, sdp, reply }).await {
         return engine_gone();
     }
-    let accepted = match tokio::time::timeout(ENGINE_TIMEOUT, answer).await {
-        Ok(Ok(Some(result))) => result,
-        Ok(Ok(None)) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this node runs no WebRTC gateway",
-            );
-        }
-        _ => return engine_gone(),
+    match tokio::time::timeout(ENGINE_TIMEOUT, answer).await {
+        Ok(Ok(result)) => offer_response(result, call),
+        _ => engine_gone(),
+    }
+}
+
+/// The admin API's answer to a browser offer the engine task answered with
+/// `result` (`None`: no gateway).
+#[cfg(feature = "webrtc")]
+fn offer_response(
+    result: Option<Result<peercall_gateway::Accepted, crate::webrtc::OfferError>>,
+    call: Option<peercall_engine::CallId>,
+) -> Response {
+    use crate::webrtc::OfferError;
+    use peercall_gateway::GatewayError;
+
+    let Some(result) = result else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node runs no WebRTC gateway",
+        );
     };
-    let accepted = match accepted {
+    let accepted = match result {
         Ok(a) => a,
         Err(e) => {
-            let status = match e {
-                GatewayError::CallTaken { .. } => StatusCode::CONFLICT,
-                GatewayError::TooManySessions(_) => StatusCode::SERVICE_UNAVAILABLE,
-                GatewayError::SdpTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                _ => StatusCode::BAD_REQUEST,
+            let status = match &e {
+                OfferError::UnknownCall(_) => StatusCode::NOT_FOUND,
+                OfferError::Ended(_) | OfferError::Call(_) => StatusCode::CONFLICT,
+                OfferError::Gateway(GatewayError::CallTaken { .. }) => StatusCode::CONFLICT,
+                OfferError::Gateway(GatewayError::TooManySessions(_)) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                OfferError::Gateway(GatewayError::SdpTooLarge { .. }) => {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
+                OfferError::Gateway(_) => StatusCode::BAD_REQUEST,
             };
             return error(status, e.to_string());
         }
     };
-    info!(session = %accepted.session, "admin: WebRTC echo session");
+    match call {
+        Some(call) => info!(session = %accepted.session, %call, "admin: WebRTC call session"),
+        None => info!(session = %accepted.session, "admin: WebRTC echo session"),
+    }
     #[derive(Serialize)]
     struct Created {
         session: u64,
         answer: String,
         echo: bool,
+        call: Option<u64>,
     }
     let location = format!("/v1/webrtc/sessions/{}", accepted.session);
     let mut response = (
@@ -1350,7 +1370,8 @@ async fn webrtc_offer(
         axum::Json(Created {
             session: accepted.session.0,
             answer: accepted.answer,
-            echo: true,
+            echo: call.is_none(),
+            call: call.map(|c| c.0),
         }),
     )
         .into_response();

@@ -143,15 +143,17 @@ pub enum Command {
     },
     /// Close the node and stop.
     Shutdown,
-    /// Answer a browser's SDP offer with an echo session.
+    /// Answer a browser's SDP offer with a session carrying a call's audio, or
+    /// with an echo session when no call is named.
     #[cfg(feature = "webrtc")]
-    WebRtcEchoOffer {
+    WebRtcOffer {
+        /// The call (`None`: an echo session).
+        call: Option<CallId>,
         /// The SDP offer.
         sdp: String,
         /// Where the answer goes (`None`: this node runs no gateway).
-        reply: oneshot::Sender<
-            Option<Result<peercall_gateway::Accepted, peercall_gateway::GatewayError>>,
-        >,
+        reply:
+            oneshot::Sender<Option<Result<peercall_gateway::Accepted, crate::webrtc::OfferError>>>,
     },
     /// Close a browser session; replies whether there was one.
     #[cfg(feature = "webrtc")]
@@ -337,14 +339,20 @@ impl Engine {
                         let _ = reply.send(self.snapshot());
                     }
                     #[cfg(feature = "webrtc")]
-                    Some(Command::WebRtcEchoOffer { sdp, reply }) => {
+                    Some(Command::WebRtcOffer { call, sdp, reply }) => {
                         let now = self.clock.now();
-                        let result = self.webrtc.as_mut().map(|w| w.offer_echo(now, &sdp));
+                        let node = &mut self.node;
+                        let result = self.webrtc.as_mut().map(|w| match call {
+                            Some(call) => w.offer_call(now, node, call, &sdp),
+                            None => w.offer_echo(now, &sdp).map_err(Into::into),
+                        });
                         let _ = reply.send(result);
                     }
                     #[cfg(feature = "webrtc")]
                     Some(Command::WebRtcClose { session, reply }) => {
-                        let closed = self.webrtc.as_mut().is_some_and(|w| w.close(session));
+                        let now = self.clock.now();
+                        let node = &mut self.node;
+                        let closed = self.webrtc.as_mut().is_some_and(|w| w.close(now, node, session));
                         let _ = reply.send(closed);
                     }
                     Some(command) => self.command(command),
@@ -474,7 +482,7 @@ impl Engine {
             // Served in the loop.
             Command::Connect(_) | Command::Snapshot(_) | Command::Shutdown => {}
             #[cfg(feature = "webrtc")]
-            Command::WebRtcEchoOffer { .. } | Command::WebRtcClose { .. } => {}
+            Command::WebRtcOffer { .. } | Command::WebRtcClose { .. } => {}
         }
     }
 
@@ -574,8 +582,16 @@ impl Engine {
         }
     }
 
-    /// Sends every pending transmit (batched) and logs every pending event.
+    /// Sends every pending transmit (batched) and acts on every pending event,
+    /// until neither the node nor the gateway has more (a browser's audio feeds
+    /// the node, a call's audio feeds the gateway).
     async fn drain(&mut self) {
+        while self.drain_once().await {}
+    }
+
+    /// One round of [`Engine::drain`]; returns whether the gateway fed the node,
+    /// so another round is due.
+    async fn drain_once(&mut self) -> bool {
         loop {
             if !self.tx.has_room() {
                 self.flush().await;
@@ -591,8 +607,8 @@ impl Engine {
         }
         #[cfg(feature = "webrtc")]
         if let Some(w) = &mut self.webrtc {
-            // Events first: echoing audio produces more transmits.
-            w.handle_events(self.clock.now(), &self.metrics.webrtc);
+            // Events first: echoed or forwarded audio produces more transmits.
+            let fed = w.handle_events(self.clock.now(), &self.metrics.webrtc, &mut self.node);
             while let Some(t) = w.poll_transmit() {
                 if !self.tx.has_room() {
                     flush(&self.socket, &mut self.tx, &self.metrics).await;
@@ -603,7 +619,9 @@ impl Engine {
                 }
             }
             flush(&self.socket, &mut self.tx, &self.metrics).await;
+            return fed;
         }
+        false
     }
 }
 
@@ -696,6 +714,19 @@ impl Engine {
                 );
             }
             Event::CallEnded { call, reason } => self.call_ended(call, reason),
+            Event::CallOpus {
+                call,
+                timestamp,
+                opus,
+                ..
+            } => {
+                #[cfg(feature = "webrtc")]
+                if let Some(w) = &mut self.webrtc {
+                    w.forward_to_browser(self.clock.now(), call, timestamp, &opus);
+                }
+                #[cfg(not(feature = "webrtc"))]
+                let _ = (call, timestamp, opus);
+            }
         }
     }
 
@@ -743,6 +774,10 @@ impl Engine {
     /// Takes a call off the clock, finishes its recording and tells the clients.
     fn call_ended(&mut self, call: CallId, reason: EndReason) {
         info!(%call, %reason, outcome = reason.label(), "call ended");
+        #[cfg(feature = "webrtc")]
+        if let Some(w) = &mut self.webrtc {
+            w.call_ended(call);
+        }
         self.pending_media.remove(&call);
         if let Some(mut audio) = self.audio.remove(&call) {
             finish_recording(call, &mut audio);

@@ -5,16 +5,27 @@
 //! from browsers it has validated) never reaches the engine; everything else does,
 //! unchanged. The admin API hands it SDP offers.
 //!
-//! Until calls exist there is one use, a diagnostic: an **echo session**
-//! (`POST /v1/webrtc/offer?echo=1`, or the page at `/webrtc/echo`) sends every Opus
-//! packet the browser sends straight back to it, so a person (or a test) hears
-//! their own microphone through the node: browser, ICE, DTLS, SRTP and the shared
-//! port all work.
+//! A **call session** (`POST /v1/webrtc/offer?call=ID`, what the call page does)
+//! carries a call's audio: the call passes Opus through
+//! ([`Node::set_opus_passthrough`]), so every Opus packet the browser sends goes
+//! into the call as it is ([`Node::push_opus`]) and every fresh frame the call
+//! receives goes to the browser ([`peercall_engine::Event::CallOpus`]); nothing is
+//! decoded or re-encoded on the way (the node still decodes a copy for the call's
+//! statistics). The browser's own jitter buffer, FEC decoding and concealment play
+//! it out. A call has at most one browser; when the browser goes away (tab closed,
+//! network gone) or its session is deleted, the call is hung up, so the other side
+//! ends cleanly; when the call ends, its browser session is closed.
+//!
+//! An **echo session** (`POST /v1/webrtc/offer?echo=1`, or the page at
+//! `/webrtc/echo`) is a diagnostic: it sends every Opus packet the browser sends
+//! straight back to it, so a person (or a test) hears their own microphone through
+//! the node: browser, ICE, DTLS, SRTP and the shared port all work.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 
+use peercall_engine::{CallId, CallState, Node};
 use peercall_gateway::{
     Accepted, CallKey, DisconnectReason, Gateway, GatewayConfig, GatewayError, GatewayEvent,
     SessionId, Stats, Transmit,
@@ -36,6 +47,8 @@ pub struct WebRtc {
     candidate: SocketAddr,
     /// Sessions whose audio goes straight back.
     echo: HashSet<SessionId>,
+    /// Sessions carrying a call's audio.
+    calls: HashMap<SessionId, CallId>,
     next_echo_call: u64,
 }
 
@@ -74,6 +87,7 @@ impl WebRtc {
             gateway,
             candidate: candidate_for(udp),
             echo: HashSet::new(),
+            calls: HashMap::new(),
             next_echo_call: ECHO_CALL_BASE,
         })
     }
@@ -88,17 +102,69 @@ impl WebRtc {
         Ok(accepted)
     }
 
-    /// Closes a session; false if there was none.
-    pub fn close(&mut self, session: SessionId) -> bool {
+    /// Answers `sdp` with a session carrying call `call`'s audio, which must be
+    /// live (ringing, incoming or connected) and have no browser yet; the call
+    /// passes Opus through from now on.
+    pub fn offer_call(
+        &mut self,
+        now: Time,
+        node: &mut Node,
+        call: CallId,
+        sdp: &str,
+    ) -> Result<Accepted, OfferError> {
+        match node.call_stats(now, call) {
+            None => return Err(OfferError::UnknownCall(call)),
+            Some(s) if s.state == CallState::Ended => return Err(OfferError::Ended(call)),
+            Some(_) => {}
+        }
+        let accepted = self
+            .gateway
+            .accept_offer(now, CallKey(call.0), sdp, self.candidate)?;
+        if let Err(e) = node.set_opus_passthrough(call, true) {
+            // Live a moment ago and nothing ran since: not expected; undo the session.
+            self.gateway.close(accepted.session);
+            return Err(OfferError::Call(e.to_string()));
+        }
+        self.calls.insert(accepted.session, call);
+        info!(session = %accepted.session, %call, "webrtc: browser joins the call");
+        Ok(accepted)
+    }
+
+    /// Closes a session; false if there was none. A call it carried is hung up.
+    pub fn close(&mut self, now: Time, node: &mut Node, session: SessionId) -> bool {
         self.echo.remove(&session);
+        if let Some(call) = self.calls.remove(&session) {
+            hang_up(now, node, call, "its browser session was closed");
+        }
         self.gateway.close(session)
     }
 
     /// Closes every session (at shutdown): browsers are told.
     pub fn close_all(&mut self) {
-        let sessions: Vec<SessionId> = self.echo.iter().copied().collect();
+        let sessions: Vec<SessionId> = self.echo.iter().chain(self.calls.keys()).copied().collect();
+        self.echo.clear();
+        self.calls.clear();
         for session in sessions {
-            self.close(session);
+            self.gateway.close(session);
+        }
+    }
+
+    /// Hands a received Opus packet of `call` to its browser, if it has one.
+    pub fn forward_to_browser(&mut self, now: Time, call: CallId, timestamp: u32, opus: &[u8]) {
+        if let Some(session) = self.gateway.session_of(CallKey(call.0))
+            && let Err(e) = self.gateway.send_audio(session, now, timestamp, opus)
+        {
+            debug!(%session, %call, error = %e, "webrtc: audio to the browser failed");
+        }
+    }
+
+    /// Call `call` ended: its browser session, if any, is closed (the browser is
+    /// told).
+    pub fn call_ended(&mut self, call: CallId) {
+        if let Some(session) = self.gateway.session_of(CallKey(call.0)) {
+            self.calls.remove(&session);
+            self.gateway.close(session);
+            info!(%session, %call, "webrtc: call over, browser session closed");
         }
     }
 
@@ -124,8 +190,11 @@ impl WebRtc {
         self.gateway.poll_transmit()
     }
 
-    /// Acts on every pending gateway event: echo sessions send their audio back.
-    pub fn handle_events(&mut self, now: Time, metrics: &WebRtcMetrics) {
+    /// Acts on every pending gateway event: echo sessions send their audio back,
+    /// call sessions feed their call. Returns whether the node was given anything
+    /// (then it has transmits and events to drain).
+    pub fn handle_events(&mut self, now: Time, metrics: &WebRtcMetrics, node: &mut Node) -> bool {
+        let mut fed = false;
         while let Some(event) = self.gateway.poll_event() {
             match event {
                 GatewayEvent::Connected(session) => {
@@ -137,7 +206,13 @@ impl WebRtc {
                     opus,
                     ..
                 } => {
-                    if self.echo.contains(&id)
+                    if let Some(&call) = self.calls.get(&id) {
+                        fed = true;
+                        if let Err(e) = node.push_opus(now, call, timestamp, &opus) {
+                            metrics.refused_frame();
+                            debug!(session = %id, %call, error = %e, "webrtc: browser frame refused");
+                        }
+                    } else if self.echo.contains(&id)
                         && let Err(e) = self.gateway.send_audio(id, now, timestamp, &opus)
                     {
                         debug!(session = %id, error = %e, "webrtc: echo failed");
@@ -160,15 +235,46 @@ impl WebRtc {
                     } else {
                         warn!(%session, %reason, "webrtc: browser session ended");
                     }
+                    if let Some(call) = self.calls.remove(&session) {
+                        fed = true;
+                        hang_up(now, node, call, "its browser went away");
+                    }
                 }
             }
         }
+        fed
     }
 
     /// The gateway's counters.
     pub fn stats(&self) -> Stats {
         self.gateway.stats()
     }
+}
+
+/// Hangs up `call` (whatever its state) because its browser is gone.
+fn hang_up(now: Time, node: &mut Node, call: CallId, why: &str) {
+    match node.hangup(now, call) {
+        Ok(()) => info!(%call, "webrtc: call hung up: {why}"),
+        // Ended meanwhile: nothing to do.
+        Err(e) => debug!(%call, error = %e, "webrtc: no call to hang up ({why})"),
+    }
+}
+
+/// Why a browser cannot join a call.
+#[derive(Debug, thiserror::Error)]
+pub enum OfferError {
+    /// The gateway refused the offer.
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    /// No such call.
+    #[error("no call {0}")]
+    UnknownCall(CallId),
+    /// The call is over.
+    #[error("call {0} has ended")]
+    Ended(CallId),
+    /// The engine refused the call's pass-through.
+    #[error("call refused pass-through: {0}")]
+    Call(String),
 }
 
 /// The `peercall_webrtc_*` series.
@@ -183,6 +289,7 @@ pub struct WebRtcMetrics {
     dropped: IntCounter,
     frames: IntCounterVec,
     disconnects: IntCounterVec,
+    refused_frames: IntCounter,
     /// Mirroring counters by difference must not interleave.
     mirror: Mutex<()>,
 }
@@ -256,6 +363,10 @@ impl WebRtcMetrics {
                 "reason",
                 &DISCONNECT_REASONS,
             )?,
+            refused_frames: counter(
+                "peercall_webrtc_refused_frames_total",
+                "Opus packets from browsers a call refused (not 20 ms frames, malformed).",
+            )?,
             mirror: Mutex::new(()),
         })
     }
@@ -291,6 +402,11 @@ impl WebRtcMetrics {
         for (counter, value) in pairs {
             counter.inc_by(value.saturating_sub(counter.get()));
         }
+    }
+
+    /// Counts a browser frame its call refused.
+    pub fn refused_frame(&self) {
+        self.refused_frames.inc();
     }
 
     /// Counts a session that ended on its own.

@@ -21,11 +21,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// Keepalives every second, so sessions and homes settle fast.
-const KEEPALIVE_SECS: &str = "1";
-/// How long the overlay may take to attach the desktops and publish their records
-/// (a debug build on a loaded 2-core machine).
-const OVERLAY_WAIT: Duration = Duration::from_secs(60);
 /// Seconds of conversation before alice hangs up.
 const CALL_SECS: f64 = 5.0;
 /// How long `peercall call` may take in all: set-up, the call, the summary.
@@ -132,27 +127,6 @@ fn best_lag(a: &[f64], b: &[f64], max: usize) -> (usize, f64) {
 
 /// A node with fast keepalives and relays allowed to loopback targets; `env` adds
 /// to it.
-fn start(dir: &Path, env: &[(&str, &str)]) -> Daemon {
-    let mut all = vec![
-        ("PEERCALL_KEEPALIVE_SECS", KEEPALIVE_SECS),
-        ("PEERCALL_RELAY_ALLOW_PRIVATE_TARGETS", "true"),
-    ];
-    all.extend_from_slice(env);
-    Daemon::start_node(dir, "127.0.0.1:0", &[], &all)
-}
-
-fn status(d: &Daemon) -> Value {
-    let r = d.get("/status");
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()
-}
-
-fn request(d: &Daemon, method: &str, path: &str, body: &str) -> HttpResponse {
-    let auth = format!("Bearer {}", d.token().trim());
-    http(d.admin(), method, path, &[("Authorization", &auth)], body).expect("HTTP")
-}
-
-/// Runs the `peercall` CLI to completion (bounded); status, stdout, stderr.
 fn cli(args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
     let out = tempfile::tempdir().expect("tmp");
     let (o, e) = (out.path().join("out"), out.path().join("err"));
@@ -192,54 +166,28 @@ struct Net {
 }
 
 fn network(root: &Path, bob_play: &Path, bob_record: &Path) -> Net {
-    let s1 = start(&root.join("seed1"), &[("PEERCALL_ROLE", "supernode")]);
-    let s1_spec = format!(
-        "{}@{}",
-        status(&s1)["peer_key"].as_str().expect("key"),
-        s1.udp()
-    );
-    let s2 = start(
-        &root.join("seed2"),
-        &[("PEERCALL_ROLE", "supernode"), ("PEERCALL_SEEDS", &s1_spec)],
-    );
-    let seeds = format!(
-        "{s1_spec},{}@{}",
-        status(&s2)["peer_key"].as_str().expect("key"),
-        s2.udp()
-    );
-    let alice = start(
+    let (seeds, spec) = start_seeds(root);
+    let alice = start_call_node(
         &root.join("alice"),
-        &[("PEERCALL_SEEDS", &seeds), ("PEERCALL_HANDLE", "alice")],
+        &[("PEERCALL_SEEDS", &spec), ("PEERCALL_HANDLE", "alice")],
     );
     let (play, record) = (
         bob_play.to_str().expect("utf-8"),
         bob_record.to_str().expect("utf-8"),
     );
-    let bob = start(
+    let bob = start_call_node(
         &root.join("bob"),
         &[
-            ("PEERCALL_SEEDS", &seeds),
+            ("PEERCALL_SEEDS", &spec),
             ("PEERCALL_HANDLE", "bob"),
             ("PEERCALL_CALLS_AUTO_ANSWER", "true"),
             ("PEERCALL_CALLS_ANSWER_PLAY", play),
             ("PEERCALL_CALLS_ANSWER_RECORD", record),
         ],
     );
-    // Each desktop has a home and the other can look it up.
-    for (who, other, d) in [("alice", "bob", &alice), ("bob", "alice", &bob)] {
-        let found = eventually(OVERLAY_WAIT, || {
-            let homes = status(d)["homes"].as_array().map_or(0, Vec::len);
-            homes > 0 && request(d, "GET", &format!("/v1/lookup?q={other}"), "").status == 200
-        });
-        assert!(
-            found,
-            "{who} attached and finds {other}: {}\n{}",
-            status(d),
-            d.stderr()
-        );
-    }
+    wait_directory(&[("alice", &alice), ("bob", &bob)]);
     Net {
-        _seeds: vec![s1, s2],
+        _seeds: seeds,
         alice,
         bob,
     }
@@ -301,22 +249,20 @@ fn a_call_with_speech_is_heard_recorded_and_counted() {
             .status,
         401
     );
-    let r = request(&net.alice, "POST", "/v1/calls", "{\"to\": \"bad handle!\"}");
+    let r = net
+        .alice
+        .request("POST", "/v1/calls", "{\"to\": \"bad handle!\"}");
     assert_eq!(r.status, 400, "{}", r.body);
-    let r = request(
-        &net.alice,
+    let r = net.alice.request(
         "POST",
         "/v1/calls",
         "{\"to\": \"bob\", \"play\": \"/nonexistent.wav\"}",
     );
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("cannot play"), "{}", r.body);
-    assert_eq!(request(&net.alice, "GET", "/v1/calls/999", "").status, 404);
-    assert_eq!(
-        request(&net.alice, "DELETE", "/v1/calls/999", "").status,
-        404
-    );
-    assert_eq!(request(&net.alice, "GET", "/v1/calls/x", "").status, 400);
+    assert_eq!(net.alice.request("GET", "/v1/calls/999", "").status, 404);
+    assert_eq!(net.alice.request("DELETE", "/v1/calls/999", "").status, 404);
+    assert_eq!(net.alice.request("GET", "/v1/calls/x", "").status, 400);
 
     // The call.
     let duration = CALL_SECS.to_string();
@@ -388,14 +334,14 @@ fn a_call_with_speech_is_heard_recorded_and_counted() {
 
     // Bob's side ended too, and finished its recording.
     let ended = eventually(Duration::from_secs(10), || {
-        let r = request(&net.bob, "GET", "/v1/calls", "");
+        let r = net.bob.request("GET", "/v1/calls", "");
         r.status == 200
             && r.json()["calls"]
                 .as_array()
                 .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["state"] == "ended"))
     });
     assert!(ended, "bob's call ended: {}", net.bob.stderr());
-    let bob_calls = request(&net.bob, "GET", "/v1/calls", "").json();
+    let bob_calls = net.bob.request("GET", "/v1/calls", "").json();
     let bob_call = &bob_calls["calls"][0];
     assert_eq!(bob_call["outgoing"], false, "{bob_call}");
     assert_eq!(bob_call["handle"], "alice", "{bob_call}");
@@ -494,11 +440,15 @@ fn a_call_with_speech_is_heard_recorded_and_counted() {
     // Wrong state: the ended call can be neither answered nor hung up.
     let id = s["call"].as_u64().expect("call id");
     assert_eq!(
-        request(&net.alice, "POST", &format!("/v1/calls/{id}/answer"), "").status,
+        net.alice
+            .request("POST", &format!("/v1/calls/{id}/answer"), "")
+            .status,
         409
     );
     assert_eq!(
-        request(&net.alice, "DELETE", &format!("/v1/calls/{id}"), "").status,
+        net.alice
+            .request("DELETE", &format!("/v1/calls/{id}"), "")
+            .status,
         409
     );
 

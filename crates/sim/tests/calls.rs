@@ -285,6 +285,100 @@ fn two_public_nodes_call_talk_and_hang_up() {
     assert_eq!(counters.active, 0);
 }
 
+/// A call whose caller passes Opus through (as the daemon does for a browser): the
+/// caller's packets, coded outside the engine, reach the callee's decoder; what the
+/// callee says comes out as `CallOpus` events, one per frame; capture pushed as PCM
+/// is ignored meanwhile; a gap in the source's timestamps reaches the far end as a
+/// pause, not a jump.
+#[test]
+fn a_passthrough_call_carries_opus_coded_outside_the_engine() {
+    let mut n = net(503, &[Site::Public, Site::Public], 25, auto_answer);
+    let ca = n.call(0, 1);
+    let a = n.nodes[n.user(0)];
+    n.sim
+        .with_node(a, |node, _| node.set_opus_passthrough(ca, true))
+        .expect("pass-through on a live call");
+    let mut encoder =
+        peercall_media::Encoder::new(peercall_media::EncoderConfig::default()).expect("encoder");
+    let mut opus = vec![0u8; 1500];
+    let mut ts = 0x1234_5678u32;
+    let mut pushed = 0u64;
+    let mut cb = None;
+    for step in 0..400u32 {
+        cb = cb.or_else(|| n.incoming(1));
+        let calls: Vec<(usize, CallId)> = cb.map(|c| (1, c)).into_iter().collect();
+        // The callee talks as usual; the caller's PCM pushes are ignored.
+        n.talk(&calls, FRAME);
+        if n.stats(0, ca).state != CallState::Active {
+            continue;
+        }
+        let phase = u64::from(step) * FRAME_SAMPLES as u64;
+        let pcm: Vec<i16> = (0..FRAME_SAMPLES)
+            .map(|k| {
+                let t = (phase + k as u64) as f64 / 48_000.0;
+                (6_000.0 * (2.0 * std::f64::consts::PI * 300.0 * t).sin()) as i16
+            })
+            .collect();
+        let len = encoder.encode(&pcm, &mut opus).expect("encode");
+        // Frames 250..253 are never sent, as a browser's DTX or a lost packet.
+        ts = ts.wrapping_add(FRAME_SAMPLES as u32);
+        if (250..253).contains(&step) {
+            continue;
+        }
+        n.sim.with_node(a, |node, now| {
+            node.push_audio(now, ca, &[0; FRAME_SAMPLES])
+                .expect("ignored");
+            node.push_opus(now, ca, ts, &opus[..len])
+                .expect("push_opus");
+        });
+        pushed += 1;
+    }
+    let cb = cb.expect("the callee was called");
+    let (sa, sb) = (n.stats(0, ca), n.stats(1, cb));
+    assert_eq!(
+        sa.frames_sent, pushed,
+        "only the Opus packets are sent: {sa:?}"
+    );
+    assert!(sb.frames_received * 10 >= pushed * 9, "{sb:?}");
+    assert!(sb.first_audio_ms.is_some(), "the callee decodes: {sb:?}");
+    // The three skipped frames are a 60 ms pause at the callee (a talkspurt starts
+    // after it, as after DTX), not a jump in its playout.
+    assert_eq!(sb.media.dtx, 3, "{sb:?}");
+    let received: Vec<(u32, u32, usize)> = n
+        .events(0)
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            Event::CallOpus {
+                call,
+                seq,
+                timestamp,
+                opus,
+            } if call == ca => Some((seq, timestamp, opus.len())),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        received.len() as u64 * 10 >= sb.frames_sent * 9,
+        "{} Opus events for {} frames sent",
+        received.len(),
+        sb.frames_sent
+    );
+    assert!(received.iter().all(|&(_, _, len)| len > 0));
+    for w in received.windows(2) {
+        assert_eq!(w[1].1.wrapping_sub(w[0].1) % FRAME_SAMPLES as u32, 0);
+    }
+    // Bad packets are refused with a reason; so is Opus on a call without pass-through.
+    n.sim.with_node(a, |node, now| {
+        let long = [0x80u8, 0x00]; // config 16, 2.5 ms CELT: not a 20 ms frame
+        assert!(node.push_opus(now, ca, ts, &long).is_err());
+        assert!(node.push_opus(now, ca, ts, &[]).is_err());
+    });
+    let b = n.nodes[n.user(1)];
+    n.sim.with_node(b, |node, now| {
+        assert!(node.push_opus(now, cb, 0, &opus[..4]).is_err());
+    });
+}
+
 /// The kinds of paths that are up (usable) on a call.
 fn kinds_up(s: &CallStats) -> Vec<PathKind> {
     s.paths

@@ -28,6 +28,59 @@ pub const UDP_ADDR: &str = "udp.addr";
 pub const ADMIN_TOKEN: &str = "admin.token";
 pub const IDENTITY: &str = "identity.key";
 
+/// Keepalives every second, so sessions and homes settle fast.
+const CALL_NET_KEEPALIVE_SECS: &str = "1";
+/// How long the overlay may take to attach desktops and publish their records (a
+/// debug build on a loaded 2-core machine).
+pub const OVERLAY_WAIT: Duration = Duration::from_secs(60);
+
+/// A node of a loopback call network: fast keepalives, relaying to private
+/// addresses allowed (every address is loopback here), plus `env`.
+pub fn start_call_node(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+    let mut all = vec![
+        ("PEERCALL_KEEPALIVE_SECS", CALL_NET_KEEPALIVE_SECS),
+        ("PEERCALL_RELAY_ALLOW_PRIVATE_TARGETS", "true"),
+    ];
+    all.extend_from_slice(env);
+    Daemon::start_node(dir, "127.0.0.1:0", &[], &all)
+}
+
+/// Two seed supernodes under `root` (`seed1`, `seed2`), and the `PEERCALL_SEEDS`
+/// value naming both with their keys.
+pub fn start_seeds(root: &Path) -> (Vec<Daemon>, String) {
+    let key = |d: &Daemon| d.status()["peer_key"].as_str().expect("key").to_owned();
+    let s1 = start_call_node(&root.join("seed1"), &[("PEERCALL_ROLE", "supernode")]);
+    let s1_spec = format!("{}@{}", key(&s1), s1.udp());
+    let s2 = start_call_node(
+        &root.join("seed2"),
+        &[("PEERCALL_ROLE", "supernode"), ("PEERCALL_SEEDS", &s1_spec)],
+    );
+    let seeds = format!("{s1_spec},{}@{}", key(&s2), s2.udp());
+    (vec![s1, s2], seeds)
+}
+
+/// Waits until each of `nodes` (name, node) is attached and finds every other's
+/// handle (its name) in the directory.
+pub fn wait_directory(nodes: &[(&str, &Daemon)]) {
+    for (who, d) in nodes {
+        for (other, _) in nodes.iter().filter(|(o, _)| o != who) {
+            let found = eventually(OVERLAY_WAIT, || {
+                let homes = d.status()["homes"].as_array().map_or(0, Vec::len);
+                homes > 0
+                    && d.request("GET", &format!("/v1/lookup?q={other}"), "")
+                        .status
+                        == 200
+            });
+            assert!(
+                found,
+                "{who} attached and finds {other}: {}\n{}",
+                d.status(),
+                d.stderr()
+            );
+        }
+    }
+}
+
 /// A `peercall` command with no `PEERCALL_*` variables inherited from the test's
 /// environment (they would change the configuration).
 pub fn peercall() -> Command {
@@ -114,6 +167,26 @@ impl Daemon {
         let mut d = Daemon::spawn(cmd, data_dir);
         d.wait_ready();
         d
+    }
+
+    /// `GET /status` (asserted to answer 200) as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let r = self.get("/status");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    }
+
+    /// `method path` with the node's token and `body`.
+    pub fn request(&self, method: &str, path: &str, body: &str) -> HttpResponse {
+        let auth = format!("Bearer {}", self.token().trim());
+        http(
+            self.admin(),
+            method,
+            path,
+            &[("Authorization", &auth)],
+            body,
+        )
+        .expect("HTTP")
     }
 
     /// Waits until `admin.addr` exists (the node writes it last, when ready).
