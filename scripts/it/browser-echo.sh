@@ -9,23 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../setup.sh
 . scripts/setup.sh
+# shellcheck source=browser-lib.sh
+. scripts/it/browser-lib.sh
 
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-    if ! peercall_apt_install chromium chromium-driver; then
-        echo "browser-echo: SKIPPED: Debian's chromium and chromium-driver could not be installed" >&2
-        exit 0
-    fi
-fi
-peercall_apt_install espeak-ng sox
-
-venv="${PEERCALL_VENV:-$HOME/.cache/peercall-venv}"
-if ! "$venv/bin/python" -c "import numpy, scipy" 2>/dev/null; then
-    echo "browser-echo: installing numpy, scipy into $venv" >&2
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q numpy scipy
-fi
-
-cargo build -q -p peercall --features webrtc
-target="${CARGO_TARGET_DIR:-target}"
+browser_prereqs browser-echo
+browser_audio_prereqs browser-echo
+browser_build
 # Bounded: a hung browser or node cannot stall the suite.
-exec timeout --kill-after=10 240 "$venv/bin/python" scripts/it/browser_echo.py --bin "$target/debug/peercall" "$@"
+exec timeout --kill-after=10 240 "$browser_python" scripts/it/browser_echo.py --bin "$browser_bin" "$@"

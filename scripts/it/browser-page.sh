@@ -11,15 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../setup.sh
 . scripts/setup.sh
+# shellcheck source=browser-lib.sh
+. scripts/it/browser-lib.sh
 
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-    if ! peercall_apt_install chromium chromium-driver; then
-        echo "browser-page: SKIPPED: Debian's chromium and chromium-driver could not be installed" >&2
-        exit 0
-    fi
-fi
-
-cargo build -q -p peercall --features webrtc
-target="${CARGO_TARGET_DIR:-target}"
+browser_prereqs browser-page
+browser_build
 # Bounded: a hung browser or node cannot stall the suite.
-exec timeout --kill-after=10 180 python3 scripts/it/browser_page.py --bin "$target/debug/peercall" "$@"
+exec timeout --kill-after=10 180 python3 scripts/it/browser_page.py --bin "$browser_bin" "$@"

@@ -78,10 +78,12 @@ def log(msg):
     print(f"browser-echo: {msg}", file=sys.stderr, flush=True)
 
 
-def make_speech(work):
-    raw = work / "speech_raw.wav"
-    wav = work / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(raw), SENTENCE], check=True)
+def make_speech(work, sentence=SENTENCE, name="speech", voice="en-us"):
+    """Speaks `sentence` into `work/<name>.wav` (48 kHz mono), padded for Chromium's
+    fake microphone."""
+    raw = work / f"{name}_raw.wav"
+    wav = work / f"{name}.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w", str(raw), sentence], check=True)
     # 48 kHz mono 16-bit, peak at -3 dBFS: what a microphone would give.
     subprocess.run(["sox", str(raw), "-r", "48000", "-b", "16", "-c", "1", str(wav), "norm", "-3"],
                    check=True)

@@ -957,6 +957,26 @@ window.peercallPage = Object.freeze({
     audio: page.audio && { session: page.audio.session, state: page.audio.pc ? page.audio.pc.connectionState : "none" },
     lastError: page.lastError,
   }),
+  // The browser's own view of the call's audio (its WebRTC statistics): what the
+  // microphone sent to the node and what came back, decoded.
+  audioStats: async () => {
+    const pc = page.audio && page.audio.pc;
+    if (!pc) return null;
+    const out = { inbound: null, outbound: null };
+    (await pc.getStats()).forEach((r) => {
+      if (r.kind !== "audio") return;
+      if (r.type === "inbound-rtp") {
+        out.inbound = {
+          packetsReceived: r.packetsReceived, packetsLost: r.packetsLost,
+          totalAudioEnergy: r.totalAudioEnergy, totalSamplesDuration: r.totalSamplesDuration,
+          concealedSamples: r.concealedSamples, totalSamplesReceived: r.totalSamplesReceived,
+        };
+      } else if (r.type === "outbound-rtp") {
+        out.outbound = { packetsSent: r.packetsSent, bytesSent: r.bytesSent };
+      }
+    });
+    return out;
+  },
 });
 
 start();
