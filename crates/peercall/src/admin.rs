@@ -1404,21 +1404,7 @@ async fn webrtc_close(
 
 #[cfg(feature = "webrtc")]
 async fn webrtc_echo_page() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-store"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (header::REFERRER_POLICY, "no-referrer"),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-                 connect-src 'self'; media-src 'self' blob: mediastream:",
-            ),
-        ],
-        crate::webrtc::ECHO_PAGE,
-    )
-        .into_response()
+    page::echo().await
 }
 
 #[cfg(not(feature = "webrtc"))]

@@ -1,6 +1,8 @@
 //! The call page the node serves at its admin address: `GET /` and its assets under
 //! `/assets/`, plain HTML, CSS and JavaScript compiled into the binary
-//! (`include_str!`), with no build step and nothing loaded from elsewhere.
+//! (`include_str!`), with no build step and nothing loaded from elsewhere. The
+//! WebRTC echo diagnostic (`/webrtc/echo`, feature `webrtc`) is built and served
+//! the same way.
 //!
 //! The page carries no secrets, so it is served without the token; everything it
 //! does goes through the token-protected `/v1/*` API. The person signs in with the
@@ -57,8 +59,15 @@ pub const INDEX: Asset = Asset {
     body: include_str!("page/index.html"),
 };
 
-/// The files under `/assets/`.
-pub const ASSETS: [Asset; 3] = [
+/// The echo diagnostic, served at `/webrtc/echo` (feature `webrtc`).
+pub const ECHO: Asset = Asset {
+    name: "echo.html",
+    content_type: "text/html; charset=utf-8",
+    body: include_str!("page/echo.html"),
+};
+
+/// The files under `/assets/`: the call page's, then the echo diagnostic's.
+pub const ASSETS: [Asset; 5] = [
     Asset {
         name: "app.js",
         content_type: "text/javascript; charset=utf-8",
@@ -73,6 +82,16 @@ pub const ASSETS: [Asset; 3] = [
         name: "icon.svg",
         content_type: "image/svg+xml",
         body: include_str!("page/icon.svg"),
+    },
+    Asset {
+        name: "echo.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("page/echo.js"),
+    },
+    Asset {
+        name: "echo.css",
+        content_type: "text/css; charset=utf-8",
+        body: include_str!("page/echo.css"),
     },
 ];
 
@@ -112,6 +131,11 @@ pub async fn index() -> Response {
     serve(&INDEX)
 }
 
+/// `GET /webrtc/echo`: the echo diagnostic.
+pub async fn echo() -> Response {
+    serve(&ECHO)
+}
+
 /// `GET /assets/{name}`: one of [`ASSETS`], 404 otherwise.
 pub async fn asset(Path(name): Path<String>) -> Response {
     match ASSETS.iter().find(|a| a.name == name) {
@@ -130,24 +154,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn page_is_self_contained_and_loads_only_its_assets() {
-        let html = INDEX.body;
-        // No inline script or style: the CSP would block them.
-        assert!(
-            !html.contains("<script>") && !html.contains("style="),
-            "inline code"
-        );
-        assert!(!html.contains("<style"), "inline style sheet");
-        for asset in ASSETS {
+    fn pages_are_self_contained_and_load_only_their_assets() {
+        for page in [INDEX, ECHO] {
+            // No inline script or style: the CSP would block them.
+            let html = page.body;
             assert!(
-                html.contains(&format!("\"/assets/{}\"", asset.name)),
+                !html.contains("<script>") && !html.contains("style="),
+                "inline code in {}",
+                page.name
+            );
+            assert!(!html.contains("<style"), "inline style sheet");
+        }
+        for asset in ASSETS {
+            let reference = format!("\"/assets/{}\"", asset.name);
+            assert!(
+                INDEX.body.contains(&reference) || ECHO.body.contains(&reference),
                 "{} referenced",
                 asset.name
             );
         }
         // Nothing from elsewhere, in any file (an SVG names its XML namespace with
         // a URL, which is a name, never fetched).
-        for asset in ASSETS.iter().chain([&INDEX]) {
+        for asset in ASSETS.iter().chain([&INDEX, &ECHO]) {
             let body = asset
                 .body
                 .replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
@@ -162,18 +190,19 @@ mod tests {
     }
 
     #[test]
-    fn script_uses_no_dom_sinks_or_eval() {
-        let js = ASSETS[0].body;
-        for sink in [
-            "innerHTML",
-            "outerHTML",
-            "insertAdjacentHTML",
-            "document.write",
-            "eval(",
-            "new Function",
-            "console.log",
-        ] {
-            assert!(!js.contains(sink), "app.js uses {sink}");
+    fn scripts_use_no_dom_sinks_or_eval() {
+        for js in ASSETS.iter().filter(|a| a.name.ends_with(".js")) {
+            for sink in [
+                "innerHTML",
+                "outerHTML",
+                "insertAdjacentHTML",
+                "document.write",
+                "eval(",
+                "new Function",
+                "console.log",
+            ] {
+                assert!(!js.body.contains(sink), "{} uses {sink}", js.name);
+            }
         }
     }
 

@@ -415,9 +415,6 @@ impl WebRtcMetrics {
     }
 }
 
-/// The diagnostic page served at `/webrtc/echo`.
-pub const ECHO_PAGE: &str = include_str!("webrtc/echo.html");
-
 #[cfg(test)]
 mod tests {
     use super::*;

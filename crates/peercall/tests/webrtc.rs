@@ -204,7 +204,8 @@ fn offer_endpoint_refuses_clearly() {
     // The page is served, self-contained.
     let r = node.get("/webrtc/echo");
     assert_eq!(r.status, 200);
-    assert!(r.body.contains("window.echoTest"));
+    assert!(r.body.contains("/assets/echo.js"));
+    assert!(node.get("/assets/echo.js").body.contains("window.echoTest"));
     assert!(!r.body.contains("http://") && !r.body.contains("https://"));
     assert!(r.header("content-security-policy").is_some());
 

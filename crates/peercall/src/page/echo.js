@@ -1,41 +1,3 @@
-<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>peercall echo test</title>
-<style>
-  body { font: 15px/1.5 system-ui, sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
-  h1 { font-size: 1.3rem; }
-  label, input, button { font: inherit; }
-  input[type=password] { width: 100%; box-sizing: border-box; }
-  button { margin: 0.8rem 0.5rem 0.8rem 0; padding: 0.3rem 1rem; }
-  #state { font-weight: bold; }
-  table { border-collapse: collapse; margin-top: 0.5rem; }
-  td { padding: 0.1rem 1rem 0.1rem 0; }
-  .error { color: #a00; }
-</style>
-</head>
-<body>
-<h1>peercall echo test</h1>
-<p>Your microphone goes to this node over WebRTC and comes straight back: you should
-hear yourself after a short delay. Use headphones, or the echo feeds back into the
-microphone.</p>
-<label for="token">Admin token (the contents of <code>admin.token</code> in the node's data directory)</label>
-<input id="token" type="password" autocomplete="off">
-<div>
-  <button id="start">Start</button><button id="stop" disabled>Stop</button>
-  <span id="state">idle</span>
-</div>
-<table>
-  <tr><td>session</td><td id="session">-</td></tr>
-  <tr><td>round trip to the node</td><td id="rtt">-</td></tr>
-  <tr><td>packets back / lost</td><td id="packets">-</td></tr>
-  <tr><td>jitter</td><td id="jitter">-</td></tr>
-</table>
-<p id="error" class="error"></p>
-<audio id="out" autoplay></audio>
-<script>
 "use strict";
 // The token may come in the URL fragment (#token=...), which browsers never send
 // to the server.
@@ -214,6 +176,3 @@ const echoTest = {
 window.echoTest = echoTest;
 $("start").onclick = () => echoTest.start().catch((e) => echoTest.fail(e));
 $("stop").onclick = () => echoTest.stop();
-</script>
-</body>
-</html>
