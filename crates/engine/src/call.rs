@@ -1228,11 +1228,15 @@ impl Node {
             .add_path(now, DIRECT_PATH, PathKind::Direct)
             .expect("a new router has room for the direct path");
         self.allocate_paths(now, id);
+        // A session with the callee (left from an earlier call) carries the invite
+        // at once; but its path may have died since, unnoticed until the session
+        // times out, so a new handshake, sent directly and through the callee's
+        // supernodes, always runs beside it, and the session it makes carries the
+        // invite's re-sends if the old one does not.
         if self.peers.contains_key(&key) {
             self.call_session_up(now, id, None);
-        } else {
-            self.call_handshake(now, id);
         }
+        self.call_handshake(now, id);
     }
 
     /// A session came up (either side initiated).

@@ -465,10 +465,12 @@ impl Node {
             on_demand,
             armed: Time::MAX,
         });
-        if let Some(from) = direct
-            && peer.via.is_none()
-        {
-            peer.addr = from;
+        match direct {
+            Some(from) if peer.via.is_none() => peer.addr = from,
+            Some(_) => {}
+            // A session made anew through signalling (its direct path is gone, or
+            // never was) answers through signalling from now on.
+            None => peer.via = via,
         }
         peer.established = now;
         peer.last_received = now;

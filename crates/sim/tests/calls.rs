@@ -379,6 +379,46 @@ fn a_passthrough_call_carries_opus_coded_outside_the_engine() {
     });
 }
 
+/// A call placed right after the direct path to the same peer died, while the
+/// session from the last call still looks alive: the invite must not wait for that
+/// session to time out, but reach the callee through the supernodes at once.
+#[test]
+fn a_new_call_over_a_dead_session_connects_through_the_relays() {
+    let mut n = net(
+        509,
+        &[Site::Nat(NatType::PortRestricted), Site::Public],
+        25,
+        auto_answer,
+    );
+    let (ca, cb) = n.connect(0, 1, secs(5));
+    n.talk(&[(0, ca), (1, cb)], secs(2));
+    n.sim
+        .with_node(n.nodes[n.user(0)], |node, now| node.hangup(now, ca))
+        .expect("hang up");
+    n.sim.run_for(ms(200));
+    // The direct path dies; the session with the callee is still up.
+    let (a, b) = (n.site(0), n.site(1));
+    n.sim.cut(n.sim.now(), &[a], &[b]).expect("cut");
+    n.sim.run_for(ms(300));
+    let placed = n.sim.now();
+    let c2 = n.call(0, 1);
+    let deadline = placed + secs(10);
+    let mut connected = None;
+    while n.sim.now() < deadline && connected.is_none() {
+        n.talk(&[(0, c2)], FRAME);
+        let s = n.stats(0, c2);
+        if let Some(r) = n.ended(0, c2) {
+            panic!("the second call ended: {r}; {s:?}");
+        }
+        if s.state == CallState::Active {
+            connected = Some(n.sim.now().saturating_since(placed));
+        }
+    }
+    let took = connected.unwrap_or_else(|| panic!("not connected: {:?}", n.stats(0, c2)));
+    eprintln!("second call connected {took:?} after it was placed");
+    assert!(took < secs(2), "connected after {took:?}");
+}
+
 /// The kinds of paths that are up (usable) on a call.
 fn kinds_up(s: &CallStats) -> Vec<PathKind> {
     s.paths
