@@ -60,6 +60,7 @@ pub const INDEX: Asset = Asset {
 };
 
 /// The echo diagnostic, served at `/webrtc/echo` (feature `webrtc`).
+#[cfg(any(feature = "webrtc", test))]
 pub const ECHO: Asset = Asset {
     name: "echo.html",
     content_type: "text/html; charset=utf-8",
@@ -132,6 +133,7 @@ pub async fn index() -> Response {
 }
 
 /// `GET /webrtc/echo`: the echo diagnostic.
+#[cfg(feature = "webrtc")]
 pub async fn echo() -> Response {
     serve(&ECHO)
 }
