@@ -1561,8 +1561,15 @@ impl Node {
             self.send_call_msg(now, id, &msg);
             return self.end_call(now, id, EndReason::Lost);
         }
+        let invite_waits = call.outgoing
+            && call.state == CallState::Connecting
+            && !call.offered
+            && call.peer.is_some_and(|p| self.peers.contains_key(&p));
         if call.next_handshake.is_some_and(|t| t <= now) {
             self.call_handshake(now, id);
+        }
+        if invite_waits && self.overlay.own_record().is_some() {
+            self.call_session_up(now, id, None);
         }
         self.punch(now, id);
         self.allocate_paths(now, id);
@@ -1624,24 +1631,26 @@ impl Node {
             call.add_candidate(observed);
         }
         if call.outgoing && call.state == CallState::Connecting && !call.offered {
-            call.offered = true;
-            let number = call.number;
-            let offer = paths_offer(call);
             match own {
-                Some(record) => self.send_reliable(
-                    now,
-                    id,
-                    CallMsg::Invite {
-                        call: number,
-                        record,
-                    },
-                ),
-                None => {
-                    tracing::debug!("no own record yet; cannot invite");
+                Some(record) => {
+                    call.offered = true;
+                    let number = call.number;
+                    let offer = paths_offer(call);
+                    self.send_reliable(
+                        now,
+                        id,
+                        CallMsg::Invite {
+                            call: number,
+                            record,
+                        },
+                    );
+                    if let Some(offer) = offer {
+                        self.send_reliable(now, id, offer);
+                    }
                 }
-            }
-            if let Some(offer) = offer {
-                self.send_reliable(now, id, offer);
+                // The invite carries it: the call timer tries again once the
+                // overlay has published it (moments after attaching).
+                None => tracing::debug!(%id, "no own record yet; the invite waits for it"),
             }
         }
         if let Some(o) = origin {

@@ -419,6 +419,54 @@ fn a_new_call_over_a_dead_session_connects_through_the_relays() {
     assert!(took < secs(2), "connected after {took:?}");
 }
 
+/// A node places a call as soon as it is attached, before its own record (which
+/// the invite carries) is published: the invite waits for the record instead of
+/// never going out.
+#[test]
+fn a_call_placed_before_the_own_record_exists_waits_for_it() {
+    let mut n = net(511, &[Site::Public], 25, auto_answer);
+    let seeds: Vec<Contact> = (0..SEEDS)
+        .map(|i| Contact {
+            addr: SocketAddr::from((Ipv4Addr::new(198, 51, 100, i as u8 + 1), PORT)),
+            key: Some(n.sim.node(n.nodes[i]).status().peer_key),
+        })
+        .collect();
+    let mut config = Config::new(
+        Identity::from_seed(n.sim.derive_seed(90_001)),
+        n.sim.derive_seed(90_002),
+    );
+    config.seeds = seeds;
+    config.role = Role::Ordinary;
+    let host = n
+        .sim
+        .add_host(Ipv4Addr::new(203, 0, 113, 77))
+        .expect("host");
+    let late = n
+        .sim
+        .add_node(host, PORT, Node::new(config, n.sim.now()))
+        .expect("node");
+    let attached = n.sim.run_until_pred(n.sim.now() + secs(30), |s| {
+        let o = s.node(late).overlay();
+        !o.homes().is_empty() && o.own_record().is_none()
+    });
+    assert!(attached, "attached with no record published yet");
+    let handle = Handle::new(&format!("user{}", n.user(0))).expect("handle");
+    let call = n
+        .sim
+        .with_node(late, |node, now| node.call(now, CallTarget::Handle(handle)));
+    let ok = n.sim.run_until_pred(n.sim.now() + secs(10), |s| {
+        s.node(late)
+            .call_stats(s.now(), call)
+            .is_some_and(|c| c.state == CallState::Active || c.state == CallState::Ended)
+    });
+    let stats = n
+        .sim
+        .node(late)
+        .call_stats(n.sim.now(), call)
+        .expect("call");
+    assert!(ok && stats.state == CallState::Active, "{stats:?}");
+}
+
 /// The kinds of paths that are up (usable) on a call.
 fn kinds_up(s: &CallStats) -> Vec<PathKind> {
     s.paths
