@@ -24,7 +24,6 @@ scripts/it/browser-call.sh.
 Prints one JSON line with the figures. Every process it starts is stopped by PID.
 """
 
-import argparse
 import json
 import shutil
 import signal
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser_echo import (RATE, circular_spread, dbfs, make_speech, resample,  # noqa: E402
                           to_float, windowed_ncc)
 from browser_page import Node, snapshot, text_of, visible  # noqa: E402
-from webdriver import (CHROMIUM_FLAGS, ENTER, WebDriver, free_port,  # noqa: E402
+from webdriver import (browser_args, CHROMIUM_FLAGS, ENTER, WebDriver, free_port,  # noqa: E402
                        log_to_stderr, node_env, stop)
 
 log = log_to_stderr("browser-call")
@@ -133,16 +132,28 @@ def wait_in_call(driver, who):
 
 
 def cut(node, target, driver, who):
-    """Blocks `target` in `node`'s socket; waits for `driver`'s page to show a path
-    switch to a relay; returns (seconds to the page showing it, path shown)."""
+    """Once `node`'s call (the one `driver`'s page shows) has a relay path up,
+    blocks `target` in `node`'s socket; waits for the page to show a path switch to
+    a relay; returns (seconds to the page showing it, path shown)."""
+    call = snapshot(driver)["call"]["id"]
+
+    def relay_up():
+        status, body = node.api("GET", f"/v1/calls/{call}")
+        return status == 200 and any(p["kind"].startswith("relay") and p["state"] in ("standby", "redundant")
+                                     for p in body["paths"])
+    driver.wait(f"a relay path up on {node.name}'s call", relay_up, STEP_SECONDS)
     before = int_text(driver, "st-switches") or 0
     status, body = node.api("POST", "/v1/debug/block", {"addr": target})
     assert status in (200, 201, 204), f"block: {status} {body}"
     t0 = time.monotonic()
-    path = driver.wait(f"{who}'s page showing the switch",
-                       lambda: (int_text(driver, "st-switches") or 0) > before
-                       and "relay" in (text_of(driver, "st-path") or "")
-                       and text_of(driver, "st-path"), SWITCH_SECONDS)
+    try:
+        path = driver.wait(f"{who}'s page showing the switch",
+                           lambda: (int_text(driver, "st-switches") or 0) > before
+                           and "relay" in (text_of(driver, "st-path") or "")
+                           and text_of(driver, "st-path"), SWITCH_SECONDS)
+    except AssertionError:
+        log(f"{node.name}'s call at the time-out: {node.api('GET', f'/v1/calls/{call}')[1]}")
+        raise
     return time.monotonic() - t0, path
 
 
@@ -159,13 +170,19 @@ def grows(first, second, who):
     return packets, energy
 
 
+def both_hear(page_a, page_c, seconds, when):
+    """Checks that alice's and carol's browsers both decode audio over `seconds`
+    (the first second skipped: a switch or the start may still be settling)."""
+    time.sleep(1)
+    first = (audio_stats(page_a), audio_stats(page_c))
+    time.sleep(seconds - 1)
+    second = (audio_stats(page_a), audio_stats(page_c))
+    return [grows(first[0], second[0], "alice hearing carol" + when),
+            grows(first[1], second[1], "carol hearing alice" + when)]
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True, help="peercall binary built with --features webrtc")
-    ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
-    ap.add_argument("--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = ap.parse_args()
+    args = browser_args()
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     work = Path(tempfile.mkdtemp(prefix="peercall-browser-call-"))
@@ -264,20 +281,10 @@ def main():
         wait_in_call(page_c, "carol")
         wait_in_call(page_a, "alice")
         figures["browser_call_connected_s"] = round(time.monotonic() - t0, 2)
-        time.sleep(1)
-        first = (audio_stats(page_a), audio_stats(page_c))
-        time.sleep(TALK_BEFORE_CUT - 1)
-        second = (audio_stats(page_a), audio_stats(page_c))
-        figures["browsers_before_cut"] = [grows(first[0], second[0], "alice hearing carol"),
-                                          grows(first[1], second[1], "carol hearing alice")]
+        figures["browsers_before_cut"] = both_hear(page_a, page_c, TALK_BEFORE_CUT, "")
         figures["browser_switch_shown_s"], figures["browser_path_after_cut"] = \
             cut(carol, alice.udp, page_c, "carol")
-        time.sleep(1)
-        third = (audio_stats(page_a), audio_stats(page_c))
-        time.sleep(TALK_AFTER_CUT - 1)
-        fourth = (audio_stats(page_a), audio_stats(page_c))
-        figures["browsers_after_cut"] = [grows(third[0], fourth[0], "alice hearing carol after the cut"),
-                                         grows(third[1], fourth[1], "carol hearing alice after the cut")]
+        figures["browsers_after_cut"] = both_hear(page_a, page_c, TALK_AFTER_CUT, " after the cut")
         page_c.click("#hangup")
         page_a.wait("alice's page showing the end", lambda: snapshot(page_a)["call"] is None, STEP_SECONDS)
         status, calls = carol.api("GET", "/v1/calls")

@@ -26,7 +26,6 @@
 Prints one JSON line with the figures. Every process it starts is stopped by PID.
 """
 
-import argparse
 import base64
 import json
 import shutil
@@ -41,7 +40,7 @@ import numpy as np
 import scipy.io.wavfile as wavfile
 import scipy.signal as sps
 
-from webdriver import CHROMIUM_FLAGS, WebDriver, free_port, http, node_env, stop, wait_for_file
+from webdriver import browser_args, CHROMIUM_FLAGS, WebDriver, free_port, http, node_env, stop, wait_for_file
 
 SENTENCE = ("The quick brown fox jumps over the lazy dog, "
             "and then it runs back home before the rain.")
@@ -177,12 +176,7 @@ def metric(text, series):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True, help="peercall binary built with --features webrtc")
-    ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
-    ap.add_argument("--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = ap.parse_args()
+    args = browser_args()
 
     # The suite's `timeout` sends SIGTERM: unwind through `finally`, which stops
     # everything this script started.

@@ -24,7 +24,6 @@
 Prints one JSON line with the figures. Every process it starts is stopped by PID.
 """
 
-import argparse
 import http.server as httpserver
 import json
 import shutil
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webdriver import (CHROMIUM_FLAGS, ENTER, WebDriver, free_port, http,  # noqa: E402
+from webdriver import (browser_args, CHROMIUM_FLAGS, ENTER, WebDriver, free_port, http,  # noqa: E402
                        log_to_stderr, node_env, stop, wait_for_file)
 
 log = log_to_stderr("browser-page")
@@ -126,12 +125,7 @@ class Quiet(httpserver.BaseHTTPRequestHandler):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True, help="the peercall binary")
-    ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
-    ap.add_argument("--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = ap.parse_args()
+    args = browser_args()
 
     # The suite's `timeout` sends SIGTERM: unwind through `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))

@@ -4,8 +4,10 @@ and chromedriver on loopback, stop them by PID.
 
 Used by scripts/it/browser_page.py (the call page) and scripts/it/browser_echo.py."""
 
+import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +37,16 @@ CHROMIUM_FLAGS = [
 ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"
 # WebDriver's key code for Enter.
 ENTER = "\ue007"
+
+
+def browser_args():
+    """The arguments every real-browser test takes."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True, help="peercall binary built with --features webrtc")
+    ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    ap.add_argument("--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    return ap.parse_args()
 
 
 def free_port():
