@@ -557,7 +557,7 @@ impl Engine {
 
     /// Sends what the batch holds.
     async fn flush(&mut self) {
-        flush(&self.socket, &mut self.tx, &self.metrics).await;
+        flush(&mut self.socket, &mut self.tx, &self.metrics).await;
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -595,20 +595,20 @@ impl Engine {
             w.handle_events(self.clock.now(), &self.metrics.webrtc);
             while let Some(t) = w.poll_transmit() {
                 if !self.tx.has_room() {
-                    flush(&self.socket, &mut self.tx, &self.metrics).await;
+                    flush(&mut self.socket, &mut self.tx, &self.metrics).await;
                 }
                 if !self.tx.push(t.dest, &t.bytes) {
                     self.metrics.udp_send_errors.inc();
                     debug!(dest = %t.dest, len = t.bytes.len(), "datagram too long to send");
                 }
             }
-            flush(&self.socket, &mut self.tx, &self.metrics).await;
+            flush(&mut self.socket, &mut self.tx, &self.metrics).await;
         }
     }
 }
 
 /// Sends what `tx` holds on `socket`, counting calls and failures.
-async fn flush(socket: &BatchSocket, tx: &mut TxBatch, metrics: &Metrics) {
+async fn flush(socket: &mut BatchSocket, tx: &mut TxBatch, metrics: &Metrics) {
     if tx.is_empty() {
         return;
     }
