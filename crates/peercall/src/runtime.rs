@@ -379,6 +379,8 @@ impl Engine {
             w.close_all();
         }
         self.drain().await;
+        // Datagrams an emulated link still holds ([emulate]) go out when due.
+        self.socket.finish().await;
         // Recordings of calls the close did not end (none expected) are finished too.
         for (call, mut audio) in std::mem::take(&mut self.audio) {
             finish_recording(call, &mut audio);

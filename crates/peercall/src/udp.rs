@@ -206,6 +206,25 @@ impl BatchSocket {
         }
     }
 
+    /// Sends the emulator's delayed datagrams as they fall due, until none is left
+    /// (at most the configured delay plus jitter): at shutdown, so the node's last
+    /// words (the peers are told it leaves) are delayed like the rest, not lost.
+    pub async fn finish(&mut self) {
+        let BatchSocket {
+            socket,
+            state,
+            emulator,
+            ..
+        } = self;
+        let Some(e) = emulator.as_mut() else {
+            return;
+        };
+        while let Some(due) = e.next_due() {
+            tokio::time::sleep_until(due.into()).await;
+            send_due(socket, state, e);
+        }
+    }
+
     /// Calls `f` with the source and contents of every datagram of the last
     /// `filled` slots (GRO slots split into their datagrams).
     pub fn for_each(&self, filled: usize, mut f: impl FnMut(SocketAddr, &[u8])) {
@@ -696,6 +715,21 @@ mod tests {
         let elapsed = sent_at.elapsed();
         assert!(elapsed >= Duration::from_millis(DELAY_MS), "{elapsed:?}");
         assert_eq!(got, vec![0, 1, 2, 3, 4], "no jitter: in order");
+
+        // At shutdown, what is still queued goes out when due.
+        let mut tx = TxBatch::new(1);
+        assert!(tx.push(b_addr, &[9]));
+        a.flush(&mut tx).await;
+        tokio::time::timeout(Duration::from_secs(5), a.finish())
+            .await
+            .expect("finish ends once the queue is empty");
+        let n = tokio::time::timeout(Duration::from_secs(5), b.recv_batch())
+            .await
+            .expect("the last datagram arrives")
+            .unwrap();
+        let mut last = Vec::new();
+        b.for_each(n, |_, d| last.push(d.to_vec()));
+        assert_eq!(last, vec![vec![9]]);
 
         // Now that a has sent to b, b's answer is admitted.
         b.socket.send_to(b"reply", a_addr).await.unwrap();
