@@ -333,9 +333,9 @@ impl Handshake {
 
     fn explain(self) -> &'static str {
         match self {
-            Handshake::Ik => "knows the seed's address and key, so it opens with Noise IK",
+            Handshake::Ik => "knows seed-1's address and key, so it opens with Noise IK",
             Handshake::Xx => {
-                "knows only the seed's address: first contact with Noise XX, which learns the key"
+                "knows only seed-1's address: first contact with Noise XX, which learns the key"
             }
         }
     }
@@ -540,7 +540,7 @@ impl Network {
         Ok(())
     }
 
-    /// Waits until every desktop lists a session with the seed and the seed lists
+    /// Waits until every desktop lists a session with seed-1 and seed-1 lists
     /// one with every desktop, narrating each as it comes up.
     async fn wait_sessions(
         &mut self,
@@ -572,7 +572,7 @@ impl Network {
                 m.session_up = Some(up);
                 let how = m.handshake.map_or("", Handshake::as_str);
                 out.say(format!(
-                    "{:<7} <-> seed: session up with Noise {how}, {} ms after {} was ready",
+                    "{:<7} <-> seed-1: session up with Noise {how}, {} ms after {} was ready",
                     m.name,
                     ms(up),
                     m.name
@@ -596,7 +596,7 @@ impl Network {
                 .collect();
             if missing.is_empty() {
                 out.say(format!(
-                    "all {} sessions up: the seed lists every desktop in /status, and each desktop lists the seed",
+                    "all {} sessions up: seed-1 lists every desktop in /status, and each desktop lists seed-1",
                     desktops.len()
                 ));
                 return Ok(());
@@ -1298,7 +1298,7 @@ fn write_speech(path: &Path) -> anyhow::Result<&'static str> {
 struct Summary {
     /// Every node, the seed first.
     nodes: Vec<NodeSummary>,
-    /// Sessions the seed holds (one per desktop).
+    /// Sessions seed-1 holds (every desktop and the other seeds).
     sessions: usize,
     /// From starting the seed to the summary, in milliseconds.
     setup_ms: f64,
