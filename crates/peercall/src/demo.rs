@@ -800,6 +800,7 @@ impl Network {
                 debug_blocked: counter(&text, "peercall_debug_blocked_datagrams_total"),
                 nat: m.nat,
                 emulated: Emulated::of(&text),
+                supernode: status.supernode,
             });
         }
         let mut supernodes = 0;
@@ -1392,6 +1393,8 @@ struct NodeSummary {
     nat: bool,
     /// What its `[emulate]` layer did.
     emulated: Emulated,
+    /// Whether it is a supernode now (a seed, or a desktop the tier promoted).
+    supernode: bool,
 }
 
 /// A node's `peercall_debug_emulated_*` counters.
@@ -1475,7 +1478,11 @@ impl Narrator {
             self.line(format!(
                 "{:<7} {:<9} {:<24} {:<3} {:<22} {:>10} {:>10} {:>7}  {}",
                 n.name,
-                n.role,
+                if n.supernode && n.role != "supernode" {
+                    "promoted"
+                } else {
+                    n.role
+                },
                 n.fingerprint,
                 n.handshake.unwrap_or("-"),
                 sessions_column(&n.sessions),

@@ -122,6 +122,10 @@ fn check_summary(summary: &Value) {
         .as_str()
         .expect("a desktop was promoted");
     assert!(["desk-3", "desk-4"].contains(&promoted), "{promoted}");
+    for node in nodes {
+        let supernode = node["role"] == "supernode" || node["name"] == promoted;
+        assert_eq!(node["supernode"], supernode, "{node}");
+    }
     let after = summary["promotion_s"].as_f64().expect("promotion_s");
     assert!(after > 0.0 && after < 40.0, "{after} s");
     let mut keys: Vec<&str> = nodes
