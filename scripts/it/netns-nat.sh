@@ -20,17 +20,10 @@ export LC_ALL=C
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
 
-skip() {
-    echo "netns-nat: SKIPPED: $*" >&2
-    exit 0
-}
-[ "$(id -u)" -eq 0 ] || skip "needs root (network namespaces, iptables); run as root to include it"
-# shellcheck source-path=SCRIPTDIR source=../setup.sh
-. scripts/setup.sh
-peercall_apt_install iproute2 iptables curl python3 || skip "cannot install iproute2, iptables, curl, python3"
 export NETNS_RUN=nat$$
-ip netns add "$NETNS_RUN-probe" 2>/dev/null || skip "ip netns unavailable (no network namespace support)"
-ip netns del "$NETNS_RUN-probe"
+# shellcheck source-path=SCRIPTDIR source=../netns/lib.sh
+. scripts/netns/lib.sh
+netns_script_begin netns-nat iproute2 iptables curl python3
 
 # ---------------------------------------------------------------- parameters
 # Conntrack UDP timeout in the NAT routers (Linux default 30 s, 120 s for streams):
@@ -72,73 +65,16 @@ measured() {
     summary+=("$*")
     note "ok: $*"
 }
-fail() {
-    echo "netns-nat: FAIL: $*" >&2
-    exit 1
-}
+fail() { netns_fail "$@"; }
 # secs_between T1 T2 [FLOOR]: T2 - T1 in seconds (EPOCHREALTIME values), one decimal.
 secs_between() { awk -v a="$1" -v b="$2" -v f="${3:-}" 'BEGIN { d = b - a; if (f != "" && d < f) d = f; printf "%.1f\n", d }'; }
 # secs_after T S: T + S.
 secs_after() { awk -v a="$1" -v s="$2" 'BEGIN { printf "%.6f\n", a + s }'; }
 
-# ---------------------------------------------------------------- binary
-# PEERCALL_BIN, else the debug build of this checkout in the build cache setup.sh
-# uses (built here: a no-op after `cargo test`); without cargo, a build found there.
-if [ -n "${PEERCALL_BIN:-}" ]; then
-    bin=$PEERCALL_BIN
-elif peercall_setup; then
-    cargo build -q -p peercall || fail "cargo build -p peercall"
-    bin=$CARGO_TARGET_DIR/debug/peercall
-else
-    bin=${CARGO_TARGET_DIR:-$HOME/.cache/peercall-target}/debug/peercall
-    [ -x "$bin" ] || bin=${CARGO_TARGET_DIR:-$HOME/.cache/peercall-target}/release/peercall
-fi
-[ -x "$bin" ] || fail "no peercall binary (set PEERCALL_BIN or install cargo)"
-export NETNS_PEERCALL_BIN=$bin
-export NETNS_MAX_LIFETIME=$WATCHDOG_SECS
-
-# shellcheck source-path=SCRIPTDIR source=../netns/lib.sh
-. scripts/netns/lib.sh
+netns_script_binary
 probe=$repo/scripts/netns/natprobe.py
-
-watchdog=""
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM HUP
-    [ -z "$watchdog" ] || kill "$watchdog" 2>/dev/null || true
-    if [ $status -ne 0 ] && [ -d "$NETNS_STATE/nodes" ]; then
-        local log
-        for log in "$NETNS_STATE"/nodes/*/node.log "$NETNS_STATE"/impair/*.log; do
-            [ -f "$log" ] || continue
-            echo "---- ${log#"$NETNS_STATE"/} (last lines)" >&2
-            tail -n 12 "$log" >&2
-        done
-    fi
-    netns_down
-    exit $status
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
-# The watchdog wakes every second: it ends within a second of being told to, holds
-# no output open, and quits if this script died (reparented: never signal a pid
-# that may have been reused).
-(
-    trap 'exit 0' TERM
-    me=$BASHPID
-    for ((i = 0; i < WATCHDOG_SECS; i++)); do
-        sleep 1 >/dev/null 2>&1
-        [ "$(ps -o ppid= -p "$me" | tr -d ' ')" = $$ ] || exit 0
-    done
-    echo "netns-nat: FAIL: watchdog: over ${WATCHDOG_SECS}s" >&2
-    kill -TERM $$
-) &
-watchdog=$!
-
-netns_gc
-export NETNS_OWNER=$$
-netns_up || fail "topology"
+netns_script_guard $WATCHDOG_SECS 'nodes/*/node.log' 'impair/*.log'
+netns_script_up
 
 # ---------------------------------------------------------------- 1. NAT behaviour
 netns_bg stun "$NETNS_STATE/probe-server.log" "$NETNS_PYTHON" "$probe" server \

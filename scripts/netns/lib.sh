@@ -116,7 +116,8 @@ netns_add_public() {
 #                    filtering (only replies matching a conntrack entry come in)
 #   symmetric        MASQUERADE --random-fully: a fresh random port per destination
 #                    (address-and-port-dependent mapping), same filtering
-# The conntrack UDP timeouts of the router are set to NETNS_UDP_TIMEOUT.
+# The conntrack UDP timeouts of the router are set to NETNS_UDP_TIMEOUT, and new UDP
+# flows addressed to the router itself from the internet are dropped.
 netns_add_nat() {
     local nat=$1 desktop=$2 wan=$3 lan=$4 type=$5 random=()
     case $type in
@@ -137,6 +138,15 @@ netns_add_nat() {
     ip netns exec "$nns" sysctl -qw \
         "net.netfilter.nf_conntrack_udp_timeout=$NETNS_UDP_TIMEOUT" \
         "net.netfilter.nf_conntrack_udp_timeout_stream=$NETNS_UDP_TIMEOUT" || return 1
+    # Unsolicited UDP to the router's public address is dropped before conntrack
+    # confirms it. Without this, a hole-punching datagram that reaches the router
+    # before its desktop's own first one leaves an entry (peer -> router:port) that
+    # takes the desktop's mapping tuple, so MASQUERADE maps the desktop to another
+    # port, which the peer's NAT filters: simultaneous punching would then fail by
+    # a Linux artefact, where a real port-restricted NAT simply discards such
+    # datagrams without keeping state (see README.md).
+    ip netns exec "$nns" iptables -w 5 -A INPUT -i wan -p udp -m conntrack --ctstate NEW -j DROP ||
+        return 1
     NETNS_ADDR[$nat]=$wan
     NETNS_ADDR[${nat}_lan]=$lan
     NETNS_ADDR[${nat}_type]=$type
@@ -291,6 +301,116 @@ netns_bg() {
     setsid ip netns exec "$(netns_ns "$role")" \
         timeout --kill-after=5 "$NETNS_MAX_LIFETIME" "$@" </dev/null >"$log" 2>&1 &
     echo $!
+}
+
+# ---------------------------------------------------------------- test scripts
+# The common frame of the scripts in scripts/it that use this topology: source this
+# file with NETNS_RUN set (from the repository root), then
+#   netns_script_begin NAME PACKAGE...   skips without root or namespaces, installs
+#   netns_script_binary                  finds or builds peercall (NETNS_PEERCALL_BIN)
+#   netns_script_guard SECS LOG_GLOB...  cleanup on every exit, watchdog after SECS
+#   netns_script_up                      removes dead runs, builds the topology
+
+# netns_script_begin NAME PACKAGE...: names the script in messages (NETNS_SCRIPT),
+# skips it (exit 0, with the reason) unless it runs as root with network namespace
+# support, and installs the Debian packages it needs (skips if that fails).
+netns_script_begin() {
+    NETNS_SCRIPT=$1
+    shift
+    [ "$(id -u)" -eq 0 ] || netns_skip "needs root (network namespaces, iptables); run as root to include it"
+    # shellcheck source-path=SCRIPTDIR source=../setup.sh
+    . "$NETNS_DIR/../setup.sh"
+    peercall_apt_install "$@" || netns_skip "cannot install $*"
+    ip netns add "$NETNS_RUN-probe" 2>/dev/null || netns_skip "ip netns unavailable (no network namespace support)"
+    ip netns del "$NETNS_RUN-probe"
+}
+
+# netns_skip REASON: ends the script as skipped (exit 0).
+netns_skip() {
+    echo "${NETNS_SCRIPT:-netns}: SKIPPED: $*" >&2
+    exit 0
+}
+
+# netns_fail REASON: ends the script as failed (exit 1; the guard cleans up).
+netns_fail() {
+    echo "${NETNS_SCRIPT:-netns}: FAIL: $*" >&2
+    exit 1
+}
+
+# netns_script_binary: the peercall binary the nodes run, in NETNS_PEERCALL_BIN:
+# PEERCALL_BIN if set; else this checkout's debug build with the features the test
+# suite builds (built here: a no-op after `cargo test`, and the same features, so
+# nothing is rebuilt); without cargo, a build found in the cache.
+netns_script_binary() {
+    local bin target
+    if [ -n "${PEERCALL_BIN:-}" ]; then
+        bin=$PEERCALL_BIN
+    elif peercall_setup; then
+        cargo build -q -p peercall --features webrtc || netns_fail "cargo build -p peercall"
+        bin=$CARGO_TARGET_DIR/debug/peercall
+    else
+        target=${CARGO_TARGET_DIR:-$HOME/.cache/peercall-target}
+        bin=$target/debug/peercall
+        [ -x "$bin" ] || bin=$target/release/peercall
+    fi
+    [ -x "$bin" ] || netns_fail "no peercall binary (set PEERCALL_BIN or install cargo)"
+    export NETNS_PEERCALL_BIN=$bin
+}
+
+# netns_script_guard SECS LOG_GLOB...: from here on every exit (success, failure,
+# INT, TERM, HUP) removes the run (netns_down); a failure first prints the last
+# lines of the logs matching LOG_GLOB (relative to NETNS_STATE). A watchdog ends
+# the script (as a failure) after SECS; it wakes every second, so it ends within a
+# second of the script, holds no output open, and quits if the script died
+# (reparented: it never signals a pid that may have been reused). Processes
+# started in the run live at most SECS too (NETNS_MAX_LIFETIME).
+netns_script_guard() {
+    local secs=$1
+    shift
+    NETNS_FAIL_LOGS=("$@")
+    export NETNS_MAX_LIFETIME=$secs
+    NETNS_WATCHDOG=""
+    trap netns_script_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    trap 'exit 129' HUP
+    (
+        trap 'exit 0' TERM
+        me=$BASHPID
+        for ((i = 0; i < secs; i++)); do
+            sleep 1 >/dev/null 2>&1
+            [ "$(ps -o ppid= -p "$me" | tr -d ' ')" = $$ ] || exit 0
+        done
+        echo "${NETNS_SCRIPT:-netns}: FAIL: watchdog: over ${secs}s" >&2
+        kill -TERM $$
+    ) &
+    NETNS_WATCHDOG=$!
+}
+
+# The EXIT trap of netns_script_guard.
+netns_script_cleanup() {
+    local status=$? glob log
+    trap - EXIT INT TERM HUP
+    [ -z "${NETNS_WATCHDOG:-}" ] || kill "$NETNS_WATCHDOG" 2>/dev/null || true
+    if [ $status -ne 0 ] && [ -d "$NETNS_STATE" ]; then
+        for glob in "${NETNS_FAIL_LOGS[@]}"; do
+            for log in "$NETNS_STATE"/$glob; do
+                [ -f "$log" ] || continue
+                echo "---- ${log#"$NETNS_STATE"/} (last lines)" >&2
+                tail -n 12 "$log" >&2
+            done
+        done
+    fi
+    netns_down
+    exit $status
+}
+
+# netns_script_up: removes runs whose owner died, then builds the topology owned by
+# this script (netns_up); fails the script if that fails.
+netns_script_up() {
+    netns_gc
+    export NETNS_OWNER=$$
+    netns_up || netns_fail "topology"
 }
 
 # ---------------------------------------------------------------- peercall nodes

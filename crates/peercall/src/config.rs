@@ -23,12 +23,13 @@ use peercall_overlay::config as overlay;
 use thiserror::Error;
 
 use crate::contact::{PeerSpec, PeerSpecError};
+use crate::netem::{EmulateSettings, MAX_DELAY_MS, MAX_PEERS, NatMode, PeerMatch};
 
 /// Prefix of the environment variables that set config keys (`PEERCALL_LISTEN`...).
 pub const ENV_PREFIX: &str = "PEERCALL_";
 
 /// Every config key, in documentation order.
-pub const KEYS: [&str; 44] = [
+pub const KEYS: [&str; 51] = [
     "data_dir",
     "listen",
     "admin",
@@ -73,11 +74,18 @@ pub const KEYS: [&str; 44] = [
     "relay.request_burst",
     "relay.lifetime_secs",
     "relay.idle_timeout_secs",
+    "emulate.delay_ms",
+    "emulate.jitter_ms",
+    "emulate.loss_pct",
+    "emulate.seed",
+    "emulate.peers",
+    "emulate.nat",
+    "emulate.nat_timeout_secs",
 ];
 
 /// Config sections: a TOML table (`[calls]`) whose keys are named `calls.KEY`;
 /// in the environment `PEERCALL_CALLS_KEY`.
-pub const SECTIONS: [&str; 2] = ["calls", "relay"];
+pub const SECTIONS: [&str; 3] = ["calls", "relay", "emulate"];
 
 /// Most calls at a time a node may be configured for: each call runs an Opus
 /// encoder and decoder on the daemon's audio clock; more than this on one host is a
@@ -91,6 +99,9 @@ pub const MAX_CALL_TIMEOUT_SECS: u64 = 600;
 pub const MAX_RELAY_COUNT: u64 = 10_000_000;
 /// Upper bound of the relay's byte keys: 1 GB/s per client is beyond any uplink.
 pub const MAX_RELAY_BYTES: u64 = 1_000_000_000;
+/// Default lifetime of an emulated NAT mapping without outbound traffic: 30 s, the
+/// common UDP binding timeout of home routers (and Linux conntrack's).
+pub const DEFAULT_NAT_TIMEOUT_SECS: u64 = 30;
 
 /// Default UDP address: all interfaces, peercall's port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7600";
@@ -250,6 +261,9 @@ pub struct Settings {
     pub calls: CallSettings,
     /// Relay settings (`relay.*`), used while the node is a supernode.
     pub relay: RelayConfig,
+    /// Emulated link impairment and NAT in the UDP socket (`emulate.*`): for tests
+    /// and the demo.
+    pub emulate: EmulateSettings,
 }
 
 /// The `calls.*` keys.
@@ -439,6 +453,12 @@ pub enum KeyError {
         "invalid local address {text:?}: expected \"auto\", or a list of IP addresses or IP:PORT"
     )]
     LocalAddr {
+        /// The entry.
+        text: String,
+    },
+    /// An entry of `emulate.peers` that is neither an IP address nor `IP:PORT`.
+    #[error("invalid peer address {text:?}: expected an IP address or IP:PORT")]
+    PeerAddr {
         /// The entry.
         text: String,
     },
@@ -732,6 +752,13 @@ fn defaults(data_dir: Option<&Path>) -> Layer {
     l.set("relay.request_burst", o, u64::from(r.request_burst));
     l.set("relay.lifetime_secs", o, r.lifetime.as_secs());
     l.set("relay.idle_timeout_secs", o, r.idle_timeout.as_secs());
+    l.set("emulate.delay_ms", o, 0u64);
+    l.set("emulate.jitter_ms", o, 0u64);
+    l.set("emulate.loss_pct", o, 0.0);
+    l.set("emulate.seed", o, 0u64);
+    l.set("emulate.peers", o, ValueKind::Array(Vec::new()));
+    l.set("emulate.nat", o, NatMode::None.as_str());
+    l.set("emulate.nat_timeout_secs", o, DEFAULT_NAT_TIMEOUT_SECS);
     l
 }
 
@@ -943,6 +970,7 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
         debug_endpoints: p.key("debug_endpoints", parse_bool)?,
         calls: parse_calls(&p)?,
         relay: parse_relay(&p)?,
+        emulate: parse_emulate(&p)?,
     };
     // The overlay's own check, as a backstop: every relation it checks is checked
     // above under our key names, so this only fails if the two drift apart.
@@ -1075,6 +1103,69 @@ fn parse_relay(p: &Parser<'_>) -> Result<RelayConfig, ConfigError> {
         request_burst: p.key("relay.request_burst", count)? as u32,
         lifetime: p.key("relay.lifetime_secs", secs)?,
         idle_timeout: p.key("relay.idle_timeout_secs", secs)?,
+    })
+}
+
+fn parse_emulate(p: &Parser<'_>) -> Result<EmulateSettings, ConfigError> {
+    let delay_ms = p.key("emulate.delay_ms", |v| {
+        parse_uint(
+            v,
+            0,
+            MAX_DELAY_MS,
+            "a whole number of milliseconds from 0 to 10000",
+        )
+    })?;
+    let jitter_ms = p.key("emulate.jitter_ms", |v| {
+        let jitter = parse_uint(
+            v,
+            0,
+            MAX_DELAY_MS,
+            "a whole number of milliseconds from 0 to 10000",
+        )?;
+        if jitter <= delay_ms {
+            Ok(jitter)
+        } else {
+            Err(KeyError::Order {
+                value: jitter.to_string(),
+                relation: "at most",
+                other: "emulate.delay_ms",
+                other_value: delay_ms.to_string(),
+                why: "the jitter is spread around the delay, and a delay cannot go below zero",
+            })
+        }
+    })?;
+    Ok(EmulateSettings {
+        delay_ms,
+        jitter_ms,
+        loss_ppm: p.key("emulate.loss_pct", |v| {
+            const EXPECTED: &str = "a percentage from 0 to 100, such as 1.5";
+            let (n, shown) = number(v, EXPECTED)?;
+            n.filter(|n| (0.0..=100.0).contains(n))
+                // In range, so the product is at most 1e6.
+                .map(|n| (n * 10_000.0).round() as u32)
+                .ok_or(KeyError::Range {
+                    text: shown,
+                    expected: EXPECTED,
+                })
+        })?,
+        seed: p.key("emulate.seed", |v| {
+            parse_uint(
+                v,
+                0,
+                u64::MAX,
+                "a whole number from 0 (a random seed, logged) to 18446744073709551615",
+            )
+        })?,
+        peers: p.key("emulate.peers", parse_peers)?,
+        nat: p.key("emulate.nat", |v| {
+            const ALLOWED: &str = "none, port-restricted";
+            let s = text(v, ALLOWED)?;
+            [NatMode::None, NatMode::PortRestricted]
+                .into_iter()
+                .find(|m| m.as_str() == s)
+                .ok_or_else(|| choice(s, ALLOWED))
+        })?,
+        nat_timeout_secs: p.key("emulate.nat_timeout_secs", parse_secs)?.get(),
     })
 }
 
@@ -1344,6 +1435,44 @@ fn parse_local_addrs(v: &Value) -> Result<LocalAddrs, KeyError> {
     Ok(LocalAddrs::List(addrs))
 }
 
+/// `emulate.peers`: IP addresses (every port) or `IP:PORT`; empty for all.
+fn parse_peers(v: &Value) -> Result<Vec<PeerMatch>, KeyError> {
+    const EXPECTED: &str = "a list of IP addresses or IP:PORT (empty: every destination)";
+    let one = |s: &str| {
+        let s = s.trim();
+        s.parse::<SocketAddr>()
+            // Port 0 matches every port of that host.
+            .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
+            .map(PeerMatch)
+            .map_err(|_| KeyError::PeerAddr { text: s.to_owned() })
+    };
+    let peers: Vec<PeerMatch> = match &v.kind {
+        ValueKind::String(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(one)
+            .collect::<Result<_, _>>()?,
+        ValueKind::Array(items) => items
+            .iter()
+            .map(|i| one(text(i, EXPECTED)?))
+            .collect::<Result<_, _>>()?,
+        other => {
+            return Err(KeyError::Type {
+                expected: EXPECTED,
+                found: kind_name(other),
+            });
+        }
+    };
+    if peers.len() > MAX_PEERS {
+        return Err(KeyError::TooMany {
+            count: peers.len(),
+            max: MAX_PEERS,
+        });
+    }
+    Ok(peers)
+}
+
 fn parse_seed(s: &str) -> Result<PeerSpec, KeyError> {
     s.parse().map_err(|error| KeyError::Seed {
         text: s.to_owned(),
@@ -1458,6 +1587,10 @@ mod tests {
                 redundancy: RedundancyMode::Auto,
             },
             relay: RelayConfig::default(),
+            emulate: EmulateSettings {
+                nat_timeout_secs: DEFAULT_NAT_TIMEOUT_SECS,
+                ..EmulateSettings::default()
+            },
         }
     }
 
@@ -1518,6 +1651,80 @@ mod tests {
         assert_eq!(key_error(&with_file(&f)).0, "relay.client_bytes_per_sec");
         let f = toml_file("[calls]\nredundancy = \"sometimes\"\n");
         assert_eq!(key_error(&with_file(&f)).0, "calls.redundancy");
+    }
+
+    #[test]
+    fn emulate_section_parses_and_bad_values_name_the_key() {
+        let f = toml_file(
+            "[emulate]\ndelay_ms = 30\njitter_ms = 10\nloss_pct = 1.5\nseed = 42\n\
+             peers = [\"127.0.0.2\", \"127.0.0.3:7600\"]\nnat = \"port-restricted\"\n\
+             nat_timeout_secs = 20\n",
+        );
+        let e = load(&with_file(&f)).unwrap().emulate;
+        assert_eq!(
+            (e.delay_ms, e.jitter_ms, e.loss_ppm, e.seed),
+            (30, 10, 15_000, 42)
+        );
+        assert_eq!(
+            e.peers,
+            vec![
+                PeerMatch("127.0.0.2:0".parse().unwrap()),
+                PeerMatch("127.0.0.3:7600".parse().unwrap())
+            ]
+        );
+        assert_eq!((e.nat, e.nat_timeout_secs), (NatMode::PortRestricted, 20));
+        assert!(e.is_active() && e.impairs());
+        let s = load(&with_env(&[
+            ("PEERCALL_EMULATE_DELAY_MS", "20"),
+            ("PEERCALL_EMULATE_PEERS", "10.0.0.1, 10.0.0.2:1"),
+            ("PEERCALL_DEBUG_ENDPOINTS", "true"),
+        ]))
+        .unwrap();
+        assert_eq!((s.emulate.delay_ms, s.emulate.peers.len()), (20, 2));
+        assert!(s.debug_endpoints, "not taken for a key of a section");
+        assert!(!sources_default_emulates());
+
+        for (text, key, why) in [
+            ("delay_ms = 10001", "emulate.delay_ms", "from 0 to 10000"),
+            (
+                "delay_ms = 10\njitter_ms = 11",
+                "emulate.jitter_ms",
+                "at most emulate.delay_ms",
+            ),
+            (
+                "loss_pct = 101",
+                "emulate.loss_pct",
+                "percentage from 0 to 100",
+            ),
+            ("loss_pct = -1", "emulate.loss_pct", "percentage"),
+            ("seed = -3", "emulate.seed", "whole number"),
+            (
+                "peers = [\"nowhere\"]",
+                "emulate.peers",
+                "invalid peer address \"nowhere\"",
+            ),
+            (
+                "nat = \"symmetric\"",
+                "emulate.nat",
+                "none, port-restricted",
+            ),
+            (
+                "nat_timeout_secs = 0",
+                "emulate.nat_timeout_secs",
+                "seconds from 1",
+            ),
+            ("bogus = 1", "emulate.bogus", "unknown key"),
+        ] {
+            let f = toml_file(&format!("[emulate]\n{text}\n"));
+            let (k, origin, error) = key_error(&with_file(&f));
+            assert_eq!(k, key, "{text}");
+            assert!(matches!(origin, Origin::File(_)), "{text}");
+            assert!(error.to_string().contains(why), "{text}: {error}");
+        }
+    }
+
+    fn sources_default_emulates() -> bool {
+        load(&sources()).unwrap().emulate.is_active()
     }
 
     #[test]

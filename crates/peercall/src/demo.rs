@@ -1,12 +1,20 @@
 //! `peercall demo`: a small peercall network on loopback, shown working.
 //!
 //! It starts real `peercall node` processes (this same binary) with temporary data
-//! directories: one seed supernode and a few desktop nodes seeded with it, half of
-//! them knowing the seed's key (Noise IK), the others only its address (Noise XX,
-//! first contact). It waits, with deadlines, until every node lists its sessions in
-//! `/status` and authenticated keepalives show in every node's `/metrics`, narrates
-//! what happens, and prints a summary (`--json`: one JSON object on stdout, the
-//! narrative on stderr). With `--keep-running` the network stays up until Ctrl-C.
+//! directories, each on its own loopback address (127.80.0.0/24: the tier validates
+//! a candidate only through a supernode on another IP, as on the internet): three
+//! pinned seed supernodes that know each other (a tier needs three to dial a
+//! candidate back: two are its homes, the third dials) and a few desktop nodes
+//! seeded with the first seed, half of them knowing its key (Noise IK), the others
+//! only its address (Noise XX, first contact). desk-1 and desk-2 sit behind emulated
+//! port-restricted cone NATs with impaired links (the `[emulate]` section: delay,
+//! jitter and loss in their own UDP sockets), so their call must punch holes; the
+//! other desktops are open, and the tier promotes one of them when the seeds fill
+//! up. The demo waits, with deadlines, for the sessions, authenticated keepalives
+//! and the promotion, then desk-1 looks desk-2 up and calls it with speech; mid-call
+//! the direct path is cut and the call switches to a relay. It narrates what
+//! happens and prints a summary (`--json`: one JSON object on stdout, the narrative
+//! on stderr). With `--keep-running` the network stays up until Ctrl-C.
 //!
 //! Cleanup is not optional: the children run in their own process groups (so a
 //! Ctrl-C in the terminal reaches only the demo, which then stops them in order),
@@ -25,6 +33,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::ValueEnum;
+use peercall_crypto::PeerKey;
+use rand::rngs::OsRng;
 use serde::Serialize;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -57,8 +67,46 @@ const STARTUP_POLL: Duration = Duration::from_millis(2);
 const SESSION_POLL: Duration = Duration::from_millis(10);
 /// Poll interval for `/metrics` while waiting for keepalives.
 const METRICS_POLL: Duration = Duration::from_millis(100);
-/// Most desktop nodes: enough to see a tier, few enough for a laptop.
+/// Most desktop nodes: enough to see a tier, few enough for a laptop (the demo's
+/// addresses are 127.80.0.11 onwards).
 const MAX_DESKTOPS: u8 = 16;
+/// Pinned seed supernodes: the fewest with which a tier can promote. A desktop
+/// attaches to two homes, and the dial-back that validates a candidate must come
+/// from a supernode it never had a session with: the third.
+const SEEDS: u8 = 3;
+/// The demo's loopback network: node `n` listens on 127.80.0.n (seeds 1-3,
+/// desktops 11 onwards). Every node needs an address of its own, since the tier
+/// checks that a dial-back comes from another IP than the candidate's and its
+/// homes'; Linux routes all of 127.0.0.0/8 to the loopback interface.
+const NET: [u8; 3] = [127, 80, 0];
+/// Host number of the first desktop in [`NET`].
+const FIRST_DESKTOP_HOST: u8 = 11;
+/// Home supernodes each desktop attaches to (the overlay's default).
+const HOMES_PER_DESKTOP: u32 = 2;
+/// Election and capacity keys of every node: no minimum uptime (the default wants
+/// an hour, far beyond the demo), a bandwidth and CPU bar every loopback node
+/// passes, and the watermarks of the real-process overlay test. The round every
+/// 10 s (after a 10 s cool-down) is the overlay's own and is not shortened.
+const ELECTION: &str = "bandwidth_mbps = 100\n\
+                        election_min_uptime_secs = 0\n\
+                        election_min_bandwidth_mbps = 10\n\
+                        election_min_cpu_headroom_pct = 0\n\
+                        election_high_watermark = 0.8\n\
+                        election_low_watermark = 0.45\n\
+                        election_min_supernodes = 3\n";
+/// How long the seeds may take to know each other.
+const TIER_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the tier may take to promote a desktop once the desktops are up:
+/// candidacy (3 s after attaching), dial-back, and the coordinator's round every
+/// 10 s after a 10 s cool-down, on a loaded machine.
+const PROMOTION_TIMEOUT: Duration = Duration::from_secs(40);
+/// Poll interval of `/status` while waiting for the tier and the promotion.
+const TIER_POLL: Duration = Duration::from_millis(100);
+/// The emulated access link of desk-1 and desk-2, each way: one-way delay, its
+/// jitter, and random loss, a fair broadband line to a peer in the same country.
+const LINK_DELAY_MS: u64 = 20;
+const LINK_JITTER_MS: u64 = 5;
+const LINK_LOSS_PCT: f64 = 1.0;
 /// Lines of a failed node's log shown in the error.
 const LOG_TAIL_LINES: usize = 20;
 
@@ -71,8 +119,9 @@ pub struct DemoArgs {
     /// Keep the network running after the summary, until Ctrl-C.
     #[arg(long)]
     pub keep_running: bool,
-    /// Desktop nodes seeded with the seed supernode.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_DESKTOPS)))]
+    /// Desktop nodes seeded with the first seed supernode (desk-1 and desk-2 behind
+    /// emulated NATs; four or more fill the seeds, so the tier promotes one).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_DESKTOPS)))]
     pub desktops: u8,
 }
 
@@ -111,28 +160,68 @@ async fn run_demo(log: &LogArgs, args: DemoArgs) -> anyhow::Result<()> {
 
 /// The whole demo up to the summary.
 async fn demo(net: &mut Network, out: &Narrator, args: &DemoArgs) -> anyhow::Result<()> {
+    let capacity = seed_capacity(args.desktops);
     out.line(format!(
-        "peercall demo: 1 seed supernode and {} desktop nodes, each a real `peercall node` process on 127.0.0.1",
-        args.desktops
+        "peercall demo: {SEEDS} seed supernodes and {} desktop nodes, each a real `peercall node` process on its own address in {}.{}.{}.0/24",
+        args.desktops, NET[0], NET[1], NET[2]
     ));
     out.line(format!(
-        "  temporary data in {} (removed at exit); keepalives every {KEEPALIVE_SECS} s",
+        "  temporary data in {} (removed at exit); keepalives every {KEEPALIVE_SECS} s; each seed admits {capacity} clients",
         net.root_path().display()
     ));
-
-    // Relays may forward to loopback: the whole network is on 127.0.0.1.
-    let seed = net.spawn("seed", "supernode", None, None, RELAY_LOOPBACK)?;
-    net.wait_ready(seed).await?;
-    let seed_ready = net.members[seed].ready()?;
-    let (seed_key, seed_udp) = (seed_ready.status.peer_key.clone(), seed_ready.udp);
-    out.say(format!(
-        "{:<7} supernode, fingerprint {}, UDP {seed_udp}: ready in {} ms",
-        "seed",
-        seed_ready.status.fingerprint,
-        ms(seed_ready.at - net.members[seed].spawned)
+    out.line(format!(
+        "  desk-1 and desk-2 sit behind emulated port-restricted NATs, their links {LINK_DELAY_MS} ms ± {LINK_JITTER_MS} ms each way with {LINK_LOSS_PCT} % loss ([emulate] in their own sockets)"
     ));
 
+    // The tier: pinned seeds admit only each other, so each must know the others'
+    // keys and addresses before it starts. The demo makes their identities and
+    // picks their ports first.
+    let mut planned = Vec::new();
+    for i in 1..=SEEDS {
+        let name = format!("seed-{i}");
+        let (key, udp) = net.prepare(&name, host(i))?;
+        planned.push((name, udp, format!("{key}@{udp}")));
+    }
+    let mut seeds: Vec<usize> = Vec::new();
+    for (name, udp, spec) in &planned {
+        let others: Vec<String> = planned
+            .iter()
+            .filter(|(_, _, s)| s != spec)
+            .map(|(_, _, s)| s.clone())
+            .collect();
+        // One after the other: a seed's joins to seeds not yet listening are lost
+        // and only retried at the overlay's next maintenance round, seconds later.
+        let s = net.spawn(
+            name,
+            "supernode",
+            *udp,
+            &others,
+            None,
+            &seed_extra(capacity),
+        )?;
+        net.wait_ready(s).await?;
+        seeds.push(s);
+    }
+    for &s in &seeds {
+        let m = &net.members[s];
+        let ready = m.ready()?;
+        out.say(format!(
+            "{:<7} supernode, fingerprint {}, UDP {}: ready in {} ms",
+            m.name,
+            ready.status.fingerprint,
+            ready.udp,
+            ms(ready.at - m.spawned)
+        ));
+    }
+    net.wait_tier(out, &seeds).await?;
+    let seed = seeds[0];
+    let (seed_key, seed_udp) = {
+        let r = net.members[seed].ready()?;
+        (r.status.peer_key.clone(), r.udp)
+    };
+
     let mut desktops = Vec::new();
+    let desktops_started = Instant::now();
     for i in 1..=args.desktops {
         let name = format!("desk-{i}");
         // Odd desktops know the seed's key; even ones meet it for the first time.
@@ -141,9 +230,21 @@ async fn demo(net: &mut Network, out: &Narrator, args: &DemoArgs) -> anyhow::Res
         } else {
             (Handshake::Xx, seed_udp.to_string())
         };
-        out.say(format!("{name:<7} starting: {}", handshake.explain()));
-        let extra = desktop_extra(&name, i == 2, &net.recording);
-        desktops.push(net.spawn(&name, "auto", Some(&spec), Some(handshake), &extra)?);
+        let behind_nat = i <= 2;
+        out.say(format!(
+            "{name:<7} starting: {}{}",
+            handshake.explain(),
+            if behind_nat {
+                "; behind an emulated NAT"
+            } else {
+                ""
+            }
+        ));
+        let extra = desktop_extra(&name, i, capacity, &net.recording);
+        let host = host(FIRST_DESKTOP_HOST + i - 1);
+        let d = net.spawn(&name, "auto", host, &[spec], Some(handshake), &extra)?;
+        net.members[d].nat = behind_nat;
+        desktops.push(d);
     }
     for &d in &desktops {
         net.wait_ready(d).await?;
@@ -160,17 +261,24 @@ async fn demo(net: &mut Network, out: &Narrator, args: &DemoArgs) -> anyhow::Res
 
     net.wait_sessions(out, seed, &desktops).await?;
     net.wait_keepalives(out).await?;
+    let promotion = net
+        .wait_promotion(out, &seeds, &desktops, desktops_started)
+        .await?;
     let mut summary = net.summary(seed).await?;
+    summary.promotion_s = promotion.map(|p| p.after.as_secs_f64());
+    summary.promoted = promotion.map(|p| net.members[p.node].name.clone());
     if desktops.len() >= 2 {
         let (call, cut) = net.call(out, desktops[0], desktops[1]).await?;
         summary.call = Some(call);
         summary.path_cut_at_s = cut.as_ref().map(|c| c.at_s);
         summary.path_switch_ms = cut.as_ref().and_then(|c| c.switch_ms);
         summary.callee_call = cut.and_then(|c| c.callee);
-        // The block list's drops happened during the call, after the snapshot.
+        // The block list's and the emulator's drops happened during the call, after
+        // the snapshot.
         for (node, m) in summary.nodes.iter_mut().zip(&net.members) {
             let text = get_metrics(m.ready()?.admin).await?;
             node.debug_blocked = counter(&text, "peercall_debug_blocked_datagrams_total");
+            node.emulated = Emulated::of(&text);
         }
     }
     if args.json {
@@ -179,6 +287,31 @@ async fn demo(net: &mut Network, out: &Narrator, args: &DemoArgs) -> anyhow::Res
     }
     out.table(&summary);
     Ok(())
+}
+
+/// The address node `n` of the demo's network listens on (port chosen by the OS).
+fn host(n: u8) -> SocketAddr {
+    SocketAddr::from(([NET[0], NET[1], NET[2], n], 0))
+}
+
+/// Clients each seed admits: just enough for every desktop's homes, so the
+/// seeds' load is above the high watermark ([`ELECTION`]: 0.8) from four
+/// desktops on and the tier promotes one (three places each for four desktops:
+/// 8 of 9, a load of 0.89; the coordinator then promotes just enough to bring the
+/// load back between the watermarks).
+fn seed_capacity(desktops: u8) -> u32 {
+    (u32::from(desktops) * HOMES_PER_DESKTOP)
+        .div_ceil(u32::from(SEEDS))
+        .max(1)
+}
+
+/// A promotion the demo saw.
+#[derive(Debug, Clone, Copy)]
+struct Promotion {
+    /// The promoted member.
+    node: usize,
+    /// From the desktops' start to the member reporting itself a supernode.
+    after: Duration,
 }
 
 /// The two ways a desktop meets the seed.
@@ -200,9 +333,9 @@ impl Handshake {
 
     fn explain(self) -> &'static str {
         match self {
-            Handshake::Ik => "knows the seed's address and key, so it opens with Noise IK",
+            Handshake::Ik => "knows seed-1's address and key, so it opens with Noise IK",
             Handshake::Xx => {
-                "knows only the seed's address: first contact with Noise XX, which learns the key"
+                "knows only seed-1's address: first contact with Noise XX, which learns the key"
             }
         }
     }
@@ -232,6 +365,8 @@ struct Member {
     ready: Option<Ready>,
     /// Time from ready to the session with the seed being established (desktops).
     session_up: Option<Duration>,
+    /// Behind an emulated NAT with an impaired link.
+    nat: bool,
 }
 
 impl Member {
@@ -299,12 +434,29 @@ impl Network {
         self.root.as_ref().map_or(Path::new(""), |r| r.path())
     }
 
+    /// Makes node `name`'s data directory and identity, and picks a free UDP port
+    /// on `ip`'s address (bound and released; the node binds it right after), so
+    /// others can be configured with its key and address before it starts.
+    fn prepare(&self, name: &str, ip: SocketAddr) -> anyhow::Result<(PeerKey, SocketAddr)> {
+        let data_dir = self.root_path().join(name);
+        let dir = crate::store::DataDir::open(&data_dir)
+            .with_context(|| format!("could not create {}", data_dir.display()))?;
+        let (identity, _) = dir
+            .load_or_create_identity(&mut OsRng)
+            .with_context(|| format!("could not make {name}'s identity"))?;
+        let socket = std::net::UdpSocket::bind(ip)
+            .with_context(|| format!("could not bind {ip} (is 127.0.0.0/8 routed to loopback?)"))?;
+        let addr = socket.local_addr().context("local address")?;
+        Ok((identity.peer_key(), addr))
+    }
+
     /// Writes the node's config file and starts `peercall node` on it.
     fn spawn(
         &mut self,
         name: &str,
         role: &'static str,
-        seed: Option<&str>,
+        listen: SocketAddr,
+        seeds: &[String],
         handshake: Option<Handshake>,
         extra: &str,
     ) -> anyhow::Result<usize> {
@@ -312,7 +464,7 @@ impl Network {
         let data_dir = root.join(name);
         let config = root.join(format!("{name}.toml"));
         let log = root.join(format!("{name}.log"));
-        std::fs::write(&config, node_config(&data_dir, role, seed, extra)?)
+        std::fs::write(&config, node_config(&data_dir, role, listen, seeds, extra)?)
             .with_context(|| format!("could not write {}", config.display()))?;
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("could not create {}", log.display()))?;
@@ -347,6 +499,7 @@ impl Network {
             spawned: Instant::now(),
             ready: None,
             session_up: None,
+            nat: false,
         });
         Ok(self.members.len() - 1)
     }
@@ -387,7 +540,7 @@ impl Network {
         Ok(())
     }
 
-    /// Waits until every desktop lists a session with the seed and the seed lists
+    /// Waits until every desktop lists a session with seed-1 and seed-1 lists
     /// one with every desktop, narrating each as it comes up.
     async fn wait_sessions(
         &mut self,
@@ -419,7 +572,7 @@ impl Network {
                 m.session_up = Some(up);
                 let how = m.handshake.map_or("", Handshake::as_str);
                 out.say(format!(
-                    "{:<7} <-> seed: session up with Noise {how}, {} ms after {} was ready",
+                    "{:<7} <-> seed-1: session up with Noise {how}, {} ms after {} was ready",
                     m.name,
                     ms(up),
                     m.name
@@ -443,7 +596,7 @@ impl Network {
                 .collect();
             if missing.is_empty() {
                 out.say(format!(
-                    "all {} sessions up: the seed lists every desktop in /status, and each desktop lists the seed",
+                    "all {} sessions up: seed-1 lists every desktop in /status, and each desktop lists seed-1",
                     desktops.len()
                 ));
                 return Ok(());
@@ -495,6 +648,110 @@ impl Network {
         }
     }
 
+    /// Waits until every seed knows the whole tier (`members` in `/status`).
+    async fn wait_tier(&mut self, out: &Narrator, seeds: &[usize]) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let deadline = started + TIER_TIMEOUT;
+        let n = seeds.len() as u64;
+        loop {
+            let mut known = Vec::new();
+            for &s in seeds {
+                self.members[s].check_alive()?;
+                known.push(get_status(self.members[s].ready()?.admin).await?.members);
+            }
+            if known.iter().all(|&k| k == n) {
+                out.say(format!(
+                    "the tier is formed: every seed knows all {n} supernodes ({} ms)",
+                    ms(started.elapsed())
+                ));
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the seeds did not learn the tier of {n} within {TIER_TIMEOUT:?}: they know {known:?}"
+                );
+            }
+            tokio::time::sleep(TIER_POLL).await;
+        }
+    }
+
+    /// Waits until a desktop reports itself a supernode, narrating the tier's load
+    /// and the dial-backs that decided it; `None` (said) when the desktops are too
+    /// few to load the seeds past the high watermark.
+    async fn wait_promotion(
+        &mut self,
+        out: &Narrator,
+        seeds: &[usize],
+        desktops: &[usize],
+        started: Instant,
+    ) -> anyhow::Result<Option<Promotion>> {
+        let capacity = seed_capacity(desktops.len() as u8) * u32::from(SEEDS);
+        let attachments = desktops.len() as u32 * HOMES_PER_DESKTOP;
+        let load = f64::from(attachments) / f64::from(capacity);
+        if load <= 0.8 {
+            out.say(format!(
+                "no promotion expected: {attachments} attachments to {capacity} places is a load of {load:.2}, below the high watermark 0.8"
+            ));
+            return Ok(None);
+        }
+        out.say(format!(
+            "waiting for the tier to promote a desktop: {attachments} home attachments fill the seeds' {capacity} places (load {load:.2}, above the high watermark 0.8); candidates are dialed back by a supernode they never met, and the coordinator elects every 10 s"
+        ));
+        let deadline = Instant::now() + PROMOTION_TIMEOUT;
+        let promoted = loop {
+            let mut found = None;
+            for &d in desktops {
+                self.members[d].check_alive()?;
+                if get_status(self.members[d].ready()?.admin).await?.supernode {
+                    found = Some(d);
+                    break;
+                }
+            }
+            if let Some(d) = found {
+                break d;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no desktop was promoted within {PROMOTION_TIMEOUT:?}; seed-1's log:\n{}",
+                    log_tail(&self.members[seeds[0]].log)
+                );
+            }
+            tokio::time::sleep(TIER_POLL).await;
+        };
+        let after = started.elapsed();
+        let (mut ok, mut failed, mut promotions) = (0, 0, 0);
+        for &s in seeds {
+            let text = get_metrics(self.members[s].ready()?.admin).await?;
+            ok += counter(&text, "peercall_overlay_dialbacks_total{result=\"ok\"}");
+            failed += counter(&text, "peercall_overlay_dialbacks_total{result=\"failed\"}");
+            promotions += counter(&text, "peercall_overlay_promotions_total");
+        }
+        let m = &self.members[promoted];
+        let status = get_status(m.ready()?.admin).await?;
+        out.say(format!(
+            "promotion: the tier made {} a supernode {:.1} s after the desktops started (role still \"{}\": elected, not configured); the seeds counted {promotions} promotion(s), {ok} dial-back(s) answered and {failed} failed",
+            m.name,
+            after.as_secs_f64(),
+            status.role
+        ));
+        let behind: Vec<&str> = desktops
+            .iter()
+            .map(|&d| &self.members[d])
+            .filter(|m| m.nat)
+            .map(|m| m.name.as_str())
+            .collect();
+        if !behind.is_empty() {
+            out.say(format!(
+                "  {} stay ordinary: behind their NATs no supernode they never sent to can reach them, which is what the dial-back tests",
+                behind.join(" and ")
+            ));
+        }
+        Ok(Some(Promotion {
+            node: promoted,
+            after,
+        }))
+    }
+
     /// Reads every node's status and counters into the summary.
     async fn summary(&self, seed: usize) -> anyhow::Result<Summary> {
         let names: Vec<(String, String)> = self
@@ -541,6 +798,9 @@ impl Network {
                 datagrams_received: counter(&text, "peercall_datagrams_received_total"),
                 dropped: dropped_total(&text),
                 debug_blocked: counter(&text, "peercall_debug_blocked_datagrams_total"),
+                nat: m.nat,
+                emulated: Emulated::of(&text),
+                supernode: status.supernode,
             });
         }
         let mut supernodes = 0;
@@ -557,6 +817,8 @@ impl Network {
         Ok(Summary {
             supernodes,
             promotions,
+            promotion_s: None,
+            promoted: None,
             call: None,
             path_cut_at_s: None,
             path_switch_ms: None,
@@ -583,6 +845,8 @@ impl Network {
         let what = write_speech(&speech)?;
         let (from, to) = (&self.members[caller], &self.members[callee]);
         let (name, ready) = (to.name.clone(), from.ready()?);
+        let (from_name, to_name) = (from.name.clone(), to.name.clone());
+        let (from_admin, to_admin) = (ready.admin, to.ready()?.admin);
         let (admin, token) = (ready.admin, ready.token.clone());
         out.say(format!("{} plays {what}: {}", from.name, speech.display()));
         let deadline = Instant::now() + LOOKUP_TIMEOUT;
@@ -644,8 +908,19 @@ impl Network {
                 last.end_reason.as_deref().unwrap_or("ended")
             );
         }
+        // Active comes with the answer; the first path is chosen with the first media.
+        let deadline = Instant::now() + FIRST_PATH_WAIT;
+        while last.path_kind.is_none() && Instant::now() < deadline {
+            tokio::time::sleep(SESSION_POLL).await;
+            last = get().await?;
+        }
+        let punched = if last.path_kind.as_deref() == Some("direct") && from.nat && to.nat {
+            " (a hole punched through both NATs)"
+        } else {
+            ""
+        };
         out.say(format!(
-            "call connected in {} ms over {}; {name} answered by itself and records",
+            "call connected in {} ms over {}{punched}; {name} answered by itself and records",
             last.setup_ms.unwrap_or(0),
             last.path_kind.as_deref().unwrap_or("?")
         ));
@@ -700,6 +975,13 @@ impl Network {
                 summary.paths_used.join(" then ")
             ));
         }
+        for (who, admin) in [(&from_name, from_admin), (&to_name, to_admin)] {
+            let e = Emulated::of(&get_metrics(admin).await?);
+            out.say(format!(
+                "{who}'s emulated link and NAT so far: {} datagrams delayed, {} lost, {} unsolicited ones filtered by its NAT",
+                e.delayed, e.lost, e.nat_filtered
+            ));
+        }
         out.say(format!(
             "hung up: set-up {} ms, first audio {} ms, {} switches, longest gap {} ms, MOS {}; {name}'s recording: {}",
             opt_ms(summary.setup_ms),
@@ -733,7 +1015,27 @@ impl Network {
         let (from, to) = (&self.members[caller], &self.members[callee]);
         let ready = from.ready()?;
         let target = to.ready()?.udp;
-        let before = get().await?;
+        let mut before = get().await?;
+        // Media starts on the first working path, which may be a relay: the cut is
+        // only shown on the direct one, so wait for the call to be on it.
+        if before.path_kind.as_deref() != Some("direct") {
+            out.say(format!(
+                "the call is on {}, not yet on the punched direct path: waiting for it (up to {DIRECT_WAIT:?})",
+                before.path_kind.as_deref().unwrap_or("-")
+            ));
+            let deadline = Instant::now() + DIRECT_WAIT;
+            while before.path_kind.as_deref() != Some("direct") && Instant::now() < deadline {
+                tokio::time::sleep(SWITCH_POLL).await;
+                before = get().await?;
+            }
+            if before.path_kind.as_deref() != Some("direct") {
+                bail!(
+                    "the call never went direct within {DIRECT_WAIT:?} (paths: {})",
+                    before.paths_used.join(", ")
+                );
+            }
+            out.say(format!("  {}", call_line(&before)));
+        }
         let body = serde_json::json!({ "addr": target.to_string() });
         let r = client::request(
             ready.admin,
@@ -862,11 +1164,13 @@ impl Drop for Network {
     }
 }
 
-/// The config file of one demo node.
+/// The config file of one demo node. `extra` may hold top-level keys, then
+/// sections.
 fn node_config(
     data_dir: &Path,
     role: &str,
-    seed: Option<&str>,
+    listen: SocketAddr,
+    seeds: &[String],
     extra: &str,
 ) -> anyhow::Result<String> {
     let dir = data_dir
@@ -874,18 +1178,19 @@ fn node_config(
         .ok_or_else(|| anyhow!("the temporary directory {data_dir:?} is not UTF-8"))?;
     // JSON string syntax is valid TOML basic-string syntax for any text.
     let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let seeds = seed.map_or_else(String::new, quote);
+    let seeds: Vec<String> = seeds.iter().map(|s| quote(s)).collect();
     Ok(format!(
         "# Written by `peercall demo`.\n\
          data_dir = {}\n\
-         listen = \"127.0.0.1:0\"\n\
+         listen = \"{listen}\"\n\
          admin = \"127.0.0.1:0\"\n\
          role = \"{role}\"\n\
-         seeds = [{seeds}]\n\
+         seeds = [{}]\n\
          keepalive_secs = {KEEPALIVE_SECS}\n\
          session_timeout_secs = {SESSION_TIMEOUT_SECS}\n\
          {extra}",
-        quote(dir)
+        quote(dir),
+        seeds.join(", ")
     ))
 }
 
@@ -901,6 +1206,12 @@ const CUT_AFTER_SECS: u64 = 4;
 /// Poll interval of the call's statistics right after the cut: the resolution of
 /// the reported time to switch.
 const SWITCH_POLL: Duration = Duration::from_millis(10);
+/// How long the demo waits, once the call is active, for its first path to be
+/// chosen (with the first media, tens of milliseconds later).
+const FIRST_PATH_WAIT: Duration = Duration::from_secs(2);
+/// How long the demo waits for a call that started on a relay to move to the
+/// direct path before it cuts that (the router upgrades within seconds).
+const DIRECT_WAIT: Duration = Duration::from_secs(10);
 /// How long the demo watches for the switch after the cut (the router's silence
 /// rule should switch within a few hundred ms; this only bounds the wait).
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -911,16 +1222,29 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// What the demo's caller says.
 const SPEECH: &str = "Hello from peercall. This call runs over a peer to peer network of real nodes on this machine.";
 
-/// A desktop's extra config: its handle, relays to loopback, and for the callee
-/// auto-answer with a recording.
-fn desktop_extra(name: &str, callee: bool, recording: &Path) -> String {
+/// A seed's extra config: its capacity, the election keys, relays to loopback.
+fn seed_extra(capacity: u32) -> String {
+    format!("supernode_max_clients = {capacity}\n{ELECTION}{RELAY_LOOPBACK}")
+}
+
+/// Desktop `i`'s extra config: its handle, the election keys (it may be promoted),
+/// relays to loopback; desk-1 and desk-2 behind an emulated NAT with an impaired
+/// link (a fixed seed per node, so the loss pattern repeats); desk-2 answers by
+/// itself and records.
+fn desktop_extra(name: &str, i: u8, capacity: u32, recording: &Path) -> String {
     let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
     // Debug endpoints: the demo cuts the call's direct path with the block list.
     let mut extra = format!(
-        "handle = {}\ndebug_endpoints = true\n{RELAY_LOOPBACK}",
+        "handle = {}\ndebug_endpoints = true\nsupernode_max_clients = {capacity}\n{ELECTION}{RELAY_LOOPBACK}",
         quote(name)
     );
-    if callee {
+    if i <= 2 {
+        extra.push_str(&format!(
+            "[emulate]\ndelay_ms = {LINK_DELAY_MS}\njitter_ms = {LINK_JITTER_MS}\n\
+             loss_pct = {LINK_LOSS_PCT}\nseed = {i}\nnat = \"port-restricted\"\n"
+        ));
+    }
+    if i == 2 {
         extra.push_str(&format!(
             "[calls]\nauto_answer = true\nanswer_record = {}\n",
             quote(&recording.display().to_string())
@@ -975,7 +1299,7 @@ fn write_speech(path: &Path) -> anyhow::Result<&'static str> {
 struct Summary {
     /// Every node, the seed first.
     nodes: Vec<NodeSummary>,
-    /// Sessions the seed holds (one per desktop).
+    /// Sessions seed-1 holds (every desktop and the other seeds).
     sessions: usize,
     /// From starting the seed to the summary, in milliseconds.
     setup_ms: f64,
@@ -983,11 +1307,15 @@ struct Summary {
     keepalive_secs: u64,
     /// The temporary directory holding every node's data, config and log.
     temp_dir: String,
-    /// Supernodes in the network (the seed; desktops are not promoted within the
-    /// demo's minute: the election wants an hour of uptime).
+    /// Supernodes in the network: the seeds and the desktops the tier promoted.
     supernodes: usize,
-    /// Promotions the tier decided.
+    /// Promotions the tier decided (counted by the seeds).
     promotions: u64,
+    /// Seconds from the desktops' start to the first promoted desktop reporting
+    /// itself a supernode; none if no promotion was expected.
+    promotion_s: Option<f64>,
+    /// The desktop promoted.
+    promoted: Option<String>,
     /// The call from desk-1 to desk-2: the fields of `peercall call --json`, and
     /// where desk-2's recording is.
     call: Option<crate::callcli::Summary>,
@@ -1061,6 +1389,42 @@ struct NodeSummary {
     dropped: u64,
     /// Datagrams its debug block list dropped (the demo's path cut).
     debug_blocked: u64,
+    /// Behind an emulated NAT with an impaired link.
+    nat: bool,
+    /// What its `[emulate]` layer did.
+    emulated: Emulated,
+    /// Whether it is a supernode now (a seed, or a desktop the tier promoted).
+    supernode: bool,
+}
+
+/// A node's `peercall_debug_emulated_*` counters.
+#[derive(Debug, Default, Serialize)]
+struct Emulated {
+    /// Outbound datagrams held for the link's delay.
+    delayed: u64,
+    /// Outbound datagrams lost at random.
+    lost: u64,
+    /// Inbound datagrams the NAT filtered (from addresses not sent to).
+    nat_filtered: u64,
+    /// Delayed datagrams dropped for a full queue or a refused send.
+    overflow: u64,
+}
+
+impl Emulated {
+    fn of(text: &str) -> Emulated {
+        let drops = |reason: &str| {
+            counter(
+                text,
+                &format!("peercall_debug_emulated_drops_total{{reason=\"{reason}\"}}"),
+            )
+        };
+        Emulated {
+            delayed: counter(text, "peercall_debug_emulated_delayed_datagrams_total"),
+            lost: drops("loss"),
+            nat_filtered: drops("nat_filter"),
+            overflow: drops("queue_full") + drops("send_failed"),
+        }
+    }
 }
 
 /// Where the demo's words go: stdout, or stderr when stdout carries the JSON.
@@ -1114,7 +1478,11 @@ impl Narrator {
             self.line(format!(
                 "{:<7} {:<9} {:<24} {:<3} {:<22} {:>10} {:>10} {:>7}  {}",
                 n.name,
-                n.role,
+                if n.supernode && n.role != "supernode" {
+                    "promoted"
+                } else {
+                    n.role
+                },
                 n.fingerprint,
                 n.handshake.unwrap_or("-"),
                 sessions_column(&n.sessions),
@@ -1127,10 +1495,32 @@ impl Narrator {
         }
         let dropped: u64 = s.nodes.iter().map(|n| n.dropped).sum();
         self.line(format!(
-            "\nthe network is up: {} sessions with the seed, authenticated keepalives flowing, {dropped} datagrams dropped, {:.1} s from the first start",
+            "\nthe network is up: {} sessions with seed-1, authenticated keepalives flowing, {dropped} datagrams dropped, {:.1} s from the first start",
             s.sessions,
             s.setup_ms / 1000.0
         ));
+        self.line(format!(
+            "{} supernodes, {} promotion(s){}",
+            s.supernodes,
+            s.promotions,
+            match (&s.promoted, s.promotion_s) {
+                (Some(name), Some(t)) => format!(": {name}, {t:.1} s after the desktops started"),
+                _ => String::new(),
+            }
+        ));
+        if let Some(c) = &s.call {
+            self.line(format!(
+                "call desk-1 -> desk-2: set-up {} ms, first audio {} ms, paths {}, switch {} after the cut, longest gap {} ms, MOS {}",
+                opt_ms(c.setup_ms),
+                opt_ms(c.first_audio_ms),
+                c.paths_used.join(" then "),
+                s.path_switch_ms
+                    .map_or("never".to_owned(), |t| format!("{t} ms")),
+                c.max_gap_ms,
+                c.mos_estimate
+                    .map_or("-".to_owned(), |m| format!("{m:.2}"))
+            ));
+        }
         self.line(format!(
             "each node's data, config and log are in {} while it runs",
             s.temp_dir
@@ -1272,9 +1662,13 @@ mod tests {
         let dir = tmp.path().join("a \"quoted\" \\ dir");
         let file = tmp.path().join("node.toml");
         let seed = "127.0.0.1:7600";
+        let extra = format!(
+            "{}[calls]\nmax_calls = 1\n",
+            desktop_extra("desk-1", 1, 3, &dir)
+        );
         std::fs::write(
             &file,
-            node_config(&dir, "supernode", Some(seed), "").unwrap(),
+            node_config(&dir, "supernode", host(1), &[seed.to_owned()], &extra).unwrap(),
         )
         .unwrap();
         let sources = crate::config::Sources {
@@ -1290,11 +1684,51 @@ mod tests {
         assert_eq!(settings.seeds[0].to_string(), seed);
         assert_eq!(settings.keepalive_secs.get(), KEEPALIVE_SECS);
         assert_eq!(settings.session_timeout_secs.get(), SESSION_TIMEOUT_SECS);
-        assert!(settings.listen.ip().is_loopback() && settings.listen.port() == 0);
+        assert_eq!(settings.listen, "127.80.0.1:0".parse().unwrap());
+        assert_eq!(settings.supernode_max_clients.get(), 3);
+        assert_eq!(settings.election.min_uptime, Duration::ZERO);
+        assert_eq!(settings.emulate.delay_ms, LINK_DELAY_MS);
+        assert_eq!(settings.emulate.nat, crate::netem::NatMode::PortRestricted);
+        assert!(settings.debug_endpoints);
 
-        std::fs::write(&file, node_config(&dir, "auto", None, "").unwrap()).unwrap();
+        for extra in [seed_extra(3), desktop_extra("desk-3", 3, 3, &dir)] {
+            std::fs::write(
+                &file,
+                node_config(&dir, "auto", host(11), &[], &extra).unwrap(),
+            )
+            .unwrap();
+            let settings = crate::config::load(&sources).unwrap();
+            assert!(settings.seeds.is_empty());
+            assert_eq!(settings.role.as_str(), "auto");
+            assert!(!settings.emulate.is_active());
+        }
+        std::fs::write(
+            &file,
+            node_config(
+                &dir,
+                "auto",
+                host(12),
+                &[],
+                &desktop_extra("desk-2", 2, 3, &dir),
+            )
+            .unwrap(),
+        )
+        .unwrap();
         let settings = crate::config::load(&sources).unwrap();
-        assert!(settings.seeds.is_empty());
-        assert_eq!(settings.role.as_str(), "auto");
+        assert!(settings.calls.auto_answer && settings.emulate.is_active());
+    }
+
+    #[test]
+    fn seeds_are_sized_for_one_promotion() {
+        // Four desktops: 8 attachments to 9 places, a load of 0.89.
+        assert_eq!(seed_capacity(4), 3);
+        for desktops in 1..=MAX_DESKTOPS {
+            let places = seed_capacity(desktops) * u32::from(SEEDS);
+            let load = f64::from(u32::from(desktops) * HOMES_PER_DESKTOP) / f64::from(places);
+            assert!(load <= 1.0, "{desktops}: every desktop finds its homes");
+            if desktops >= 4 {
+                assert!(load > 0.8, "{desktops}: above the high watermark");
+            }
+        }
     }
 }

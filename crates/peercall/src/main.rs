@@ -21,6 +21,7 @@ mod hosts;
 mod logging;
 mod media_eval;
 mod metrics;
+mod netem;
 mod node;
 mod page;
 mod persist;

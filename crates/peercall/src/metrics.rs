@@ -710,6 +710,8 @@ pub struct Metrics {
     pub admin_unauthorized: IntCounter,
     /// Datagrams dropped by the debug block list (`debug_endpoints`).
     pub debug_blocked: IntCounter,
+    /// The link and NAT emulator's counters (`[emulate]`).
+    pub emulate: crate::netem::EmulateMetrics,
     /// The WebRTC gateway's series.
     #[cfg(feature = "webrtc")]
     pub webrtc: crate::webrtc::WebRtcMetrics,
@@ -834,6 +836,28 @@ impl Metrics {
                 "peercall_debug_blocked_datagrams_total",
                 "Datagrams to or from an address on the debug block list (POST /v1/debug/block), dropped at the UDP socket.",
             )?,
+            emulate: {
+                let drops = labeled_counters(
+                    &registry,
+                    "peercall_debug_emulated_drops_total",
+                    "Datagrams the [emulate] layer of the UDP socket dropped on purpose, by reason: \
+                     loss (random outbound loss), queue_full (the delay queue was full), \
+                     send_failed (the socket refused a delayed datagram when it fell due), \
+                     nat_filter (inbound from an address not sent to within the NAT timeout).",
+                    "reason",
+                    &["loss", "queue_full", "send_failed", "nat_filter"],
+                )?;
+                crate::netem::EmulateMetrics {
+                    lost: drops[0].clone(),
+                    queue_full: drops[1].clone(),
+                    send_failed: drops[2].clone(),
+                    nat_filtered: drops[3].clone(),
+                    delayed: counter(
+                        "peercall_debug_emulated_delayed_datagrams_total",
+                        "Outbound datagrams the [emulate] layer held in its delay queue.",
+                    )?,
+                }
+            },
             admin_unauthorized: counter(
                 "peercall_admin_unauthorized_total",
                 "Admin API requests refused for a missing or wrong bearer token.",

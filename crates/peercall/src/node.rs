@@ -216,6 +216,26 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     if debug_block.is_some() {
         tracing::warn!("debug endpoints on: POST /v1/debug/block can cut this node's traffic");
     }
+    let emulator = settings.emulate.is_active().then(|| {
+        let e = &settings.emulate;
+        // Seed 0 asks for a random one; the one used is logged, so the run can be
+        // repeated with `emulate.seed`.
+        let seed = match e.seed {
+            0 => OsRng.next_u64(),
+            seed => seed,
+        };
+        tracing::warn!(
+            delay_ms = e.delay_ms,
+            jitter_ms = e.jitter_ms,
+            loss_pct = f64::from(e.loss_ppm) / 10_000.0,
+            peers = e.peers.len(),
+            nat = e.nat.as_str(),
+            nat_timeout_secs = e.nat_timeout_secs,
+            seed,
+            "network emulation on ([emulate]): this node's UDP traffic is impaired on purpose"
+        );
+        crate::netem::LinkEmulator::new(e, seed, metrics.emulate.clone())
+    });
     let state = Arc::new(AdminState {
         commands: commands.clone(),
         token,
@@ -264,6 +284,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         metrics,
         user,
         debug_block,
+        emulator,
         #[cfg(feature = "webrtc")]
         webrtc,
     };
@@ -315,6 +336,8 @@ struct EngineParts {
     user: UserState,
     /// The debug block list (`debug_endpoints`).
     debug_block: Option<Arc<crate::udp::BlockList>>,
+    /// The link and NAT emulator (`[emulate]`).
+    emulator: Option<crate::netem::LinkEmulator>,
     #[cfg(feature = "webrtc")]
     webrtc: crate::webrtc::WebRtc,
 }
@@ -336,6 +359,10 @@ impl EngineParts {
             socket.set_buffers(UDP_SOCKET_BUFFER);
             let socket = match self.debug_block {
                 Some(block) => socket.with_block_list(block),
+                None => socket,
+            };
+            let socket = match self.emulator {
+                Some(emulator) => socket.with_emulator(emulator),
                 None => socket,
             };
             let engine = Engine::new(

@@ -387,6 +387,8 @@ impl Engine {
             w.close_all();
         }
         self.drain().await;
+        // Datagrams an emulated link still holds ([emulate]) go out when due.
+        self.socket.finish().await;
         // Recordings of calls the close did not end (none expected) are finished too.
         for (call, mut audio) in std::mem::take(&mut self.audio) {
             finish_recording(call, &mut audio);
@@ -565,7 +567,7 @@ impl Engine {
 
     /// Sends what the batch holds.
     async fn flush(&mut self) {
-        flush(&self.socket, &mut self.tx, &self.metrics).await;
+        flush(&mut self.socket, &mut self.tx, &self.metrics).await;
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -611,14 +613,14 @@ impl Engine {
             let fed = w.handle_events(self.clock.now(), &self.metrics.webrtc, &mut self.node);
             while let Some(t) = w.poll_transmit() {
                 if !self.tx.has_room() {
-                    flush(&self.socket, &mut self.tx, &self.metrics).await;
+                    flush(&mut self.socket, &mut self.tx, &self.metrics).await;
                 }
                 if !self.tx.push(t.dest, &t.bytes) {
                     self.metrics.udp_send_errors.inc();
                     debug!(dest = %t.dest, len = t.bytes.len(), "datagram too long to send");
                 }
             }
-            flush(&self.socket, &mut self.tx, &self.metrics).await;
+            flush(&mut self.socket, &mut self.tx, &self.metrics).await;
             return fed;
         }
         false
@@ -626,7 +628,7 @@ impl Engine {
 }
 
 /// Sends what `tx` holds on `socket`, counting calls and failures.
-async fn flush(socket: &BatchSocket, tx: &mut TxBatch, metrics: &Metrics) {
+async fn flush(socket: &mut BatchSocket, tx: &mut TxBatch, metrics: &Metrics) {
     if tx.is_empty() {
         return;
     }

@@ -12,12 +12,18 @@
 //! Nothing here allocates per datagram: the receive slots and the send buffer are
 //! allocated once, and the engine's transmit buffers go back to its pool through
 //! `Node::poll_transmit_into`.
+//!
+//! For tests and the demo, two debug layers sit in the socket: the block list
+//! ([`BlockList`], `debug_endpoints`) and the link and NAT emulator
+//! ([`crate::netem`], the `[emulate]` section), whose delayed datagrams the
+//! receive loop sends when they fall due.
 
 use std::collections::HashSet;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Instant;
 
 use prometheus::IntCounter;
 
@@ -25,6 +31,8 @@ use peercall_wire::MAX_DATAGRAM;
 use quinn_udp::{BATCH_SIZE, RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+
+use crate::netem::{LinkEmulator, Outbound};
 
 /// Bytes per receive slot: the largest UDP payload, so an oversized datagram reaches
 /// the engine whole (and is counted as malformed rather than silently truncated),
@@ -115,6 +123,8 @@ pub struct BatchSocket {
     meta: [RecvMeta; BATCH_SIZE],
     /// The debug block list, when the node serves the debug endpoints.
     block: Option<Arc<BlockList>>,
+    /// The emulated link and NAT (`[emulate]`), when configured.
+    emulator: Option<LinkEmulator>,
 }
 
 impl BatchSocket {
@@ -128,7 +138,14 @@ impl BatchSocket {
             rx: vec![0; RECV_SLOT * BATCH_SIZE].into_boxed_slice(),
             meta: [RecvMeta::default(); BATCH_SIZE],
             block: None,
+            emulator: None,
         })
+    }
+
+    /// Delays, loses and filters datagrams as `emulator` says from now on.
+    pub fn with_emulator(mut self, emulator: LinkEmulator) -> BatchSocket {
+        self.emulator = Some(emulator);
+        self
     }
 
     /// Drops datagrams to and from the addresses in `block` from now on.
@@ -145,18 +162,36 @@ impl BatchSocket {
 
     /// Waits for datagrams and receives one batch; returns how many slots were
     /// filled (read them with [`BatchSocket::for_each`]). Cancel-safe: nothing is
-    /// received unless the call completes.
+    /// received unless the call completes. While it waits, it sends the emulator's
+    /// delayed datagrams as they fall due (each at most once, so that is
+    /// cancel-safe too).
     pub async fn recv_batch(&mut self) -> io::Result<usize> {
         let BatchSocket {
             socket,
             state,
             rx,
             meta,
+            emulator,
             ..
         } = self;
         loop {
             let socket: &UdpSocket = socket;
-            socket.readable().await?;
+            match emulator.as_mut() {
+                Some(e) => {
+                    // Due ones first: under a steady inbound flood the socket is
+                    // always readable, and they must still leave on time.
+                    send_due(socket, state, e);
+                    match e.next_due() {
+                        Some(due) => tokio::select! {
+                            biased;
+                            () = tokio::time::sleep_until(due.into()) => continue,
+                            r = socket.readable() => r?,
+                        },
+                        None => socket.readable().await?,
+                    }
+                }
+                None => socket.readable().await?,
+            }
             let mut chunks = rx.chunks_mut(RECV_SLOT);
             let mut slices: [IoSliceMut<'_>; BATCH_SIZE] = std::array::from_fn(|_| {
                 IoSliceMut::new(chunks.next().expect("BATCH_SIZE slots were allocated"))
@@ -168,6 +203,25 @@ impl BatchSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Sends the emulator's delayed datagrams as they fall due, until none is left
+    /// (at most the configured delay plus jitter): at shutdown, so the node's last
+    /// words (the peers are told it leaves) are delayed like the rest, not lost.
+    pub async fn finish(&mut self) {
+        let BatchSocket {
+            socket,
+            state,
+            emulator,
+            ..
+        } = self;
+        let Some(e) = emulator.as_mut() else {
+            return;
+        };
+        while let Some(due) = e.next_due() {
+            tokio::time::sleep_until(due.into()).await;
+            send_due(socket, state, e);
         }
     }
 
@@ -184,16 +238,22 @@ impl BatchSocket {
         filled: usize,
         mut f: impl FnMut(SocketAddr, Option<std::time::Duration>, &[u8]),
     ) {
+        let now = self.emulator.as_ref().map(|_| Instant::now());
         for (meta, slot) in self.meta.iter().zip(self.rx.chunks(RECV_SLOT)).take(filled) {
             let data = &slot[..meta.len.min(slot.len())];
-            if let Some(block) = &self.block {
-                let datagrams = match meta.stride {
-                    0 => 1,
-                    stride => data.len().div_ceil(stride).max(1),
-                };
-                if block.drops(meta.addr, datagrams) {
-                    continue;
-                }
+            let datagrams = || match meta.stride {
+                0 => 1,
+                stride => data.len().div_ceil(stride).max(1),
+            };
+            if let Some(block) = &self.block
+                && block.drops(meta.addr, datagrams())
+            {
+                continue;
+            }
+            if let (Some(e), Some(now)) = (&self.emulator, now)
+                && !e.admits(meta.addr, now, datagrams())
+            {
+                continue;
             }
             if data.is_empty() {
                 // An empty datagram is still one (the engine counts it as junk).
@@ -227,9 +287,12 @@ impl BatchSocket {
 
     /// Sends everything in `tx` and empties it; returns (send calls, failed calls).
     /// A send that fails is dropped (UDP is lossy; the engine's protocols retry).
-    pub async fn flush(&self, tx: &mut TxBatch) -> (u64, u64) {
+    /// With the emulator, datagrams to impaired destinations are lost or queued
+    /// one by one (sent later by [`BatchSocket::recv_batch`]) instead.
+    pub async fn flush(&mut self, tx: &mut TxBatch) -> (u64, u64) {
         let mut calls = 0;
         let mut failed = 0;
+        let now = self.emulator.as_ref().map(|_| Instant::now());
         for run in &tx.runs {
             if self
                 .block
@@ -238,34 +301,24 @@ impl BatchSocket {
             {
                 continue;
             }
-            let transmit = Transmit {
-                destination: run.dest,
-                ecn: None,
-                contents: &tx.buf[run.start..run.start + run.len],
-                segment_size: (run.count > 1).then_some(run.segment),
-                src_ip: None,
-            };
-            calls += 1;
-            loop {
-                let sent = self.socket.try_io(Interest::WRITABLE, || {
-                    self.state.try_send((&self.socket).into(), &transmit)
-                });
-                match sent {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if let Err(e) = self.socket.writable().await {
-                            tracing::debug!(error = %e, "UDP socket not writable");
-                            failed += 1;
-                            break;
+            let contents = &tx.buf[run.start..run.start + run.len];
+            if let (Some(e), Some(now)) = (&mut self.emulator, now) {
+                e.sent(run.dest, now);
+                if e.impairs(run.dest) {
+                    for datagram in contents.chunks(run.segment) {
+                        if e.outbound(now, run.dest, datagram) == Outbound::Send {
+                            calls += 1;
+                            let single = transmit(run.dest, datagram, None);
+                            failed += u64::from(!send(&self.socket, &self.state, &single).await);
                         }
                     }
-                    Err(e) => {
-                        tracing::debug!(dest = %run.dest, error = %e, "UDP send failed");
-                        failed += 1;
-                        break;
-                    }
+                    continue;
                 }
             }
+            calls += 1;
+            let segment = (run.count > 1).then_some(run.segment);
+            let whole = transmit(run.dest, contents, segment);
+            failed += u64::from(!send(&self.socket, &self.state, &whole).await);
         }
         tx.clear();
         (calls, failed)
@@ -275,6 +328,55 @@ impl BatchSocket {
     pub fn max_gso_segments(&self) -> usize {
         self.state.max_gso_segments()
     }
+}
+
+/// A transmit of `contents` to `dest`, in segments of `segment` bytes if given.
+fn transmit(dest: SocketAddr, contents: &[u8], segment: Option<usize>) -> Transmit<'_> {
+    Transmit {
+        destination: dest,
+        ecn: None,
+        contents,
+        segment_size: segment,
+        src_ip: None,
+    }
+}
+
+/// Sends one transmit, waiting while the socket's buffer is full; false if it
+/// failed (logged).
+async fn send(socket: &UdpSocket, state: &UdpSocketState, transmit: &Transmit<'_>) -> bool {
+    loop {
+        let sent = socket.try_io(Interest::WRITABLE, || {
+            state.try_send(socket.into(), transmit)
+        });
+        match sent {
+            Ok(()) => return true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Err(e) = socket.writable().await {
+                    tracing::debug!(error = %e, "UDP socket not writable");
+                    return false;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(dest = %transmit.destination, error = %e, "UDP send failed");
+                return false;
+            }
+        }
+    }
+}
+
+/// Sends the emulator's datagrams that are due, without waiting: one the socket
+/// cannot take at once is dropped and counted (a full send buffer is congestion,
+/// which a real link would also lose to).
+fn send_due(socket: &UdpSocket, state: &UdpSocketState, emulator: &mut LinkEmulator) {
+    if emulator.next_due().is_none_or(|due| due > Instant::now()) {
+        return;
+    }
+    emulator.send_due(Instant::now(), |dest, datagram| {
+        let t = transmit(dest, datagram, None);
+        socket
+            .try_io(Interest::WRITABLE, || state.try_send(socket.into(), &t))
+            .is_ok()
+    });
 }
 
 /// Consecutive datagrams to one destination, back to back in [`TxBatch::buf`].
@@ -425,7 +527,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_goes_out_and_comes_back_in_order() {
-        let a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let mut a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
         let mut b = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
         let to = b.local_addr().unwrap();
         let mut tx = TxBatch::new(a.max_gso_segments());
@@ -470,7 +572,7 @@ mod tests {
     async fn the_block_list_drops_both_ways_and_counts() {
         let counter = IntCounter::new("blocked", "test").unwrap();
         let list = Arc::new(BlockList::new(counter.clone()));
-        let a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap())
+        let mut a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap())
             .unwrap()
             .with_block_list(list.clone());
         let mut b = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
@@ -510,7 +612,6 @@ mod tests {
         // ...and so is what b sends to a.
         let mut tx = send(2, a_addr);
         b.flush(&mut tx).await;
-        let mut a = a;
         let mut delivered = 0;
         while counter.get() < 6 {
             let n = tokio::time::timeout(std::time::Duration::from_secs(5), a.recv_batch())
@@ -542,5 +643,103 @@ mod tests {
         });
         assert_eq!(got, 1);
         assert_eq!(counter.get(), 6);
+    }
+
+    #[tokio::test]
+    async fn the_emulator_delays_what_it_sends_and_filters_like_a_nat() {
+        use crate::netem::{EmulateMetrics, EmulateSettings, LinkEmulator, NatMode};
+        use std::time::Duration;
+        const DELAY_MS: u64 = 40;
+        let c = |n: &str| IntCounter::new(n, "test").unwrap();
+        let metrics = EmulateMetrics {
+            lost: c("lost"),
+            queue_full: c("queue_full"),
+            send_failed: c("send_failed"),
+            nat_filtered: c("nat_filtered"),
+            delayed: c("delayed"),
+        };
+        let settings = EmulateSettings {
+            delay_ms: DELAY_MS,
+            nat: NatMode::PortRestricted,
+            nat_timeout_secs: 30,
+            ..EmulateSettings::default()
+        };
+        let mut a = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap())
+            .unwrap()
+            .with_emulator(LinkEmulator::new(&settings, 1, metrics.clone()));
+        let mut b = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+
+        // Unsolicited: b has not been sent to, so a's NAT drops what b sends.
+        b.socket.send_to(b"knock", a_addr).await.unwrap();
+        let wait = Duration::from_millis(300);
+        let mut heard = 0;
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                let n = a.recv_batch().await.unwrap();
+                a.for_each(n, |_, _| heard += 1);
+                if metrics.nat_filtered.get() > 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert_eq!((heard, metrics.nat_filtered.get()), (0, 1));
+
+        // a sends to b: held for the delay, sent by a's receive loop when due.
+        let mut tx = TxBatch::new(a.max_gso_segments());
+        for i in 0..5u8 {
+            assert!(tx.push(b_addr, &[i]));
+        }
+        let sent_at = std::time::Instant::now();
+        let (calls, failed) = a.flush(&mut tx).await;
+        assert_eq!((calls, failed), (0, 0), "all queued");
+        assert_eq!(metrics.delayed.get(), 5);
+        let early = tokio::time::timeout(Duration::from_millis(DELAY_MS / 2), b.recv_batch()).await;
+        assert!(early.is_err(), "nothing arrives before the delay");
+        let mut got = Vec::new();
+        let receive = async {
+            while got.len() < 5 {
+                let n = b.recv_batch().await.unwrap();
+                b.for_each(n, |from, d| {
+                    assert_eq!(from, a_addr);
+                    got.push(d[0]);
+                });
+            }
+        };
+        tokio::select! {
+            () = receive => {}
+            _ = a.recv_batch() => panic!("a received nothing"),
+            () = tokio::time::sleep(Duration::from_secs(5)) => panic!("the delayed datagrams never left"),
+        }
+        let elapsed = sent_at.elapsed();
+        assert!(elapsed >= Duration::from_millis(DELAY_MS), "{elapsed:?}");
+        assert_eq!(got, vec![0, 1, 2, 3, 4], "no jitter: in order");
+
+        // At shutdown, what is still queued goes out when due.
+        let mut tx = TxBatch::new(1);
+        assert!(tx.push(b_addr, &[9]));
+        a.flush(&mut tx).await;
+        tokio::time::timeout(Duration::from_secs(5), a.finish())
+            .await
+            .expect("finish ends once the queue is empty");
+        let n = tokio::time::timeout(Duration::from_secs(5), b.recv_batch())
+            .await
+            .expect("the last datagram arrives")
+            .unwrap();
+        let mut last = Vec::new();
+        b.for_each(n, |_, d| last.push(d.to_vec()));
+        assert_eq!(last, vec![vec![9]]);
+
+        // Now that a has sent to b, b's answer is admitted.
+        b.socket.send_to(b"reply", a_addr).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), a.recv_batch())
+            .await
+            .expect("the reply arrives")
+            .unwrap();
+        let mut replies = Vec::new();
+        a.for_each(n, |from, d| replies.push((from, d.to_vec())));
+        assert_eq!(replies, vec![(b_addr, b"reply".to_vec())]);
+        assert_eq!(metrics.nat_filtered.get(), 1);
     }
 }
