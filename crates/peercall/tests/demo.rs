@@ -16,6 +16,15 @@ use serde_json::Value;
 /// takes about 19 s on an idle one, 10 of them waiting for the promotion).
 const DEMO_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// One demo at a time: each is seven node processes waiting on a 10 s election
+/// round; three at once on a 2-core machine test the machine, not the demo.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds [`ONE_AT_A_TIME`] for a test (a failed test's poison is no reason to stop).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `peercall demo` with stdout and stderr piped and no `PEERCALL_*` variables.
 fn demo(args: &[&str]) -> Child {
     let mut cmd: Command = peercall();
@@ -171,6 +180,7 @@ fn check_cleaned_up(summary: &Value) {
 
 #[test]
 fn demo_brings_up_a_network_and_leaves_nothing_behind() {
+    let _serial = serial();
     let mut child = demo(&["--json"]);
     let stdout = collect(child.stdout.take().expect("stdout"));
     let stderr = collect(child.stderr.take().expect("stderr"));
@@ -288,6 +298,7 @@ fn check_path_cut(summary: &Value) {
 
 #[test]
 fn keep_running_serves_metrics_until_ctrl_c_then_cleans_up() {
+    let _serial = serial();
     let mut child = demo(&["--json", "--keep-running"]);
     let stderr = collect(child.stderr.take().expect("stderr"));
     // The summary comes first, while the network keeps running.
@@ -352,6 +363,7 @@ fn keep_running_serves_metrics_until_ctrl_c_then_cleans_up() {
 
 #[test]
 fn ctrl_c_during_set_up_still_cleans_up() {
+    let _serial = serial();
     let mut child = demo(&["--json"]);
     let stderr = child.stderr.take().expect("stderr");
     // Interrupt as soon as the first desktop is starting: nodes are mid-start-up.
