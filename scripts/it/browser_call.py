@@ -63,16 +63,19 @@ STEP_SECONDS = 20
 SWITCH_SECONDS = 10
 
 # Floors for bob's recording of alice's speech, under what was measured when
-# written (see crates/peercall/README.md): windowed NCC 0.62, control 0.22, lag
-# spread 20 ms. Chromium's voice processing (echo cancellation, noise suppression
+# written (see crates/peercall/README.md): windowed NCC 0.55-0.70, control
+# 0.20-0.25, 95-100 % of the windows on one lag. Chromium's voice processing (echo cancellation, noise suppression
 # and gain control, which the page asks for, as a call needs with loudspeakers)
-# reshapes the waveform: with it off the same path scores 0.97. The lag spread is
-# the sharper test: one stream keeps its delay within milliseconds, while chance
-# matches scatter over the whole clip.
+# reshapes the waveform: with it off the same path scores 0.97. The lags are the
+# sharper test: one stream keeps its delay within milliseconds, while chance
+# matches scatter over the whole clip; a window or two may still match by chance
+# where the processing flattened a syllable, so most windows (not all) must sit
+# within MAX_LAG_SPREAD_MS of the median lag.
 MIN_RMS_DBFS = -40.0
-MIN_WINDOW_NCC = 0.5
+MIN_WINDOW_NCC = 0.4
 MAX_CONTROL_NCC = 0.3
 MAX_LAG_SPREAD_MS = 120.0
+MIN_WINDOWS_ON_LAG = 0.8
 # A browser that decodes speech (not silence) gathers at least this much audio
 # energy (WebRTC's totalAudioEnergy: the sum of level squared times duration) a
 # second; silence gathers next to none.
@@ -82,6 +85,16 @@ CALL_ENV = {
     "PEERCALL_KEEPALIVE_SECS": "1",
     "PEERCALL_RELAY_ALLOW_PRIVATE_TARGETS": "true",
 }
+
+
+def windows_on_lag(lags, clip_ms):
+    """The share of windows whose lag is within MAX_LAG_SPREAD_MS of the median, on
+    the circle of the looped clip."""
+    if not lags:
+        return 0.0
+    centre = float(np.median(lags))
+    near = [v for v in lags if min(abs(v - centre), clip_ms - abs(v - centre)) <= MAX_LAG_SPREAD_MS]
+    return len(near) / len(lags)
 
 
 def audio_stats(driver):
@@ -260,17 +273,19 @@ def main():
         reference = resample(to_float(mic), rate_in)
         ncc, lags = windowed_ncc(recorded, reference)
         control, _ = windowed_ncc(recorded, reference[::-1].copy())
-        spread = circular_spread(lags, len(reference) / RATE * 1000)
+        clip_ms = len(reference) / RATE * 1000
+        on_lag = windows_on_lag(lags, clip_ms)
         figures["bob_recording"] = {
             "seconds": round(len(recorded) / RATE, 1), "rms_dbfs": round(dbfs(recorded), 1),
             "ncc_windowed_median": round(ncc, 3), "windows": len(lags),
-            "control_ncc": round(control, 3), "lag_spread_ms": round(spread, 1),
+            "control_ncc": round(control, 3), "windows_on_lag": round(on_lag, 2),
+            "lag_spread_ms": round(circular_spread(lags, clip_ms), 1),
         }
         log(f"bob's recording: {figures['bob_recording']}")
         assert dbfs(recorded) >= MIN_RMS_DBFS, figures["bob_recording"]
         assert ncc >= MIN_WINDOW_NCC, figures["bob_recording"]
         assert control <= MAX_CONTROL_NCC, figures["bob_recording"]
-        assert spread <= MAX_LAG_SPREAD_MS, figures["bob_recording"]
+        assert on_lag >= MIN_WINDOWS_ON_LAG, figures["bob_recording"]
         page_a.wait("alice's page after the hang-up", lambda: snapshot(page_a)["call"] is None, STEP_SECONDS)
 
         # ---- browser to browser ---------------------------------------------------
