@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../setup.sh
 . scripts/setup.sh
-# shellcheck source=browser-lib.sh
-. scripts/it/browser-lib.sh
+# shellcheck source=browser-lib.bash
+. scripts/it/browser-lib.bash
 
 browser_prereqs browser-call
 browser_audio_prereqs browser-call

@@ -25,14 +25,46 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A running `peercall demo`; if a test fails while it runs, dropping it sends
+/// SIGINT (so the demo stops its nodes and removes its directory, as on Ctrl-C)
+/// and kills it only if it does not finish.
+struct Demo(Child);
+
+impl std::ops::Deref for Demo {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Demo {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            signal(self.0.id(), "INT");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `peercall demo` with stdout and stderr piped and no `PEERCALL_*` variables.
-fn demo(args: &[&str]) -> Child {
+fn demo(args: &[&str]) -> Demo {
     let mut cmd: Command = peercall();
     cmd.arg("demo")
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    cmd.spawn().expect("spawn peercall demo")
+    Demo(cmd.spawn().expect("spawn peercall demo"))
 }
 
 /// Reads a pipe to its end on a thread, so the child never blocks on a full pipe.
@@ -53,8 +85,7 @@ fn wait(child: &mut Child, timeout: Duration) -> ExitStatus {
             return status;
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            // Dropping the demo stops it.
             panic!("peercall demo did not finish within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -311,22 +342,14 @@ fn keep_running_serves_metrics_until_ctrl_c_then_cleans_up() {
     });
     let line = match rx.recv_timeout(DEMO_TIMEOUT) {
         Ok(line) => line,
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("no summary within {DEMO_TIMEOUT:?}");
-        }
+        Err(_) => panic!("no summary within {DEMO_TIMEOUT:?}"),
     };
     let summary: Value = match serde_json::from_str(&line) {
         Ok(v) => v,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "summary JSON: {e}: {line:?}\n{}",
-                stderr.recv().unwrap_or_default()
-            );
-        }
+        Err(e) => panic!(
+            "summary JSON: {e}: {line:?}\n{}",
+            stderr.recv().unwrap_or_default()
+        ),
     };
     check_summary(&summary);
     // The call's recording outlives the demo by design; a test removes it.

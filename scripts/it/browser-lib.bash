@@ -1,5 +1,6 @@
-# Shared by the real-browser tests (sourced): Debian's Chromium and chromedriver,
-# the Python packages the audio checks use, and the binary under test.
+# Shared by the real-browser tests (sourced, so not named *.sh: the suite runs every
+# scripts/it/*.sh): Debian's Chromium and chromedriver, the Python packages the
+# audio checks use, and the binary under test.
 
 # Installs chromium and chromium-driver if missing; exits 0 with a SKIPPED line
 # naming test $1 only where they cannot be installed.
