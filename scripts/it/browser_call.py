@@ -25,7 +25,6 @@ Prints one JSON line with the figures. Every process it starts is stopped by PID
 """
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser_echo import (RATE, circular_spread, dbfs, make_speech, resample,  # noqa: E402
                           to_float, windowed_ncc)
 from browser_page import Node, snapshot, text_of, visible  # noqa: E402
-from webdriver import (browser_args, CHROMIUM_FLAGS, ENTER, WebDriver, free_port,  # noqa: E402
+from webdriver import (browser_args, leave_work, log_tails, CHROMIUM_FLAGS, ENTER, WebDriver, free_port,  # noqa: E402
                        log_to_stderr, node_env, stop)
 
 log = log_to_stderr("browser-call")
@@ -317,12 +316,8 @@ def main():
         print(json.dumps(figures))
         log("ok: browser to command line and browser to browser, with a path switch in each")
     except Exception:
-        for name in ("alice.log", "bob.log", "carol.log", "answer.log", "chromedriver.log"):
-            path = work / name
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-25:]
-                log(f"--- last lines of {name} ---\n" + "\n".join(tail))
-        for driver, who in ((d, n) for d, n in zip(drivers, ("alice", "carol"))):
+        log_tails(work, ("alice.log", "bob.log", "carol.log", "answer.log", "chromedriver.log"), log, 25)
+        for driver, who in zip(drivers, ("alice", "carol")):
             if driver.session:
                 try:
                     log(f"{who}'s page: {snapshot(driver)}; console: {driver.browser_log()}")
@@ -337,10 +332,7 @@ def main():
         stop(answer, "peercall answer", log)
         for node in reversed(nodes):
             node.stop()
-        if args.keep:
-            log(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave_work(work, args.keep, log)
 
 
 if __name__ == "__main__":

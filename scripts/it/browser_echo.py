@@ -28,7 +28,6 @@ Prints one JSON line with the figures. Every process it starts is stopped by PID
 
 import base64
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import numpy as np
 import scipy.io.wavfile as wavfile
 import scipy.signal as sps
 
-from webdriver import browser_args, CHROMIUM_FLAGS, WebDriver, free_port, http, node_env, stop, wait_for_file
+from webdriver import browser_args, leave_work, log_tails, CHROMIUM_FLAGS, WebDriver, free_port, http, node_env, stop, wait_for_file
 
 SENTENCE = ("The quick brown fox jumps over the lazy dog, "
             "and then it runs back home before the rain.")
@@ -292,11 +291,7 @@ def main():
             f"{np.median(lags):.0f} ms mod clip, spread {spread:.1f} ms; {level:.1f} dBFS; "
             f"echo delay {delay_ms:.0f} ms)")
     except Exception:
-        for name in ("node.log", "chromedriver.log"):
-            path = work / name
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-40:]
-                log(f"--- last lines of {name} ---\n" + "\n".join(tail))
+        log_tails(work, ("node.log", "chromedriver.log"), log, 40)
         raise
     finally:
         if driver:
@@ -308,10 +303,7 @@ def main():
                 node.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 stop(node, "peercall node", log)
-        if args.keep:
-            log(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave_work(work, args.keep, log)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Prints one JSON line with the figures. Every process it starts is stopped by PID
 
 import http.server as httpserver
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webdriver import (browser_args, CHROMIUM_FLAGS, ENTER, WebDriver, free_port, http,  # noqa: E402
+from webdriver import (browser_args, leave_work, log_tails, CHROMIUM_FLAGS, ENTER, WebDriver, free_port, http,  # noqa: E402
                        log_to_stderr, node_env, stop, wait_for_file)
 
 log = log_to_stderr("browser-page")
@@ -285,11 +284,7 @@ def main():
         log("ok: sign-in, identity, search, contacts with live presence, calls gated, "
             "cross-origin refused, link sign-in")
     except Exception:
-        for name in ("alice.log", "seed.log", "bob.log", "chromedriver.log"):
-            path = work / name
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-30:]
-                log(f"--- last lines of {name} ---\n" + "\n".join(tail))
+        log_tails(work, ("alice.log", "seed.log", "bob.log", "chromedriver.log"), log, 30)
         if driver and driver.session:
             try:
                 log(f"page snapshot: {snapshot(driver)}")
@@ -305,10 +300,7 @@ def main():
             foreign.shutdown()
         for node in reversed(nodes):
             node.stop()
-        if args.keep:
-            log(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        leave_work(work, args.keep, log)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,24 @@ class WebDriver:
             self.session = None
 
 
+def log_tails(work, names, log, lines=30):
+    """Logs the last `lines` lines of each of `work`'s files `names` that exists
+    (what a failed test shows of its processes)."""
+    for name in names:
+        path = work / name
+        if path.exists():
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            log(f"--- last lines of {name} ---\n" + "\n".join(tail))
+
+
+def leave_work(work, keep, log):
+    """Removes the work directory, or says where it is kept (`--keep`)."""
+    if keep:
+        log(f"work directory kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def log_to_stderr(prefix):
     def log(msg):
         print(f"{prefix}: {msg}", file=sys.stderr, flush=True)
