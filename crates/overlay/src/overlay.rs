@@ -151,6 +151,37 @@ pub const LEAVE_FANOUT: usize = 4;
 pub const MAX_STUN_PENDING: usize = 8;
 /// A STUN request unanswered this long is forgotten.
 pub const STUN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Candidate supernodes probed at once (a STUN binding each) before a home is
+/// chosen: the node attaches to the one with the lowest round trip, since every
+/// lookup crosses the node-home path twice and the home's own access link four
+/// times. As many as a home's host sample ([`SAMPLE_SIZE`]), so all of it is
+/// measured.
+pub const PROBE_FANOUT: usize = SAMPLE_SIZE;
+/// Probes in flight at most (answers are kept for later choices).
+pub const MAX_PROBES: usize = 2 * PROBE_FANOUT;
+/// A probe round waits this long at most for its first answer (the nearest of
+/// the round, since all were sent together) before the node attaches with what
+/// it has measured: above the round trip of most WAN paths, short enough that a
+/// start or a lost home is not noticeably delayed.
+pub const PROBE_WAIT: Duration = Duration::from_millis(300);
+/// A candidate that answered a probe this recently counts as alive with the
+/// measured round trip; older measurements are probed again before use (a
+/// supernode that died since does not answer and is not chosen).
+pub const RTT_FRESH: Duration = Duration::from_secs(10);
+/// A node with all its homes checks this often whether a candidate it has
+/// measured is nearer than its farthest home (and probes the candidates it has
+/// not measured yet): homes taken while the tier was forming, or on a redirect,
+/// are seldom the nearest.
+pub const REHOME_INTERVAL: Duration = Duration::from_secs(30000);
+/// A node moves to a nearer home only if it beats the farthest by this much of
+/// round trip: less is within the noise of the estimate and not worth an attach.
+pub const REHOME_MIN_GAIN: Duration = Duration::from_millis(20);
+/// Candidates measured longer ago than this are probed again by the re-homing
+/// check (their estimate is still used until then).
+pub const REHOME_REPROBE: Duration = Duration::from_secs(600);
+/// Weight of a new round-trip sample in the smoothed estimate, as a divisor
+/// (RFC 6298's alpha = 1/8).
+pub const RTT_GAIN_DIVISOR: u32 = 8;
 /// Seeds re-send `Join` this often while the node knows no other supernode.
 pub const REJOIN_INTERVAL: Duration = Duration::from_secs(10);
 /// A peer a node had a session with this recently may still have a NAT mapping
@@ -198,6 +229,8 @@ struct Home {
     asked: Option<Time>,
     /// When it was last pinged.
     pinged: Time,
+    /// When the ping now unanswered was sent (for a round-trip sample).
+    ping_sent: Option<Time>,
 }
 
 impl Home {
@@ -205,6 +238,26 @@ impl Home {
     fn waiting(&self, now: Time, after: Duration) -> bool {
         self.asked.is_some_and(|a| now.saturating_since(a) >= after)
     }
+}
+
+/// What a node knows of its round trip to one supernode.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    /// Smoothed round trip (`None`: never answered).
+    srtt: Option<Duration>,
+    /// When it last answered a probe or ping.
+    measured: Time,
+    /// When it was last probed.
+    probed: Time,
+}
+
+/// A STUN probe of a candidate home in flight.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    txid: [u8; 12],
+    key: PeerKey,
+    addr: SocketAddr,
+    sent: Time,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -219,6 +272,9 @@ struct PendingLookup {
     query: Query,
     started: Time,
     tries: usize,
+    /// Homes asked that have not answered (a "not found" from one waits for
+    /// the others).
+    waiting_on: Vec<PeerKey>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -347,6 +403,11 @@ pub struct Overlay {
     /// The latest online record this node signed (for call invitations).
     own_record: Option<Vec<u8>>,
     stun_pending: Vec<([u8; 12], SocketAddr, Time)>,
+    /// Round trips to supernodes (probes of candidates, pings of homes).
+    latency: Map<PeerKey, Latency>,
+    /// The probe round in flight, and when the node stops waiting for it.
+    probes: Vec<Probe>,
+    probe_until: Time,
     bootstrap: Vec<Bootstrap>,
     homes: Vec<Home>,
     attaching: Vec<Attaching>,
@@ -354,6 +415,8 @@ pub struct Overlay {
     /// Redirects followed at once since the last successful attach.
     redirects_followed: u32,
     next_attach: Time,
+    /// When the node next checks for a nearer home.
+    next_rehome: Time,
     failed: Map<PeerKey, Time>,
     host_cache: Vec<CachedHost>,
     suggestions: VecDeque<SnInfo>,
@@ -440,6 +503,9 @@ impl Overlay {
             reflexive: None,
             own_record: None,
             stun_pending: Vec::new(),
+            latency: map(&mut rng),
+            probes: Vec::new(),
+            probe_until: Time::ZERO,
             bootstrap: bootstrap
                 .into_iter()
                 .filter(|b| b.key != Some(me))
@@ -449,6 +515,7 @@ impl Overlay {
             attach_failures: 0,
             redirects_followed: 0,
             next_attach: now,
+            next_rehome: now + REHOME_INTERVAL,
             failed: map(&mut rng),
             host_cache,
             suggestions: VecDeque::new(),
@@ -635,6 +702,24 @@ impl Overlay {
         mapped: SocketAddr,
     ) {
         if let Some(i) = self
+            .probes
+            .iter()
+            .position(|p| p.txid == txid && p.addr == from)
+        {
+            // A probe measures the round trip only: a symmetric NAT maps each
+            // destination apart, so its answer says nothing about the reflexive
+            // address the homes see.
+            let p = self.probes.swap_remove(i);
+            self.note_rtt(now, p.key, now.saturating_since(p.sent));
+            if now < self.probe_until {
+                // The first answer of a round is its nearest candidate: no
+                // need to wait for the others (their answers still count).
+                self.probe_until = now;
+                self.arm(Periodic::Attach, now);
+            }
+            return;
+        }
+        if let Some(i) = self
             .stun_pending
             .iter()
             .position(|p| p.0 == txid && p.1 == from)
@@ -690,6 +775,7 @@ impl Overlay {
                 query: query.clone(),
                 started: now,
                 tries: 0,
+                waiting_on: Vec::new(),
             },
         );
         self.timers.push(now + LOOKUP_TIMEOUT, Timer::Lookup(req));
@@ -712,22 +798,44 @@ impl Overlay {
             self.timers.push(now + LOOKUP_TRY, Timer::Lookup(req));
             return;
         }
-        // In turn, skipping homes that leave requests unanswered.
-        let n = self.homes.len();
-        let first = p.tries % n;
-        let i = (0..n)
-            .map(|k| (first + k) % n)
-            .find(|&i| !self.homes[i].waiting(now, HOME_SUSPECT))
-            .unwrap_or(first);
+        // Every home that answers requests is asked at once (a hedged request,
+        // as in "The Tail at Scale"): the first record found wins, so a lookup
+        // takes the faster of the homes' paths, and a home that died unnoticed
+        // costs nothing while another lives. Lookups are rare next to upkeep, so
+        // the second copy is cheap. If every home leaves requests unanswered,
+        // they are tried in turn, nearest first.
+        let tries = p.tries;
         p.tries += 1;
-        let home = self.homes[i];
-        self.homes[i].asked.get_or_insert(now);
+        let mut ask: Vec<usize> = (0..self.homes.len())
+            .filter(|&i| !self.homes[i].waiting(now, HOME_SUSPECT))
+            .collect();
+        if ask.is_empty() {
+            let mut order: Vec<usize> = (0..self.homes.len()).collect();
+            order.sort_by_key(|&i| (self.rtt_of(&self.homes[i].key).unwrap_or(Duration::MAX), i));
+            ask.push(order[tries % order.len()]);
+        }
         self.timers.push(now + LOOKUP_TRY, Timer::Lookup(req));
-        // The home is checked on once the request has waited long enough to
-        // suspect it.
-        let check = self.homes[i].asked.map_or(now, |a| a + HOME_SUSPECT);
-        self.arm(Periodic::HomePing, check);
-        self.send(home.key, home.addr, &Msg::Lookup { req, query });
+        for i in ask {
+            let home = self.homes[i];
+            if let Some(p) = self.lookups.get_mut(&req)
+                && !p.waiting_on.contains(&home.key)
+            {
+                p.waiting_on.push(home.key);
+            }
+            self.homes[i].asked.get_or_insert(now);
+            // The home is checked on once the request has waited long enough to
+            // suspect it.
+            let check = self.homes[i].asked.map_or(now, |a| a + HOME_SUSPECT);
+            self.arm(Periodic::HomePing, check);
+            self.send(
+                home.key,
+                home.addr,
+                &Msg::Lookup {
+                    req,
+                    query: query.clone(),
+                },
+            );
+        }
     }
 
     fn lookup_timer(&mut self, now: Time, req: u32) {
@@ -758,13 +866,24 @@ impl Overlay {
         self.event(OverlayEvent::LookupDone { id: p.id, result });
     }
 
-    fn on_lookup_reply(&mut self, now: Time, req: u32, hops: u8, record: Option<Vec<u8>>) {
-        let Some(p) = self.lookups.get(&req) else {
+    fn on_lookup_reply(
+        &mut self,
+        now: Time,
+        from: PeerKey,
+        req: u32,
+        hops: u8,
+        record: Option<Vec<u8>>,
+    ) {
+        let Some(p) = self.lookups.get_mut(&req) else {
             return;
         };
+        p.waiting_on.retain(|k| *k != from);
         let query = p.query.clone();
         let Some(bytes) = record else {
-            self.finish_lookup(req, Err(LookupError::NotFound));
+            // "Not found" once no other home asked may still find it.
+            if p.waiting_on.is_empty() {
+                self.finish_lookup(req, Err(LookupError::NotFound));
+            }
             return;
         };
         match Record::verify_at(&bytes, now) {
@@ -890,6 +1009,12 @@ impl Overlay {
     }
 
     // ---- queries -------------------------------------------------------------------
+
+    /// The smoothed round trip to each home, in the order of [`Overlay::homes`]
+    /// (`None`: not measured yet).
+    pub fn home_rtts(&self) -> Vec<Option<Duration>> {
+        self.homes.iter().map(|h| self.rtt_of(&h.key)).collect()
+    }
 
     /// Whether this node is a supernode now.
     pub fn is_supernode(&self) -> bool {
@@ -1180,6 +1305,12 @@ impl Overlay {
                 self.arm(Periodic::Attach, self.next_attach);
                 break;
             }
+            // Candidates are measured first (unless a spare is needed at once),
+            // so the home chosen is the nearest that answers.
+            if !spare && self.probe_round(now) {
+                self.arm(Periodic::Attach, self.probe_until);
+                break;
+            }
             let Some((key, addr)) = self.pick_attach_target(now) else {
                 // Nothing to try: back off and look again.
                 self.attach_failures += 1;
@@ -1194,15 +1325,9 @@ impl Overlay {
                 self.arm(Periodic::Attach, self.next_attach);
                 break;
             };
-            let Some(record) = self.sign_record(now, true) else {
+            if !self.start_attach(now, key, addr) {
                 break;
-            };
-            self.stats.attach_attempts += 1;
-            let deadline = now + ATTACH_TIMEOUT;
-            self.attaching.push(Attaching { key, deadline });
-            self.failed.insert(key, now);
-            self.send(key, addr, &Msg::Attach { record });
-            self.arm(Periodic::Attach, deadline);
+            }
         }
         if !self.attaching.is_empty() {
             let first = self
@@ -1226,11 +1351,36 @@ impl Overlay {
                 .get(k)
                 .is_some_and(|&t| now.saturating_since(t) < ATTACH_FAIL_MEMORY)
         };
-        while let Some(s) = self.suggestions.pop_front() {
+        // Suggestions (where a redirect or a leaving home says there is room)
+        // come first, the nearest of them first.
+        let mut suggestions = std::mem::take(&mut self.suggestions);
+        suggestions.retain(|s| {
             let k = PeerKey(s.key);
-            if !busy(self, &k) && !recently_failed(self, &k) {
-                return Some((k, s.addr));
-            }
+            !busy(self, &k) && !recently_failed(self, &k)
+        });
+        self.suggestions = suggestions;
+        let nearest = (0..self.suggestions.len()).min_by_key(|&i| {
+            let k = PeerKey(self.suggestions[i].key);
+            (self.rtt_of(&k).unwrap_or(Duration::MAX), i)
+        });
+        if let Some(s) = nearest.and_then(|i| self.suggestions.remove(i)) {
+            return Some((PeerKey(s.key), s.addr));
+        }
+        // The nearest candidate that answered a probe lately (round trips are
+        // per pair of sites, so this spreads nodes too; admission control
+        // redirects the rest when one is full).
+        let nearest = self
+            .host_cache
+            .iter()
+            .filter(|h| !busy(self, &h.key) && !recently_failed(self, &h.key))
+            .filter_map(|h| {
+                let l = self.latency.get(&h.key)?;
+                let fresh = now.saturating_since(l.measured) < RTT_FRESH;
+                l.srtt.filter(|_| fresh).map(|rtt| (rtt, h.key, h.addr))
+            })
+            .min();
+        if let Some((_, key, addr)) = nearest {
+            return Some((key, addr));
         }
         // A random pick among the most recently seen cache entries spreads load.
         let mut fresh: Vec<CachedHost> = self
@@ -1274,6 +1424,152 @@ impl Overlay {
             let h = any[below(&mut self.rng, any.len())];
             Some((h.key, h.addr))
         }
+    }
+
+    /// Sends an attach request to `key`; false if no record can be signed yet.
+    fn start_attach(&mut self, now: Time, key: PeerKey, addr: SocketAddr) -> bool {
+        let Some(record) = self.sign_record(now, true) else {
+            return false;
+        };
+        self.stats.attach_attempts += 1;
+        let deadline = now + ATTACH_TIMEOUT;
+        self.attaching.push(Attaching { key, deadline });
+        self.failed.insert(key, now);
+        self.send(key, addr, &Msg::Attach { record });
+        self.arm(Periodic::Attach, deadline);
+        true
+    }
+
+    /// With all its homes answering, the node attaches to a measured candidate
+    /// nearer than its farthest home by [`REHOME_MIN_GAIN`] (the farthest is let
+    /// go once the new home answers), and probes candidates not measured yet.
+    fn rehome(&mut self, now: Time) {
+        if now < self.next_rehome
+            || self.closing
+            || self.homes.len() != HOME_TARGET
+            || !self.attaching.is_empty()
+            || self.homes.iter().any(|h| h.asked.is_some())
+        {
+            return;
+        }
+        self.next_rehome = now + REHOME_INTERVAL;
+        self.send_probes(now, REHOME_REPROBE);
+        let mut far = Duration::ZERO;
+        for h in &self.homes {
+            match self.rtt_of(&h.key) {
+                Some(r) => far = far.max(r),
+                // Not measured yet (no ping answered): no basis to compare.
+                None => return,
+            }
+        }
+        let nearest = self
+            .host_cache
+            .iter()
+            .filter(|h| {
+                h.key != self.me
+                    && !self.homes.iter().any(|x| x.key == h.key)
+                    && self
+                        .failed
+                        .get(&h.key)
+                        .is_none_or(|&t| now.saturating_since(t) >= ATTACH_FAIL_MEMORY)
+            })
+            .filter_map(|h| self.rtt_of(&h.key).map(|r| (r, h.key, h.addr)))
+            .min();
+        if let Some((rtt, key, addr)) = nearest
+            && rtt + REHOME_MIN_GAIN < far
+        {
+            self.stats.rehomes += 1;
+            self.start_attach(now, key, addr);
+        }
+    }
+
+    /// Starts a round of STUN probes to the most recently seen candidates whose
+    /// round trip is not known lately; returns whether the caller should wait for
+    /// the answers (a round is in flight and has time left).
+    fn probe_round(&mut self, now: Time) -> bool {
+        if now < self.probe_until {
+            return true;
+        }
+        if self.send_probes(now, RTT_FRESH) {
+            self.probe_until = now + PROBE_WAIT;
+            return true;
+        }
+        false
+    }
+
+    /// Probes up to [`PROBE_FANOUT`] candidates, the most recently seen first,
+    /// that neither answered nor were probed within `stale`; whether any were.
+    fn send_probes(&mut self, now: Time, stale: Duration) -> bool {
+        // Unanswered probes: those candidates are not chosen on latency.
+        self.probes
+            .retain(|p| now.saturating_since(p.sent) < STUN_TIMEOUT);
+        let room = MAX_PROBES - self.probes.len().min(MAX_PROBES);
+        let mut cands: Vec<CachedHost> = self
+            .host_cache
+            .iter()
+            .filter(|h| {
+                h.key != self.me
+                    && !self.homes.iter().any(|x| x.key == h.key)
+                    && !self.attaching.iter().any(|a| a.key == h.key)
+                    && self
+                        .failed
+                        .get(&h.key)
+                        .is_none_or(|&t| now.saturating_since(t) >= ATTACH_FAIL_MEMORY)
+                    && self.latency.get(&h.key).is_none_or(|l| {
+                        now.saturating_since(l.measured) >= stale
+                            && now.saturating_since(l.probed) >= stale
+                    })
+            })
+            .copied()
+            .collect();
+        if cands.is_empty() || room == 0 {
+            return false;
+        }
+        cands.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.key.cmp(&b.key)));
+        cands.truncate(PROBE_FANOUT.min(room));
+        if self.latency.len() >= 2 * HOST_CACHE_SIZE {
+            let cache = &self.host_cache;
+            self.latency
+                .retain(|k, _| cache.iter().any(|h| h.key == *k));
+        }
+        for h in cands {
+            let mut txid = [0u8; 12];
+            self.rng.fill_bytes(&mut txid);
+            self.probes.push(Probe {
+                txid,
+                key: h.key,
+                addr: h.addr,
+                sent: now,
+            });
+            let l = self.latency.entry(h.key).or_insert(Latency {
+                srtt: None,
+                measured: Time::ZERO,
+                probed: now,
+            });
+            l.probed = now;
+            self.stats.stun_requests += 1;
+            self.out.push_back(Output::Stun { to: h.addr, txid });
+        }
+        true
+    }
+
+    /// Folds a round-trip sample to supernode `key` into its estimate.
+    fn note_rtt(&mut self, now: Time, key: PeerKey, sample: Duration) {
+        let l = self.latency.entry(key).or_insert(Latency {
+            srtt: None,
+            measured: now,
+            probed: Time::ZERO,
+        });
+        l.measured = now;
+        l.srtt = Some(match l.srtt {
+            None => sample,
+            Some(s) => (s * (RTT_GAIN_DIVISOR - 1) + sample) / RTT_GAIN_DIVISOR,
+        });
+    }
+
+    /// The smoothed round trip to `key`, if measured.
+    fn rtt_of(&self, key: &PeerKey) -> Option<Duration> {
+        self.latency.get(key).and_then(|l| l.srtt)
     }
 
     fn attach_failed(&mut self, now: Time, key: PeerKey) {
@@ -1346,6 +1642,7 @@ impl Overlay {
             last_heard: now,
             asked: None,
             pinged: now,
+            ping_sent: None,
         });
         self.remember_hosts(now, sample);
         self.remember_hosts(
@@ -1430,18 +1727,26 @@ impl Overlay {
         if !self.homes.is_empty() && self.homes.iter().all(|h| h.waiting(now, HOME_SUSPECT)) {
             self.maintain_homes(now);
         }
-        // A spare home taken while the others were silent is let go once all
-        // answer again.
-        if self.homes.len() > HOME_TARGET
-            && self.homes.iter().all(|h| h.asked.is_none())
-            && let Some(h) = self.homes.pop()
-        {
-            self.send(h.key, h.addr, &Msg::Detach);
-            self.event(OverlayEvent::HomesChanged {
-                homes: self.homes.iter().map(|h| h.key).collect(),
-            });
-            self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
+        // A spare home (taken while the others were silent, or a nearer one
+        // found) is let go once all answer: the farthest goes.
+        if self.homes.len() > HOME_TARGET && self.homes.iter().all(|h| h.asked.is_none()) {
+            let far = (0..self.homes.len())
+                .max_by_key(|&i| (self.rtt_of(&self.homes[i].key).unwrap_or(Duration::MAX), i));
+            if let Some(i) = far {
+                let h = self.homes.remove(i);
+                self.send(h.key, h.addr, &Msg::Detach);
+                self.event(OverlayEvent::HomesChanged {
+                    homes: self.homes.iter().map(|h| h.key).collect(),
+                });
+                if i == 0 {
+                    // The primary went: subscriptions move to the new one.
+                    let contacts: Vec<UserId> = self.contacts.iter().copied().collect();
+                    self.send_subscriptions(now, &contacts);
+                }
+                self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
+            }
         }
+        self.rehome(now);
         let mut next = Time::MAX;
         for i in 0..self.homes.len() {
             let h = self.homes[i];
@@ -1452,6 +1757,7 @@ impl Overlay {
             };
             if now.saturating_since(h.pinged) >= due {
                 self.homes[i].pinged = now;
+                self.homes[i].ping_sent = Some(now);
                 self.homes[i].asked.get_or_insert(now);
                 self.send(h.key, h.addr, &Msg::HomePing);
             }
@@ -1545,7 +1851,15 @@ impl Overlay {
                     None => false,
                 }
             }
-            Msg::HomePong => self.homes.iter().any(|h| h.key == from),
+            Msg::HomePong => {
+                let Some(h) = self.homes.iter_mut().find(|h| h.key == from) else {
+                    return false;
+                };
+                if let Some(sent) = h.ping_sent.take() {
+                    self.note_rtt(now, from, now.saturating_since(sent));
+                }
+                true
+            }
             Msg::HostSample { sample } => {
                 if !self.homes.iter().any(|h| h.key == from) {
                     return false;
@@ -1557,7 +1871,7 @@ impl Overlay {
                 if !self.homes.iter().any(|h| h.key == from) {
                     return false;
                 }
-                self.on_lookup_reply(now, req, hops, record);
+                self.on_lookup_reply(now, from, req, hops, record);
                 true
             }
             Msg::Presence { record } => {
@@ -2881,7 +3195,7 @@ impl Overlay {
                     self.send(k, a, &Msg::LookupReply { req, hops, record });
                 }
             }
-            Origin::Local(req) => self.on_lookup_reply(now, req, hops, record),
+            Origin::Local(req) => self.on_lookup_reply(now, self.me, req, hops, record),
             Origin::Presence(user) => {
                 let subs = self
                     .sn
