@@ -82,6 +82,18 @@ impl Member {
     }
 }
 
+/// The sequence number of a bare ping that only opens a session (never one of
+/// a member's probes, so its ack matches none).
+pub const GREETING_SEQ: u32 = 0;
+
+/// The probe sequence number after `seq`, skipping [`GREETING_SEQ`].
+fn next_seq(seq: u32) -> u32 {
+    match seq.wrapping_add(1) {
+        GREETING_SEQ => GREETING_SEQ.wrapping_add(1),
+        s => s,
+    }
+}
+
 /// A member came or went, for the owner to re-place records and re-route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -89,6 +101,9 @@ pub enum Change {
     Up(PeerKey),
     /// A member was declared dead or left.
     Down(PeerKey),
+    /// A live member became suspect (still live for placement; records it
+    /// holds may be copied elsewhere before it is declared dead).
+    Suspect(PeerKey),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -204,6 +219,15 @@ impl Membership {
     /// A member by key.
     pub fn get(&self, key: &PeerKey) -> Option<&Member> {
         self.index.get(key).map(|&i| &self.members[i as usize])
+    }
+
+    /// Members suspected now.
+    pub fn suspects(&self) -> Vec<PeerKey> {
+        self.suspects
+            .iter()
+            .filter(|k| self.get(k).is_some_and(|m| m.state == MemberState::Suspect))
+            .copied()
+            .collect()
     }
 
     /// Whether `key` is a live member (or this member).
@@ -447,7 +471,10 @@ impl Membership {
         if m.state != u.state {
             m.since = now;
             match u.state {
-                MemberState::Suspect => self.suspects.push(key),
+                MemberState::Suspect => {
+                    self.suspects.push(key);
+                    self.changes.push(Change::Suspect(key));
+                }
                 MemberState::Dead => {
                     let at = now + DEAD_RETAIN;
                     self.purge_at = Some(self.purge_at.map_or(at, |p| p.min(at)));
@@ -602,7 +629,7 @@ impl Membership {
             if !m.is_live() {
                 continue;
             }
-            self.seq = self.seq.wrapping_add(1);
+            self.seq = next_seq(self.seq);
             let seq = self.seq;
             self.probes.insert(
                 seq,
@@ -722,7 +749,7 @@ impl Membership {
         if target == self.me || !self.is_live(&from) {
             return;
         }
-        self.seq = self.seq.wrapping_add(1);
+        self.seq = next_seq(self.seq);
         let mine = self.seq;
         self.probes.insert(
             mine,
@@ -754,7 +781,7 @@ impl Membership {
         }
         for _ in 0..fanout.min(live.len()) {
             let (k, a) = live[below(rng, live.len())];
-            self.seq = self.seq.wrapping_add(1);
+            self.seq = next_seq(self.seq);
             let seq = self.seq;
             let gossip = self.self_update().into_iter().collect();
             self.send(k, a, Msg::Ping { seq, gossip });
@@ -820,7 +847,14 @@ mod tests {
         assert_eq!(m.get(&key(1)).map(|x| x.state), Some(MemberState::Alive));
         m.apply(now, up(1, 4, MemberState::Dead));
         assert_eq!(m.size(), 1);
-        assert_eq!(m.changes, vec![Change::Up(key(1)), Change::Down(key(1))]);
+        assert_eq!(
+            m.changes,
+            vec![
+                Change::Up(key(1)),
+                Change::Suspect(key(1)),
+                Change::Down(key(1))
+            ]
+        );
         // Suspicion of ourselves is refuted with a higher incarnation.
         m.apply(now, up(0, 0, MemberState::Suspect));
         assert_eq!(m.incarnation(), 1);
@@ -854,7 +888,10 @@ mod tests {
             now = now + PROBE_INTERVAL;
         }
         assert_eq!(m.get(&key(3)).map(|x| x.state), Some(MemberState::Dead));
-        assert_eq!(m.changes, vec![Change::Down(key(3))]);
+        assert_eq!(
+            m.changes,
+            vec![Change::Suspect(key(3)), Change::Down(key(3))]
+        );
         assert_eq!(m.size(), 3);
         assert!(m.stats.indirect_probes > 0);
     }

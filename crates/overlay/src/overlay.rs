@@ -15,7 +15,7 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::config::{Bootstrap, CachedHost, HOST_CACHE_SIZE, OverlayConfig, Role};
 use crate::event::{Found, Lookup, LookupError, Output, OverlayEvent, OverlayStats, RequestId};
-use crate::membership::{Change, Membership, PROBE_INTERVAL};
+use crate::membership::{Change, GREETING_SEQ, Membership, PROBE_INTERVAL};
 use crate::msg::{
     Capabilities, Id, Load, MAX_IDS, MAX_MSG_LEN, MAX_SAMPLE, MAX_STORE_BATCH, Msg, Query, Refusal,
     SnInfo,
@@ -168,17 +168,6 @@ pub const PROBE_WAIT: Duration = Duration::from_millis(300);
 /// measured round trip; older measurements are probed again before use (a
 /// supernode that died since does not answer and is not chosen).
 pub const RTT_FRESH: Duration = Duration::from_secs(10);
-/// A node with all its homes checks this often whether a candidate it has
-/// measured is nearer than its farthest home (and probes the candidates it has
-/// not measured yet): homes taken while the tier was forming, or on a redirect,
-/// are seldom the nearest.
-pub const REHOME_INTERVAL: Duration = Duration::from_secs(30000);
-/// A node moves to a nearer home only if it beats the farthest by this much of
-/// round trip: less is within the noise of the estimate and not worth an attach.
-pub const REHOME_MIN_GAIN: Duration = Duration::from_millis(20);
-/// Candidates measured longer ago than this are probed again by the re-homing
-/// check (their estimate is still used until then).
-pub const REHOME_REPROBE: Duration = Duration::from_secs(600);
 /// Weight of a new round-trip sample in the smoothed estimate, as a divisor
 /// (RFC 6298's alpha = 1/8).
 pub const RTT_GAIN_DIVISOR: u32 = 8;
@@ -373,6 +362,8 @@ struct Super {
     /// The supernodes this one asked to join (their answers are trusted).
     join_sent: Vec<PeerKey>,
     departed: Vec<PeerKey>,
+    /// Members that became suspect since the last re-placement.
+    suspected: Vec<PeerKey>,
     least_loaded: Vec<SnInfo>,
     handoff: bool,
     last_join: Time,
@@ -415,8 +406,6 @@ pub struct Overlay {
     /// Redirects followed at once since the last successful attach.
     redirects_followed: u32,
     next_attach: Time,
-    /// When the node next checks for a nearer home.
-    next_rehome: Time,
     failed: Map<PeerKey, Time>,
     host_cache: Vec<CachedHost>,
     suggestions: VecDeque<SnInfo>,
@@ -515,7 +504,6 @@ impl Overlay {
             attach_failures: 0,
             redirects_followed: 0,
             next_attach: now,
-            next_rehome: now + REHOME_INTERVAL,
             failed: map(&mut rng),
             host_cache,
             suggestions: VecDeque::new(),
@@ -1069,14 +1057,16 @@ impl Overlay {
     }
 
     /// Whether the engine should keep the session with `peer` (a home, an attach in
-    /// progress, or a client): such sessions are never reaped when idle.
+    /// progress, a client, or, on a supernode, a live member: the tier is a mesh,
+    /// so a fetch or store never waits for a handshake): such sessions are never
+    /// reaped when idle.
     pub fn keeps_session(&self, peer: &PeerKey) -> bool {
         self.homes.iter().any(|h| h.key == *peer)
             || self.attaching.iter().any(|a| a.key == *peer)
             || self
                 .sn
                 .as_ref()
-                .is_some_and(|sn| sn.clients.contains_key(peer))
+                .is_some_and(|sn| sn.clients.contains_key(peer) || sn.members.is_live(peer))
     }
 
     /// Whether the node still needs its configured seeds: not attached and not part
@@ -1340,6 +1330,28 @@ impl Overlay {
         }
     }
 
+    /// The candidate with the lowest round trip measured lately, not a home,
+    /// not being attached to and not failed recently.
+    fn nearest_measured(&self, now: Time) -> Option<(Duration, PeerKey, SocketAddr)> {
+        self.attach_candidates()
+            .iter()
+            .filter(|h| {
+                h.key != self.me
+                    && !self.homes.iter().any(|x| x.key == h.key)
+                    && !self.attaching.iter().any(|a| a.key == h.key)
+                    && self
+                        .failed
+                        .get(&h.key)
+                        .is_none_or(|&t| now.saturating_since(t) >= ATTACH_FAIL_MEMORY)
+            })
+            .filter_map(|h| {
+                let l = self.latency.get(&h.key)?;
+                let fresh = now.saturating_since(l.measured) < RTT_FRESH;
+                l.srtt.filter(|_| fresh).map(|rtt| (rtt, h.key, h.addr))
+            })
+            .min()
+    }
+
     fn pick_attach_target(&mut self, now: Time) -> Option<(PeerKey, SocketAddr)> {
         let busy = |o: &Overlay, k: &PeerKey| {
             *k == o.me
@@ -1369,17 +1381,7 @@ impl Overlay {
         // The nearest candidate that answered a probe lately (round trips are
         // per pair of sites, so this spreads nodes too; admission control
         // redirects the rest when one is full).
-        let nearest = self
-            .host_cache
-            .iter()
-            .filter(|h| !busy(self, &h.key) && !recently_failed(self, &h.key))
-            .filter_map(|h| {
-                let l = self.latency.get(&h.key)?;
-                let fresh = now.saturating_since(l.measured) < RTT_FRESH;
-                l.srtt.filter(|_| fresh).map(|rtt| (rtt, h.key, h.addr))
-            })
-            .min();
-        if let Some((_, key, addr)) = nearest {
+        if let Some((_, key, addr)) = self.nearest_measured(now) {
             return Some((key, addr));
         }
         // A random pick among the most recently seen cache entries spreads load.
@@ -1426,6 +1428,24 @@ impl Overlay {
         }
     }
 
+    /// Supernodes to attach to: the host cache, then configured seeds with known
+    /// keys that it lacks (as if seen long ago).
+    fn attach_candidates(&self) -> Vec<CachedHost> {
+        let mut all = self.host_cache.clone();
+        for b in &self.bootstrap {
+            if let Some(key) = b.key
+                && !all.iter().any(|h| h.key == key)
+            {
+                all.push(CachedHost {
+                    key,
+                    addr: b.addr,
+                    last_seen: Time::ZERO,
+                });
+            }
+        }
+        all
+    }
+
     /// Sends an attach request to `key`; false if no record can be signed yet.
     fn start_attach(&mut self, now: Time, key: PeerKey, addr: SocketAddr) -> bool {
         let Some(record) = self.sign_record(now, true) else {
@@ -1440,49 +1460,6 @@ impl Overlay {
         true
     }
 
-    /// With all its homes answering, the node attaches to a measured candidate
-    /// nearer than its farthest home by [`REHOME_MIN_GAIN`] (the farthest is let
-    /// go once the new home answers), and probes candidates not measured yet.
-    fn rehome(&mut self, now: Time) {
-        if now < self.next_rehome
-            || self.closing
-            || self.homes.len() != HOME_TARGET
-            || !self.attaching.is_empty()
-            || self.homes.iter().any(|h| h.asked.is_some())
-        {
-            return;
-        }
-        self.next_rehome = now + REHOME_INTERVAL;
-        self.send_probes(now, REHOME_REPROBE);
-        let mut far = Duration::ZERO;
-        for h in &self.homes {
-            match self.rtt_of(&h.key) {
-                Some(r) => far = far.max(r),
-                // Not measured yet (no ping answered): no basis to compare.
-                None => return,
-            }
-        }
-        let nearest = self
-            .host_cache
-            .iter()
-            .filter(|h| {
-                h.key != self.me
-                    && !self.homes.iter().any(|x| x.key == h.key)
-                    && self
-                        .failed
-                        .get(&h.key)
-                        .is_none_or(|&t| now.saturating_since(t) >= ATTACH_FAIL_MEMORY)
-            })
-            .filter_map(|h| self.rtt_of(&h.key).map(|r| (r, h.key, h.addr)))
-            .min();
-        if let Some((rtt, key, addr)) = nearest
-            && rtt + REHOME_MIN_GAIN < far
-        {
-            self.stats.rehomes += 1;
-            self.start_attach(now, key, addr);
-        }
-    }
-
     /// Starts a round of STUN probes to the most recently seen candidates whose
     /// round trip is not known lately; returns whether the caller should wait for
     /// the answers (a round is in flight and has time left).
@@ -1490,23 +1467,38 @@ impl Overlay {
         if now < self.probe_until {
             return true;
         }
-        if self.send_probes(now, RTT_FRESH) {
+        if self.send_probes(now) {
             self.probe_until = now + PROBE_WAIT;
+            return true;
+        }
+        // Probes still out and no measured candidate left (the nearest was just
+        // taken by another attach): wait for the next answer, the next nearest.
+        let pending = self
+            .probes
+            .iter()
+            .map(|p| p.sent + PROBE_WAIT)
+            .filter(|&t| t > now)
+            .max();
+        if let Some(until) = pending
+            && self.nearest_measured(now).is_none()
+        {
+            self.probe_until = until;
             return true;
         }
         false
     }
 
     /// Probes up to [`PROBE_FANOUT`] candidates, the most recently seen first,
-    /// that neither answered nor were probed within `stale`; whether any were.
-    fn send_probes(&mut self, now: Time, stale: Duration) -> bool {
+    /// that neither answered nor were probed within [`RTT_FRESH`]; whether any
+    /// were.
+    fn send_probes(&mut self, now: Time) -> bool {
         // Unanswered probes: those candidates are not chosen on latency.
         self.probes
             .retain(|p| now.saturating_since(p.sent) < STUN_TIMEOUT);
         let room = MAX_PROBES - self.probes.len().min(MAX_PROBES);
         let mut cands: Vec<CachedHost> = self
-            .host_cache
-            .iter()
+            .attach_candidates()
+            .into_iter()
             .filter(|h| {
                 h.key != self.me
                     && !self.homes.iter().any(|x| x.key == h.key)
@@ -1516,11 +1508,10 @@ impl Overlay {
                         .get(&h.key)
                         .is_none_or(|&t| now.saturating_since(t) >= ATTACH_FAIL_MEMORY)
                     && self.latency.get(&h.key).is_none_or(|l| {
-                        now.saturating_since(l.measured) >= stale
-                            && now.saturating_since(l.probed) >= stale
+                        now.saturating_since(l.measured) >= RTT_FRESH
+                            && now.saturating_since(l.probed) >= RTT_FRESH
                     })
             })
-            .copied()
             .collect();
         if cands.is_empty() || room == 0 {
             return false;
@@ -1727,8 +1718,8 @@ impl Overlay {
         if !self.homes.is_empty() && self.homes.iter().all(|h| h.waiting(now, HOME_SUSPECT)) {
             self.maintain_homes(now);
         }
-        // A spare home (taken while the others were silent, or a nearer one
-        // found) is let go once all answer: the farthest goes.
+        // A spare home taken while the others were silent is let go once all
+        // answer again: the farthest goes.
         if self.homes.len() > HOME_TARGET && self.homes.iter().all(|h| h.asked.is_none()) {
             let far = (0..self.homes.len())
                 .max_by_key(|&i| (self.rtt_of(&self.homes[i].key).unwrap_or(Duration::MAX), i));
@@ -1746,7 +1737,7 @@ impl Overlay {
                 self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
             }
         }
-        self.rehome(now);
+
         let mut next = Time::MAX;
         for i in 0..self.homes.len() {
             let h = self.homes[i];
@@ -2093,6 +2084,7 @@ impl Overlay {
             joined: Vec::new(),
             join_sent: Vec::new(),
             departed: Vec::new(),
+            suspected: Vec::new(),
             least_loaded: Vec::new(),
             handoff: false,
             last_join: now,
@@ -2311,14 +2303,35 @@ impl Overlay {
         let Some(sn) = self.sn.as_mut() else { return };
         let out = std::mem::take(&mut sn.members.out);
         let changes = std::mem::take(&mut sn.members.changes);
+        let mut greet = Vec::new();
         for c in &changes {
             match *c {
-                Change::Up(k) => sn.joined.push(k),
+                Change::Up(k) => {
+                    sn.joined.push(k);
+                    greet.push(k);
+                }
                 Change::Down(k) => sn.departed.push(k),
+                Change::Suspect(k) => sn.suspected.push(k),
             }
         }
         for (to, addr, msg) in out {
             self.send(to, addr, &msg);
+        }
+        // A new member gets a bare ping at once, which opens the session
+        // (kept while it lives): SWIM alone may take minutes to contact every
+        // member of a large tier, and the first fetch from a storer would pay a
+        // handshake round trip. Its ack matches no probe and only carries gossip.
+        for k in greet {
+            if let Some(addr) = self.sn.as_ref().and_then(|sn| self.addr_of(sn, &k)) {
+                self.send(
+                    k,
+                    addr,
+                    &Msg::Ping {
+                        seq: GREETING_SEQ,
+                        gossip: Vec::new(),
+                    },
+                );
+            }
         }
         if !changes.is_empty() {
             self.arm(Periodic::Replicate, now + REPLICATE_DELAY);
@@ -2382,9 +2395,20 @@ impl Overlay {
     }
 
     fn storers_for_record(&self, sn: &Super, user: &UserId, bytes: &[u8]) -> Vec<PeerKey> {
-        let mut t = self.placement(sn, user_obj(user), &[], &[]);
+        self.storers_skipping(sn, user, bytes, &[])
+    }
+
+    /// [`Self::storers_for_record`] among the members not in `skip`.
+    fn storers_skipping(
+        &self,
+        sn: &Super,
+        user: &UserId,
+        bytes: &[u8],
+        skip: &[PeerKey],
+    ) -> Vec<PeerKey> {
+        let mut t = self.placement(sn, user_obj(user), skip, &[]);
         if let Some(h) = view::handle(bytes) {
-            for k in self.placement(sn, handle_obj(h), &[], &[]) {
+            for k in self.placement(sn, handle_obj(h), skip, &[]) {
                 if !t.contains(&k) {
                     t.push(k);
                 }
@@ -2448,6 +2472,9 @@ impl Overlay {
             .into_iter()
             .filter(|k| !sn.members.is_live(k))
             .collect();
+        let suspected = std::mem::take(&mut sn.suspected);
+        let suspects = sn.members.suspects();
+        let newly_suspect = suspected.iter().any(|k| suspects.contains(k));
         let mut batches: Map<PeerKey, Vec<Vec<u8>>> = map(&mut self.rng);
         let mut local: Vec<Vec<u8>> = Vec::new();
         if !sn.handoff && (!joined.is_empty() || !departed.is_empty()) {
@@ -2480,11 +2507,17 @@ impl Overlay {
                     }
                 }
             }
-            // As home: after storers depart, each client's record goes to the
-            // storers it has now that this home has not sent it to. Storers that
-            // took over from departed ones may never have had it (all of its
-            // storers may have died, at once or one after the other).
-            if !departed.is_empty() {
+        }
+        if !sn.handoff {
+            // As home: after storers depart, or become suspect, each client's
+            // record goes to the storers it has now (suspects skipped) that this
+            // home has not sent it to. Storers that took over from departed ones
+            // may never have had it (all of its storers may have died, at once or
+            // one after the other), and waiting for suspects to be declared dead
+            // would leave a record whose storers all died unreadable for the
+            // whole suspicion timeout. A suspect that refutes keeps its copy; the
+            // extra one expires.
+            if !departed.is_empty() || newly_suspect {
                 let keys: Vec<PeerKey> = sn.clients.keys().copied().collect();
                 for k in keys {
                     let Some(c) = sn.clients.get(&k) else {
@@ -2493,7 +2526,7 @@ impl Overlay {
                     if c.record.is_empty() {
                         continue;
                     }
-                    let now_at = self.storers_for_record(&sn, &c.user, &c.record);
+                    let now_at = self.storers_skipping(&sn, &c.user, &c.record, &suspects);
                     for &t in &now_at {
                         if c.stored_at.contains(&t) {
                             continue;
@@ -2993,7 +3026,17 @@ impl Overlay {
             Query::User(u) => prefix64(u),
             Query::Handle(h) => handle_obj(h),
         };
-        let storers = self.placement(sn, obj, &[], &[]);
+        // The storers, and while some of them are suspect the live ones ranked
+        // next too: that is where their homes re-store records at once.
+        let mut storers = self.placement(sn, obj, &[], &[]);
+        let suspects = sn.members.suspects();
+        if storers.iter().any(|k| suspects.contains(k)) {
+            for k in self.placement(sn, obj, &suspects, &[]) {
+                if !storers.contains(&k) {
+                    storers.push(k);
+                }
+            }
+        }
         let Some(sn) = self.sn.as_mut() else { return };
         sn.next_fetch = sn.next_fetch.wrapping_add(1);
         let req = sn.next_fetch;

@@ -1060,14 +1060,13 @@ impl<'a> Scenario<'a> {
             load += st.clients as f64 / st.capacity.max(1) as f64;
         }
         if std::env::var_os("SCALE_DEBUG").is_some() {
-            let (mut sum, mut n, mut rehomes, mut unknown) = (0.0, 0u64, 0u64, 0u64);
+            let (mut sum, mut n, mut unknown) = (0.0, 0u64, 0u64);
             let mut hist = [0u64; 8];
             for &i in &self.online {
                 if self.supernode[i] {
                     continue;
                 }
                 let o = self.sim.node(self.nodes[i].expect("online")).overlay();
-                rehomes += o.stats().rehomes;
                 match o.home_rtts().into_iter().flatten().min() {
                     Some(r) => {
                         sum += ms(r);
@@ -1078,7 +1077,7 @@ impl<'a> Scenario<'a> {
                 }
             }
             eprintln!(
-                "DEBUG nearest home rtt mean {:.1} ms over {n} (unknown {unknown}), hist/25ms {hist:?}, rehomes {rehomes}",
+                "DEBUG nearest home rtt mean {:.1} ms over {n} (unknown {unknown}), hist/25ms {hist:?}",
                 sum / n.max(1) as f64
             );
         }

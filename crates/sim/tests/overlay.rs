@@ -896,3 +896,137 @@ fn lookup_latency_with_a_few_hundred_nodes() {
     assert_eq!(got, 30);
     assert!(p95 <= 2000.0);
 }
+
+/// The access delay `World::add_host` gave host `i` (the one-way delay between
+/// two hosts is the 10 ms core plus both access delays).
+fn access_ms(w: &World, i: usize) -> u64 {
+    5 + w.sim.derive_seed(10_000 + i as u64)[0] as u64 % 31
+}
+
+fn seed_index(w: &World, key: &PeerKey) -> usize {
+    (0..w.spec.seeds)
+        .find(|&s| w.ids[s].peer_key() == *key)
+        .expect("homes and storers are seeds here")
+}
+
+/// Nodes probe the seeds they know and attach to the nearest two: every node
+/// here has the same nearest seeds (one-way delay is core + both access delays).
+#[test]
+fn nodes_attach_to_their_nearest_supernodes() {
+    let mut w = World::new(61, Spec::new(6, 20));
+    w.run(secs(20));
+    let mut by_delay: Vec<u64> = (0..6).map(|s| access_ms(&w, s)).collect();
+    by_delay.sort_unstable();
+    let best_two = by_delay[0] + by_delay[1];
+    for i in w.ordinary() {
+        let st = w.node(i).status();
+        assert_eq!(st.homes.len(), 2, "node {i}: {st:?}");
+        let got: u64 = st
+            .homes
+            .iter()
+            .map(|h| access_ms(&w, seed_index(&w, &h.0)))
+            .sum();
+        assert_eq!(
+            got, best_two,
+            "node {i} is attached to the two nearest seeds (access delays {by_delay:?})"
+        );
+        let rtts = w.node(i).overlay().home_rtts();
+        assert!(rtts.iter().all(Option::is_some), "both homes measured");
+    }
+}
+
+/// A lookup goes to both homes at once: when one died a moment ago (nobody has
+/// noticed yet), the other answers within a round trip or two, not after the
+/// per-home retry delay.
+#[test]
+fn a_lookup_is_answered_at_once_when_a_home_died_unnoticed() {
+    let mut w = World::new(62, Spec::new(4, 16));
+    w.run(secs(20));
+    let asker = w.spec.seeds;
+    let target = w.spec.seeds + 5;
+    let homes = w.node(asker).status().homes;
+    assert_eq!(homes.len(), 2);
+    // The primary home (the one asked first before lookups were hedged) dies.
+    let dead = seed_index(&w, &homes[0].0);
+    w.sim.set_online(w.nodes[dead], false);
+    let started = w.sim.now();
+    let id = w.lookup(asker, Lookup::User(w.user(target)));
+    w.run(secs(3));
+    let (at, result) = w.lookup_result(asker, id).expect("answered");
+    let found = result.expect("found");
+    assert_eq!(found.record.user_id(), w.user(target));
+    let took = at.saturating_since(started);
+    assert!(
+        took < peercall_overlay::LOOKUP_TRY,
+        "answered by the live home in {took:?}"
+    );
+}
+
+/// When all three storers of a record crash at once, its homes copy it to the
+/// storers ranked next as soon as the crashed ones are suspected, and readers
+/// ask those too: lookups succeed again before the crashes are declared.
+#[test]
+fn a_record_whose_storers_all_crash_is_found_before_they_are_declared_dead() {
+    let mut spec = Spec::new(9, 27);
+    spec.role = Role::Ordinary;
+    let mut w = World::new(63, spec);
+    w.run(secs(25));
+    let homes_of = |w: &World, i: usize| -> Vec<usize> {
+        w.node(i)
+            .status()
+            .homes
+            .iter()
+            .map(|h| seed_index(w, &h.0))
+            .collect()
+    };
+    // A target whose homes are not among its storers, and an asker whose homes
+    // are not among them either.
+    let (target, storers) = w
+        .ordinary()
+        .find_map(|t| {
+            let storers: Vec<usize> = w
+                .node(0)
+                .overlay()
+                .storers_of(&w.user(t))
+                .iter()
+                .map(|k| seed_index(&w, k))
+                .collect();
+            let homes = homes_of(&w, t);
+            (homes.len() == 2 && homes.iter().all(|h| !storers.contains(h)))
+                .then_some((t, storers))
+        })
+        .expect("some target");
+    assert_eq!(storers.len(), 3);
+    let asker = w
+        .ordinary()
+        .find(|&a| a != target && homes_of(&w, a).iter().all(|h| !storers.contains(h)))
+        .expect("some asker");
+    let home = homes_of(&w, target)[0];
+    let crashed = w.sim.now();
+    for &s in &storers {
+        w.sim.set_online(w.nodes[s], false);
+    }
+    let mut found_at = None;
+    for _ in 0..30 {
+        let id = w.lookup(asker, Lookup::User(w.user(target)));
+        w.run(Duration::from_millis(500));
+        if let Some((at, Ok(f))) = w.lookup_result(asker, id)
+            && f.record.user_id() == w.user(target)
+        {
+            found_at = Some(at);
+            break;
+        }
+    }
+    let found_at = found_at.expect("found again");
+    // At that moment the target's home still counts crashed storers as live
+    // members (suspected, not yet declared dead).
+    let still_live = storers
+        .iter()
+        .filter(|&&s| w.node(home).overlay().member_addr(&w.ids[s].peer_key()).is_some())
+        .count();
+    eprintln!(
+        "storers crashed: found again after {:?}, {still_live} of them not yet declared dead",
+        found_at.saturating_since(crashed)
+    );
+    assert!(still_live > 0, "found only after the deaths were declared");
+}
