@@ -969,6 +969,9 @@ fn a_lookup_is_answered_at_once_when_a_home_died_unnoticed() {
 fn a_record_whose_storers_all_crash_is_found_before_they_are_declared_dead() {
     let mut spec = Spec::new(9, 27);
     spec.role = Role::Ordinary;
+    // Small supernodes, so the nodes spread over all of them (they would all
+    // pick the same nearest two otherwise).
+    spec.capacity = 8;
     let mut w = World::new(63, spec);
     w.run(secs(25));
     let homes_of = |w: &World, i: usize| -> Vec<usize> {
@@ -980,8 +983,8 @@ fn a_record_whose_storers_all_crash_is_found_before_they_are_declared_dead() {
             .collect()
     };
     // A target whose homes are not among its storers, and an asker whose homes
-    // are not among them either.
-    let (target, storers) = w
+    // are neither its storers nor its homes (which hold or cache the record).
+    let (target, storers, asker) = w
         .ordinary()
         .find_map(|t| {
             let storers: Vec<usize> = w
@@ -992,41 +995,64 @@ fn a_record_whose_storers_all_crash_is_found_before_they_are_declared_dead() {
                 .map(|k| seed_index(&w, k))
                 .collect();
             let homes = homes_of(&w, t);
-            (homes.len() == 2 && homes.iter().all(|h| !storers.contains(h)))
-                .then_some((t, storers))
+            if homes.len() != 2 || homes.iter().any(|h| storers.contains(h)) {
+                return None;
+            }
+            let asker = w.ordinary().find(|&a| {
+                let theirs = homes_of(&w, a);
+                a != t
+                    && theirs.len() == 2
+                    && theirs
+                        .iter()
+                        .all(|h| !storers.contains(h) && !homes.contains(h))
+            })?;
+            Some((t, storers, asker))
         })
-        .expect("some target");
+        .expect("some target and asker");
     assert_eq!(storers.len(), 3);
-    let asker = w
-        .ordinary()
-        .find(|&a| a != target && homes_of(&w, a).iter().all(|h| !storers.contains(h)))
-        .expect("some asker");
     let home = homes_of(&w, target)[0];
+    // A fresh record without a handle (so it sits at its three user storers
+    // only, not also at handle storers), newer than copies left elsewhere while
+    // the tier formed.
+    w.sim
+        .with_node(w.nodes[target], |n, now| n.set_handle(now, None));
+    w.run(secs(1));
+    w.sim.with_node(w.nodes[target], |n, now| n.publish(now));
+    w.run(secs(2));
+    let newest = w.node(target).overlay().own_record().map(|b| {
+        peercall_crypto::Record::verify(b)
+            .expect("own record verifies")
+            .seq
+    });
+    let newest = newest.expect("published");
     let crashed = w.sim.now();
     for &s in &storers {
         w.sim.set_online(w.nodes[s], false);
     }
-    let mut found_at = None;
-    for _ in 0..30 {
-        let id = w.lookup(asker, Lookup::User(w.user(target)));
-        w.run(Duration::from_millis(500));
-        if let Some((at, Ok(f))) = w.lookup_result(asker, id)
-            && f.record.user_id() == w.user(target)
-        {
-            found_at = Some(at);
-            break;
-        }
-    }
-    let found_at = found_at.expect("found again");
-    // At that moment the target's home still counts crashed storers as live
-    // members (suspected, not yet declared dead).
+    // Once they are suspected (a few seconds), and before they are declared
+    // dead, a lookup finds the newest record. (One lookup: the asker's home
+    // caches what it reads.)
+    w.run(Duration::from_millis(5_500));
     let still_live = storers
         .iter()
-        .filter(|&&s| w.node(home).overlay().member_addr(&w.ids[s].peer_key()).is_some())
+        .filter(|&&s| {
+            w.node(home)
+                .overlay()
+                .member_addr(&w.ids[s].peer_key())
+                .is_some()
+        })
         .count();
+    assert_eq!(still_live, 3, "none declared dead yet");
+    let started = w.sim.now();
+    let id = w.lookup(asker, Lookup::User(w.user(target)));
+    w.run(secs(2));
+    let (at, result) = w.lookup_result(asker, id).expect("answered");
+    let found = result.expect("found");
     eprintln!(
-        "storers crashed: found again after {:?}, {still_live} of them not yet declared dead",
-        found_at.saturating_since(crashed)
+        "storers crashed: a lookup {:?} later found seq {} (newest {newest}) in {:?}",
+        started.saturating_since(crashed),
+        found.record.seq,
+        at.saturating_since(started)
     );
-    assert!(still_live > 0, "found only after the deaths were declared");
+    assert_eq!(found.record.seq, newest, "the newest record, not a leftover");
 }
