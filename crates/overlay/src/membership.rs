@@ -82,18 +82,6 @@ impl Member {
     }
 }
 
-/// The sequence number of a bare ping that only opens a session (never one of
-/// a member's probes, so its ack matches none).
-pub const GREETING_SEQ: u32 = 0;
-
-/// The probe sequence number after `seq`, skipping [`GREETING_SEQ`].
-fn next_seq(seq: u32) -> u32 {
-    match seq.wrapping_add(1) {
-        GREETING_SEQ => GREETING_SEQ.wrapping_add(1),
-        s => s,
-    }
-}
-
 /// A member came or went, for the owner to re-place records and re-route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -629,7 +617,7 @@ impl Membership {
             if !m.is_live() {
                 continue;
             }
-            self.seq = next_seq(self.seq);
+            self.seq = self.seq.wrapping_add(1);
             let seq = self.seq;
             self.probes.insert(
                 seq,
@@ -749,7 +737,7 @@ impl Membership {
         if target == self.me || !self.is_live(&from) {
             return;
         }
-        self.seq = next_seq(self.seq);
+        self.seq = self.seq.wrapping_add(1);
         let mine = self.seq;
         self.probes.insert(
             mine,
@@ -781,7 +769,7 @@ impl Membership {
         }
         for _ in 0..fanout.min(live.len()) {
             let (k, a) = live[below(rng, live.len())];
-            self.seq = next_seq(self.seq);
+            self.seq = self.seq.wrapping_add(1);
             let seq = self.seq;
             let gossip = self.self_update().into_iter().collect();
             self.send(k, a, Msg::Ping { seq, gossip });

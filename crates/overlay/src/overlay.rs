@@ -15,7 +15,7 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::config::{Bootstrap, CachedHost, HOST_CACHE_SIZE, OverlayConfig, Role};
 use crate::event::{Found, Lookup, LookupError, Output, OverlayEvent, OverlayStats, RequestId};
-use crate::membership::{Change, GREETING_SEQ, Membership, PROBE_INTERVAL};
+use crate::membership::{Change, Membership, PROBE_INTERVAL};
 use crate::msg::{
     Capabilities, Id, Load, MAX_IDS, MAX_MSG_LEN, MAX_SAMPLE, MAX_STORE_BATCH, Msg, Query, Refusal,
     SnInfo,
@@ -167,7 +167,14 @@ pub const PROBE_WAIT: Duration = Duration::from_millis(300);
 /// A candidate that answered a probe this recently counts as alive with the
 /// measured round trip; older measurements are probed again before use (a
 /// supernode that died since does not answer and is not chosen).
-pub const RTT_FRESH: Duration = Duration::from_secs(10);
+pub const RTT_FRESH: Duration = Duration::from_secs(3);
+/// Candidates within this much round trip of the nearest count as near: the
+/// node picks one of them at random, which spreads a crowd of nodes re-homing at
+/// once for a few milliseconds of latency.
+pub const NEAR_SLACK: Duration = Duration::from_millis(20);
+/// A supernode reported (in a sample or redirect) as loaded past
+/// [`REDIRECT_ROOM_PERMILLE`] this recently is not chosen for its latency.
+pub const LOAD_HINT_FRESH: Duration = Duration::from_secs(60);
 /// Weight of a new round-trip sample in the smoothed estimate, as a divisor
 /// (RFC 6298's alpha = 1/8).
 pub const RTT_GAIN_DIVISOR: u32 = 8;
@@ -238,6 +245,8 @@ struct Latency {
     measured: Time,
     /// When it was last probed.
     probed: Time,
+    /// Its load (per mille) as last reported in a sample or redirect, and when.
+    load: Option<(u16, Time)>,
 }
 
 /// A STUN probe of a candidate home in flight.
@@ -1057,16 +1066,14 @@ impl Overlay {
     }
 
     /// Whether the engine should keep the session with `peer` (a home, an attach in
-    /// progress, a client, or, on a supernode, a live member: the tier is a mesh,
-    /// so a fetch or store never waits for a handshake): such sessions are never
-    /// reaped when idle.
+    /// progress, or a client): such sessions are never reaped when idle.
     pub fn keeps_session(&self, peer: &PeerKey) -> bool {
         self.homes.iter().any(|h| h.key == *peer)
             || self.attaching.iter().any(|a| a.key == *peer)
             || self
                 .sn
                 .as_ref()
-                .is_some_and(|sn| sn.clients.contains_key(peer) || sn.members.is_live(peer))
+                .is_some_and(|sn| sn.clients.contains_key(peer))
     }
 
     /// Whether the node still needs its configured seeds: not attached and not part
@@ -1295,9 +1302,11 @@ impl Overlay {
                 self.arm(Periodic::Attach, self.next_attach);
                 break;
             }
-            // Candidates are measured first (unless a spare is needed at once),
-            // so the home chosen is the nearest that answers.
-            if !spare && self.probe_round(now) {
+            // Candidates are measured first, so the home chosen is the nearest
+            // that answers (and one that answers: after a crash of supernodes,
+            // a pick from the host cache alone may be dead and cost the whole
+            // attach timeout).
+            if self.probe_round(now) {
                 self.arm(Periodic::Attach, self.probe_until);
                 break;
             }
@@ -1333,7 +1342,14 @@ impl Overlay {
     /// The candidate with the lowest round trip measured lately, not a home,
     /// not being attached to and not failed recently.
     fn nearest_measured(&self, now: Time) -> Option<(Duration, PeerKey, SocketAddr)> {
-        self.attach_candidates()
+        self.measured_candidates(now).into_iter().next()
+    }
+
+    /// The candidates with a round trip measured lately (so alive), not homes,
+    /// not being attached to and not failed recently, nearest first.
+    fn measured_candidates(&self, now: Time) -> Vec<(Duration, PeerKey, SocketAddr)> {
+        let mut all: Vec<(Duration, PeerKey, SocketAddr)> = self
+            .attach_candidates()
             .iter()
             .filter(|h| {
                 h.key != self.me
@@ -1347,9 +1363,17 @@ impl Overlay {
             .filter_map(|h| {
                 let l = self.latency.get(&h.key)?;
                 let fresh = now.saturating_since(l.measured) < RTT_FRESH;
-                l.srtt.filter(|_| fresh).map(|rtt| (rtt, h.key, h.addr))
+                // Reported full lately: it would only redirect.
+                let full = l.load.is_some_and(|(permille, at)| {
+                    permille >= REDIRECT_ROOM_PERMILLE && now.saturating_since(at) < LOAD_HINT_FRESH
+                });
+                l.srtt
+                    .filter(|_| fresh && !full)
+                    .map(|rtt| (rtt, h.key, h.addr))
             })
-            .min()
+            .collect();
+        all.sort_unstable();
+        all
     }
 
     fn pick_attach_target(&mut self, now: Time) -> Option<(PeerKey, SocketAddr)> {
@@ -1381,7 +1405,21 @@ impl Overlay {
         // The nearest candidate that answered a probe lately (round trips are
         // per pair of sites, so this spreads nodes too; admission control
         // redirects the rest when one is full).
-        if let Some((_, key, addr)) = self.nearest_measured(now) {
+        // A random one among those nearly as near as the nearest: nodes that
+        // lose their homes together (a supernode died) would otherwise all
+        // pick the same few survivors and queue at their admission buckets.
+        // When the node has lost its homes (or they fell silent) it is one of
+        // many doing so at once: any live candidate will do, picked at random.
+        let urgent = self.stats.homes_lost > 0
+            && (self.homes.is_empty() || self.homes.iter().all(|h| h.waiting(now, HOME_SUSPECT)));
+        let near = self.measured_candidates(now);
+        if let Some(&(best, _, _)) = near.first() {
+            let slack = if urgent { Duration::MAX } else { NEAR_SLACK };
+            let pool: Vec<&(Duration, PeerKey, SocketAddr)> = near
+                .iter()
+                .take_while(|c| c.0 <= best.saturating_add(slack))
+                .collect();
+            let (_, key, addr) = *pool[below(&mut self.rng, pool.len())];
             return Some((key, addr));
         }
         // A random pick among the most recently seen cache entries spreads load.
@@ -1536,6 +1574,7 @@ impl Overlay {
                 srtt: None,
                 measured: Time::ZERO,
                 probed: now,
+                load: None,
             });
             l.probed = now;
             self.stats.stun_requests += 1;
@@ -1550,6 +1589,7 @@ impl Overlay {
             srtt: None,
             measured: now,
             probed: Time::ZERO,
+            load: None,
         });
         l.measured = now;
         l.srtt = Some(match l.srtt {
@@ -1583,6 +1623,15 @@ impl Overlay {
             if key == self.me {
                 continue;
             }
+            self.latency
+                .entry(key)
+                .or_insert(Latency {
+                    srtt: None,
+                    measured: Time::ZERO,
+                    probed: Time::ZERO,
+                    load: None,
+                })
+                .load = Some((s.load_permille, now));
             match self.host_cache.iter_mut().find(|h| h.key == key) {
                 Some(h) => {
                     h.addr = s.addr;
@@ -2303,35 +2352,15 @@ impl Overlay {
         let Some(sn) = self.sn.as_mut() else { return };
         let out = std::mem::take(&mut sn.members.out);
         let changes = std::mem::take(&mut sn.members.changes);
-        let mut greet = Vec::new();
         for c in &changes {
             match *c {
-                Change::Up(k) => {
-                    sn.joined.push(k);
-                    greet.push(k);
-                }
+                Change::Up(k) => sn.joined.push(k),
                 Change::Down(k) => sn.departed.push(k),
                 Change::Suspect(k) => sn.suspected.push(k),
             }
         }
         for (to, addr, msg) in out {
             self.send(to, addr, &msg);
-        }
-        // A new member gets a bare ping at once, which opens the session
-        // (kept while it lives): SWIM alone may take minutes to contact every
-        // member of a large tier, and the first fetch from a storer would pay a
-        // handshake round trip. Its ack matches no probe and only carries gossip.
-        for k in greet {
-            if let Some(addr) = self.sn.as_ref().and_then(|sn| self.addr_of(sn, &k)) {
-                self.send(
-                    k,
-                    addr,
-                    &Msg::Ping {
-                        seq: GREETING_SEQ,
-                        gossip: Vec::new(),
-                    },
-                );
-            }
         }
         if !changes.is_empty() {
             self.arm(Periodic::Replicate, now + REPLICATE_DELAY);
