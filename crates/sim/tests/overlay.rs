@@ -347,7 +347,9 @@ fn full_supernodes_redirect_and_never_exceed_capacity() {
 fn nodes_reattach_when_a_home_dies() {
     let mut w = World::new(34, Spec::new(4, 16));
     w.run(secs(20));
-    let victim = 0;
+    // A seed that is some node's home (nodes pick the nearest seeds).
+    let first = w.spec.seeds;
+    let victim = seed_index(&w, &w.node(first).status().homes[0].0);
     let clients_of_victim: Vec<usize> = w
         .ordinary()
         .filter(|&i| {
@@ -412,9 +414,14 @@ fn nodes_reattach_when_a_home_dies() {
 /// every 2 s sees the new homes within the cache freshness, not at expiry.
 #[test]
 fn records_looked_up_often_are_refetched_after_they_change() {
-    let mut w = World::new(40, Spec::new(4, 16));
+    // Small supernodes, so that nodes spread over all of them (they would all
+    // pick the same nearest two otherwise) and a looker attached elsewhere exists.
+    let mut spec = Spec::new(4, 16);
+    spec.capacity = 10;
+    let mut w = World::new(40, spec);
     w.run(secs(20));
-    let victim = 0;
+    let first = w.spec.seeds;
+    let victim = seed_index(&w, &w.node(first).status().homes[0].0);
     let victim_key = w.ids[victim].peer_key();
     let homes_of = |w: &World, i: usize| -> Vec<PeerKey> {
         w.node(i).status().homes.iter().map(|h| h.0).collect()
