@@ -1061,5 +1061,8 @@ fn a_record_whose_storers_all_crash_is_found_before_they_are_declared_dead() {
         found.record.seq,
         at.saturating_since(started)
     );
-    assert_eq!(found.record.seq, newest, "the newest record, not a leftover");
+    assert_eq!(
+        found.record.seq, newest,
+        "the newest record, not a leftover"
+    );
 }
