@@ -1402,14 +1402,11 @@ impl Overlay {
         if let Some(s) = nearest.and_then(|i| self.suggestions.remove(i)) {
             return Some((PeerKey(s.key), s.addr));
         }
-        // The nearest candidate that answered a probe lately (round trips are
-        // per pair of sites, so this spreads nodes too; admission control
-        // redirects the rest when one is full).
-        // A random one among those nearly as near as the nearest: nodes that
-        // lose their homes together (a supernode died) would otherwise all
-        // pick the same few survivors and queue at their admission buckets.
-        // When the node has lost its homes (or they fell silent) it is one of
-        // many doing so at once: any live candidate will do, picked at random.
+        // Then a candidate that answered a probe lately: at random among those
+        // within NEAR_SLACK of the nearest, so that nodes sharing a favourite
+        // do not all queue at its admission bucket. A node that has lost its
+        // homes (or whose homes fell silent) is one of many doing so at once
+        // after a crash: any live candidate will do.
         let urgent = self.stats.homes_lost > 0
             && (self.homes.is_empty() || self.homes.iter().all(|h| h.waiting(now, HOME_SUSPECT)));
         let near = self.measured_candidates(now);
