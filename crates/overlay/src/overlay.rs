@@ -180,10 +180,6 @@ pub const LOAD_HINT_FRESH: Duration = Duration::from_secs(60);
 pub const RTT_GAIN_DIVISOR: u32 = 8;
 /// Seeds re-send `Join` this often while the node knows no other supernode.
 pub const REJOIN_INTERVAL: Duration = Duration::from_secs(10);
-/// A peer a node had a session with this recently may still have a NAT mapping
-/// open towards it (consumer NATs keep idle UDP mappings 30 s to a few minutes), so
-/// it cannot dial the node back as a stranger.
-pub const RECENT_CONTACT: Duration = Duration::from_secs(180);
 /// Readers remember the highest sequence number seen for this many users, to
 /// refuse rolled-back records.
 pub const MAX_SEEN: usize = 4_096;
@@ -1206,7 +1202,10 @@ impl Overlay {
             recent: self
                 .contacted
                 .iter()
-                .filter(|(_, t)| **t == Time::MAX || now.saturating_since(**t) < RECENT_CONTACT)
+                .filter(|(_, t)| {
+                    **t == Time::MAX
+                        || now.saturating_since(**t) < self.cfg.election.contact_memory
+                })
                 .map(|(k, _)| k.0)
                 .take(crate::msg::MAX_CANDIDATE_RECENT)
                 .collect(),
@@ -1574,6 +1573,14 @@ impl Overlay {
                 load: None,
             });
             l.probed = now;
+            // The probe opens a NAT mapping towards the candidate, as a session
+            // would: it cannot dial this node back as a stranger for a while.
+            if self.sn.is_none() {
+                let t = self.contacted.entry(h.key).or_insert(now);
+                if *t != Time::MAX {
+                    *t = now;
+                }
+            }
             self.stats.stun_requests += 1;
             self.out.push_back(Output::Stun { to: h.addr, txid });
         }
@@ -1830,8 +1837,9 @@ impl Overlay {
             return;
         }
         self.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
+        let memory = self.cfg.election.contact_memory;
         self.contacted
-            .retain(|_, t| *t == Time::MAX || now.saturating_since(*t) < RECENT_CONTACT);
+            .retain(|_, t| *t == Time::MAX || now.saturating_since(*t) < memory);
         let caps = self.capabilities(now);
         if !self.policy.eligible(&caps, &self.cfg.election) {
             return;
