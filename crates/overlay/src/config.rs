@@ -84,6 +84,11 @@ pub const DEFAULT_LOW_WATERMARK: u16 = 300;
 pub const DEFAULT_MAX_PROMOTIONS_PER_MIN: u32 = 6;
 /// The tier never demotes below this many supernodes.
 pub const DEFAULT_MIN_SUPERNODES: u32 = 3;
+/// How long a supernode this node contacted (a session, or a latency probe) is
+/// taken to still have a NAT mapping open towards it, so it cannot dial the node
+/// back as a stranger: consumer NATs keep idle UDP mappings from 30 s to a few
+/// minutes. Set it to the NAT's mapping timeout where that is known.
+pub const DEFAULT_CONTACT_MEMORY: Duration = Duration::from_secs(180);
 
 /// Capacity limits of a supernode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +118,8 @@ pub struct ElectionConfig {
     pub max_promotions_per_min: u32,
     /// [`DEFAULT_MIN_SUPERNODES`].
     pub min_supernodes: u32,
+    /// [`DEFAULT_CONTACT_MEMORY`].
+    pub contact_memory: Duration,
 }
 
 impl Default for ElectionConfig {
@@ -125,6 +132,7 @@ impl Default for ElectionConfig {
             low_watermark: DEFAULT_LOW_WATERMARK,
             max_promotions_per_min: DEFAULT_MAX_PROMOTIONS_PER_MIN,
             min_supernodes: DEFAULT_MIN_SUPERNODES,
+            contact_memory: DEFAULT_CONTACT_MEMORY,
         }
     }
 }

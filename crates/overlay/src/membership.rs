@@ -89,6 +89,9 @@ pub enum Change {
     Up(PeerKey),
     /// A member was declared dead or left.
     Down(PeerKey),
+    /// A live member became suspect (still live for placement; records it
+    /// holds may be copied elsewhere before it is declared dead).
+    Suspect(PeerKey),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -204,6 +207,15 @@ impl Membership {
     /// A member by key.
     pub fn get(&self, key: &PeerKey) -> Option<&Member> {
         self.index.get(key).map(|&i| &self.members[i as usize])
+    }
+
+    /// Members suspected now.
+    pub fn suspects(&self) -> Vec<PeerKey> {
+        self.suspects
+            .iter()
+            .filter(|k| self.get(k).is_some_and(|m| m.state == MemberState::Suspect))
+            .copied()
+            .collect()
     }
 
     /// Whether `key` is a live member (or this member).
@@ -447,7 +459,10 @@ impl Membership {
         if m.state != u.state {
             m.since = now;
             match u.state {
-                MemberState::Suspect => self.suspects.push(key),
+                MemberState::Suspect => {
+                    self.suspects.push(key);
+                    self.changes.push(Change::Suspect(key));
+                }
                 MemberState::Dead => {
                     let at = now + DEAD_RETAIN;
                     self.purge_at = Some(self.purge_at.map_or(at, |p| p.min(at)));
@@ -820,7 +835,14 @@ mod tests {
         assert_eq!(m.get(&key(1)).map(|x| x.state), Some(MemberState::Alive));
         m.apply(now, up(1, 4, MemberState::Dead));
         assert_eq!(m.size(), 1);
-        assert_eq!(m.changes, vec![Change::Up(key(1)), Change::Down(key(1))]);
+        assert_eq!(
+            m.changes,
+            vec![
+                Change::Up(key(1)),
+                Change::Suspect(key(1)),
+                Change::Down(key(1))
+            ]
+        );
         // Suspicion of ourselves is refuted with a higher incarnation.
         m.apply(now, up(0, 0, MemberState::Suspect));
         assert_eq!(m.incarnation(), 1);
@@ -854,7 +876,10 @@ mod tests {
             now = now + PROBE_INTERVAL;
         }
         assert_eq!(m.get(&key(3)).map(|x| x.state), Some(MemberState::Dead));
-        assert_eq!(m.changes, vec![Change::Down(key(3))]);
+        assert_eq!(
+            m.changes,
+            vec![Change::Suspect(key(3)), Change::Down(key(3))]
+        );
         assert_eq!(m.size(), 3);
         assert!(m.stats.indirect_probes > 0);
     }

@@ -151,12 +151,35 @@ pub const LEAVE_FANOUT: usize = 4;
 pub const MAX_STUN_PENDING: usize = 8;
 /// A STUN request unanswered this long is forgotten.
 pub const STUN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Candidate supernodes probed at once (a STUN binding each) before a home is
+/// chosen: the node attaches to the one with the lowest round trip, since every
+/// lookup crosses the node-home path twice and the home's own access link four
+/// times. As many as a home's host sample ([`SAMPLE_SIZE`]), so all of it is
+/// measured.
+pub const PROBE_FANOUT: usize = SAMPLE_SIZE;
+/// Probes in flight at most (answers are kept for later choices).
+pub const MAX_PROBES: usize = 2 * PROBE_FANOUT;
+/// A probe round waits this long at most for its first answer (the nearest of
+/// the round, since all were sent together) before the node attaches with what
+/// it has measured: above the round trip of most WAN paths, short enough that a
+/// start or a lost home is not noticeably delayed.
+pub const PROBE_WAIT: Duration = Duration::from_millis(300);
+/// A candidate that answered a probe this recently counts as alive with the
+/// measured round trip; older measurements are probed again before use (a
+/// supernode that died since does not answer and is not chosen).
+pub const RTT_FRESH: Duration = Duration::from_secs(3);
+/// Candidates within this much round trip of the nearest count as near: the
+/// node picks one of them at random, which spreads a crowd of nodes re-homing at
+/// once for a few milliseconds of latency.
+pub const NEAR_SLACK: Duration = Duration::from_millis(20);
+/// A supernode reported (in a sample or redirect) as loaded past
+/// [`REDIRECT_ROOM_PERMILLE`] this recently is not chosen for its latency.
+pub const LOAD_HINT_FRESH: Duration = Duration::from_secs(60);
+/// Weight of a new round-trip sample in the smoothed estimate, as a divisor
+/// (RFC 6298's alpha = 1/8).
+pub const RTT_GAIN_DIVISOR: u32 = 8;
 /// Seeds re-send `Join` this often while the node knows no other supernode.
 pub const REJOIN_INTERVAL: Duration = Duration::from_secs(10);
-/// A peer a node had a session with this recently may still have a NAT mapping
-/// open towards it (consumer NATs keep idle UDP mappings 30 s to a few minutes), so
-/// it cannot dial the node back as a stranger.
-pub const RECENT_CONTACT: Duration = Duration::from_secs(180);
 /// Readers remember the highest sequence number seen for this many users, to
 /// refuse rolled-back records.
 pub const MAX_SEEN: usize = 4_096;
@@ -198,6 +221,8 @@ struct Home {
     asked: Option<Time>,
     /// When it was last pinged.
     pinged: Time,
+    /// When the ping now unanswered was sent (for a round-trip sample).
+    ping_sent: Option<Time>,
 }
 
 impl Home {
@@ -205,6 +230,28 @@ impl Home {
     fn waiting(&self, now: Time, after: Duration) -> bool {
         self.asked.is_some_and(|a| now.saturating_since(a) >= after)
     }
+}
+
+/// What a node knows of its round trip to one supernode.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    /// Smoothed round trip (`None`: never answered).
+    srtt: Option<Duration>,
+    /// When it last answered a probe or ping.
+    measured: Time,
+    /// When it was last probed.
+    probed: Time,
+    /// Its load (per mille) as last reported in a sample or redirect, and when.
+    load: Option<(u16, Time)>,
+}
+
+/// A STUN probe of a candidate home in flight.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    txid: [u8; 12],
+    key: PeerKey,
+    addr: SocketAddr,
+    sent: Time,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -219,6 +266,9 @@ struct PendingLookup {
     query: Query,
     started: Time,
     tries: usize,
+    /// Homes asked that have not answered (a "not found" from one waits for
+    /// the others).
+    waiting_on: Vec<PeerKey>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -317,6 +367,8 @@ struct Super {
     /// The supernodes this one asked to join (their answers are trusted).
     join_sent: Vec<PeerKey>,
     departed: Vec<PeerKey>,
+    /// Members that became suspect since the last re-placement.
+    suspected: Vec<PeerKey>,
     least_loaded: Vec<SnInfo>,
     handoff: bool,
     last_join: Time,
@@ -347,6 +399,11 @@ pub struct Overlay {
     /// The latest online record this node signed (for call invitations).
     own_record: Option<Vec<u8>>,
     stun_pending: Vec<([u8; 12], SocketAddr, Time)>,
+    /// Round trips to supernodes (probes of candidates, pings of homes).
+    latency: Map<PeerKey, Latency>,
+    /// The probe round in flight, and when the node stops waiting for it.
+    probes: Vec<Probe>,
+    probe_until: Time,
     bootstrap: Vec<Bootstrap>,
     homes: Vec<Home>,
     attaching: Vec<Attaching>,
@@ -440,6 +497,9 @@ impl Overlay {
             reflexive: None,
             own_record: None,
             stun_pending: Vec::new(),
+            latency: map(&mut rng),
+            probes: Vec::new(),
+            probe_until: Time::ZERO,
             bootstrap: bootstrap
                 .into_iter()
                 .filter(|b| b.key != Some(me))
@@ -635,6 +695,24 @@ impl Overlay {
         mapped: SocketAddr,
     ) {
         if let Some(i) = self
+            .probes
+            .iter()
+            .position(|p| p.txid == txid && p.addr == from)
+        {
+            // A probe measures the round trip only: a symmetric NAT maps each
+            // destination apart, so its answer says nothing about the reflexive
+            // address the homes see.
+            let p = self.probes.swap_remove(i);
+            self.note_rtt(now, p.key, now.saturating_since(p.sent));
+            if now < self.probe_until {
+                // The first answer of a round is its nearest candidate: no
+                // need to wait for the others (their answers still count).
+                self.probe_until = now;
+                self.arm(Periodic::Attach, now);
+            }
+            return;
+        }
+        if let Some(i) = self
             .stun_pending
             .iter()
             .position(|p| p.0 == txid && p.1 == from)
@@ -690,6 +768,7 @@ impl Overlay {
                 query: query.clone(),
                 started: now,
                 tries: 0,
+                waiting_on: Vec::new(),
             },
         );
         self.timers.push(now + LOOKUP_TIMEOUT, Timer::Lookup(req));
@@ -712,22 +791,44 @@ impl Overlay {
             self.timers.push(now + LOOKUP_TRY, Timer::Lookup(req));
             return;
         }
-        // In turn, skipping homes that leave requests unanswered.
-        let n = self.homes.len();
-        let first = p.tries % n;
-        let i = (0..n)
-            .map(|k| (first + k) % n)
-            .find(|&i| !self.homes[i].waiting(now, HOME_SUSPECT))
-            .unwrap_or(first);
+        // Every home that answers requests is asked at once (a hedged request,
+        // as in "The Tail at Scale"): the first record found wins, so a lookup
+        // takes the faster of the homes' paths, and a home that died unnoticed
+        // costs nothing while another lives. Lookups are rare next to upkeep, so
+        // the second copy is cheap. If every home leaves requests unanswered,
+        // they are tried in turn, nearest first.
+        let tries = p.tries;
         p.tries += 1;
-        let home = self.homes[i];
-        self.homes[i].asked.get_or_insert(now);
+        let mut ask: Vec<usize> = (0..self.homes.len())
+            .filter(|&i| !self.homes[i].waiting(now, HOME_SUSPECT))
+            .collect();
+        if ask.is_empty() {
+            let mut order: Vec<usize> = (0..self.homes.len()).collect();
+            order.sort_by_key(|&i| (self.rtt_of(&self.homes[i].key).unwrap_or(Duration::MAX), i));
+            ask.push(order[tries % order.len()]);
+        }
         self.timers.push(now + LOOKUP_TRY, Timer::Lookup(req));
-        // The home is checked on once the request has waited long enough to
-        // suspect it.
-        let check = self.homes[i].asked.map_or(now, |a| a + HOME_SUSPECT);
-        self.arm(Periodic::HomePing, check);
-        self.send(home.key, home.addr, &Msg::Lookup { req, query });
+        for i in ask {
+            let home = self.homes[i];
+            if let Some(p) = self.lookups.get_mut(&req)
+                && !p.waiting_on.contains(&home.key)
+            {
+                p.waiting_on.push(home.key);
+            }
+            self.homes[i].asked.get_or_insert(now);
+            // The home is checked on once the request has waited long enough to
+            // suspect it.
+            let check = self.homes[i].asked.map_or(now, |a| a + HOME_SUSPECT);
+            self.arm(Periodic::HomePing, check);
+            self.send(
+                home.key,
+                home.addr,
+                &Msg::Lookup {
+                    req,
+                    query: query.clone(),
+                },
+            );
+        }
     }
 
     fn lookup_timer(&mut self, now: Time, req: u32) {
@@ -758,13 +859,24 @@ impl Overlay {
         self.event(OverlayEvent::LookupDone { id: p.id, result });
     }
 
-    fn on_lookup_reply(&mut self, now: Time, req: u32, hops: u8, record: Option<Vec<u8>>) {
-        let Some(p) = self.lookups.get(&req) else {
+    fn on_lookup_reply(
+        &mut self,
+        now: Time,
+        from: PeerKey,
+        req: u32,
+        hops: u8,
+        record: Option<Vec<u8>>,
+    ) {
+        let Some(p) = self.lookups.get_mut(&req) else {
             return;
         };
+        p.waiting_on.retain(|k| *k != from);
         let query = p.query.clone();
         let Some(bytes) = record else {
-            self.finish_lookup(req, Err(LookupError::NotFound));
+            // "Not found" once no other home asked may still find it.
+            if p.waiting_on.is_empty() {
+                self.finish_lookup(req, Err(LookupError::NotFound));
+            }
             return;
         };
         match Record::verify_at(&bytes, now) {
@@ -890,6 +1002,12 @@ impl Overlay {
     }
 
     // ---- queries -------------------------------------------------------------------
+
+    /// The smoothed round trip to each home, in the order of [`Overlay::homes`]
+    /// (`None`: not measured yet).
+    pub fn home_rtts(&self) -> Vec<Option<Duration>> {
+        self.homes.iter().map(|h| self.rtt_of(&h.key)).collect()
+    }
 
     /// Whether this node is a supernode now.
     pub fn is_supernode(&self) -> bool {
@@ -1084,7 +1202,10 @@ impl Overlay {
             recent: self
                 .contacted
                 .iter()
-                .filter(|(_, t)| **t == Time::MAX || now.saturating_since(**t) < RECENT_CONTACT)
+                .filter(|(_, t)| {
+                    **t == Time::MAX
+                        || now.saturating_since(**t) < self.cfg.election.contact_memory
+                })
                 .map(|(k, _)| k.0)
                 .take(crate::msg::MAX_CANDIDATE_RECENT)
                 .collect(),
@@ -1180,6 +1301,14 @@ impl Overlay {
                 self.arm(Periodic::Attach, self.next_attach);
                 break;
             }
+            // Candidates are measured first, so the home chosen is the nearest
+            // that answers (and one that answers: after a crash of supernodes,
+            // a pick from the host cache alone may be dead and cost the whole
+            // attach timeout).
+            if self.probe_round(now) {
+                self.arm(Periodic::Attach, self.probe_until);
+                break;
+            }
             let Some((key, addr)) = self.pick_attach_target(now) else {
                 // Nothing to try: back off and look again.
                 self.attach_failures += 1;
@@ -1194,15 +1323,9 @@ impl Overlay {
                 self.arm(Periodic::Attach, self.next_attach);
                 break;
             };
-            let Some(record) = self.sign_record(now, true) else {
+            if !self.start_attach(now, key, addr) {
                 break;
-            };
-            self.stats.attach_attempts += 1;
-            let deadline = now + ATTACH_TIMEOUT;
-            self.attaching.push(Attaching { key, deadline });
-            self.failed.insert(key, now);
-            self.send(key, addr, &Msg::Attach { record });
-            self.arm(Periodic::Attach, deadline);
+            }
         }
         if !self.attaching.is_empty() {
             let first = self
@@ -1213,6 +1336,43 @@ impl Overlay {
                 .unwrap_or(now);
             self.arm(Periodic::Attach, first);
         }
+    }
+
+    /// The candidate with the lowest round trip measured lately, not a home,
+    /// not being attached to and not failed recently.
+    fn nearest_measured(&self, now: Time) -> Option<(Duration, PeerKey, SocketAddr)> {
+        self.measured_candidates(now).into_iter().next()
+    }
+
+    /// The candidates with a round trip measured lately (so alive), not homes,
+    /// not being attached to and not failed recently, nearest first.
+    fn measured_candidates(&self, now: Time) -> Vec<(Duration, PeerKey, SocketAddr)> {
+        let mut all: Vec<(Duration, PeerKey, SocketAddr)> = self
+            .attach_candidates()
+            .iter()
+            .filter(|h| {
+                h.key != self.me
+                    && !self.homes.iter().any(|x| x.key == h.key)
+                    && !self.attaching.iter().any(|a| a.key == h.key)
+                    && self
+                        .failed
+                        .get(&h.key)
+                        .is_none_or(|&t| now.saturating_since(t) >= ATTACH_FAIL_MEMORY)
+            })
+            .filter_map(|h| {
+                let l = self.latency.get(&h.key)?;
+                let fresh = now.saturating_since(l.measured) < RTT_FRESH;
+                // Reported full lately: it would only redirect.
+                let full = l.load.is_some_and(|(permille, at)| {
+                    permille >= REDIRECT_ROOM_PERMILLE && now.saturating_since(at) < LOAD_HINT_FRESH
+                });
+                l.srtt
+                    .filter(|_| fresh && !full)
+                    .map(|rtt| (rtt, h.key, h.addr))
+            })
+            .collect();
+        all.sort_unstable();
+        all
     }
 
     fn pick_attach_target(&mut self, now: Time) -> Option<(PeerKey, SocketAddr)> {
@@ -1226,11 +1386,37 @@ impl Overlay {
                 .get(k)
                 .is_some_and(|&t| now.saturating_since(t) < ATTACH_FAIL_MEMORY)
         };
-        while let Some(s) = self.suggestions.pop_front() {
+        // Suggestions (where a redirect or a leaving home says there is room)
+        // come first, the nearest of them first.
+        let mut suggestions = std::mem::take(&mut self.suggestions);
+        suggestions.retain(|s| {
             let k = PeerKey(s.key);
-            if !busy(self, &k) && !recently_failed(self, &k) {
-                return Some((k, s.addr));
-            }
+            !busy(self, &k) && !recently_failed(self, &k)
+        });
+        self.suggestions = suggestions;
+        let nearest = (0..self.suggestions.len()).min_by_key(|&i| {
+            let k = PeerKey(self.suggestions[i].key);
+            (self.rtt_of(&k).unwrap_or(Duration::MAX), i)
+        });
+        if let Some(s) = nearest.and_then(|i| self.suggestions.remove(i)) {
+            return Some((PeerKey(s.key), s.addr));
+        }
+        // Then a candidate that answered a probe lately: at random among those
+        // within NEAR_SLACK of the nearest, so that nodes sharing a favourite
+        // do not all queue at its admission bucket. A node that has lost its
+        // homes (or whose homes fell silent) is one of many doing so at once
+        // after a crash: any live candidate will do.
+        let urgent = self.stats.homes_lost > 0
+            && (self.homes.is_empty() || self.homes.iter().all(|h| h.waiting(now, HOME_SUSPECT)));
+        let near = self.measured_candidates(now);
+        if let Some(&(best, _, _)) = near.first() {
+            let slack = if urgent { Duration::MAX } else { NEAR_SLACK };
+            let pool: Vec<&(Duration, PeerKey, SocketAddr)> = near
+                .iter()
+                .take_while(|c| c.0 <= best.saturating_add(slack))
+                .collect();
+            let (_, key, addr) = *pool[below(&mut self.rng, pool.len())];
+            return Some((key, addr));
         }
         // A random pick among the most recently seen cache entries spreads load.
         let mut fresh: Vec<CachedHost> = self
@@ -1276,6 +1462,151 @@ impl Overlay {
         }
     }
 
+    /// Supernodes to attach to: the host cache, then configured seeds with known
+    /// keys that it lacks (as if seen long ago).
+    fn attach_candidates(&self) -> Vec<CachedHost> {
+        let mut all = self.host_cache.clone();
+        for b in &self.bootstrap {
+            if let Some(key) = b.key
+                && !all.iter().any(|h| h.key == key)
+            {
+                all.push(CachedHost {
+                    key,
+                    addr: b.addr,
+                    last_seen: Time::ZERO,
+                });
+            }
+        }
+        all
+    }
+
+    /// Sends an attach request to `key`; false if no record can be signed yet.
+    fn start_attach(&mut self, now: Time, key: PeerKey, addr: SocketAddr) -> bool {
+        let Some(record) = self.sign_record(now, true) else {
+            return false;
+        };
+        self.stats.attach_attempts += 1;
+        let deadline = now + ATTACH_TIMEOUT;
+        self.attaching.push(Attaching { key, deadline });
+        self.failed.insert(key, now);
+        self.send(key, addr, &Msg::Attach { record });
+        self.arm(Periodic::Attach, deadline);
+        true
+    }
+
+    /// Starts a round of STUN probes to the most recently seen candidates whose
+    /// round trip is not known lately; returns whether the caller should wait for
+    /// the answers (a round is in flight and has time left).
+    fn probe_round(&mut self, now: Time) -> bool {
+        if now < self.probe_until {
+            return true;
+        }
+        if self.send_probes(now) {
+            self.probe_until = now + PROBE_WAIT;
+            return true;
+        }
+        // Probes still out and no measured candidate left (the nearest was just
+        // taken by another attach): wait for the next answer, the next nearest.
+        let pending = self
+            .probes
+            .iter()
+            .map(|p| p.sent + PROBE_WAIT)
+            .filter(|&t| t > now)
+            .max();
+        if let Some(until) = pending
+            && self.nearest_measured(now).is_none()
+        {
+            self.probe_until = until;
+            return true;
+        }
+        false
+    }
+
+    /// Probes up to [`PROBE_FANOUT`] candidates, the most recently seen first,
+    /// that neither answered nor were probed within [`RTT_FRESH`]; whether any
+    /// were.
+    fn send_probes(&mut self, now: Time) -> bool {
+        // Unanswered probes: those candidates are not chosen on latency.
+        self.probes
+            .retain(|p| now.saturating_since(p.sent) < STUN_TIMEOUT);
+        let room = MAX_PROBES - self.probes.len().min(MAX_PROBES);
+        let mut cands: Vec<CachedHost> = self
+            .attach_candidates()
+            .into_iter()
+            .filter(|h| {
+                h.key != self.me
+                    && !self.homes.iter().any(|x| x.key == h.key)
+                    && !self.attaching.iter().any(|a| a.key == h.key)
+                    && self
+                        .failed
+                        .get(&h.key)
+                        .is_none_or(|&t| now.saturating_since(t) >= ATTACH_FAIL_MEMORY)
+                    && self.latency.get(&h.key).is_none_or(|l| {
+                        now.saturating_since(l.measured) >= RTT_FRESH
+                            && now.saturating_since(l.probed) >= RTT_FRESH
+                    })
+            })
+            .collect();
+        if cands.is_empty() || room == 0 {
+            return false;
+        }
+        cands.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.key.cmp(&b.key)));
+        cands.truncate(PROBE_FANOUT.min(room));
+        if self.latency.len() >= 2 * HOST_CACHE_SIZE {
+            let cache = &self.host_cache;
+            self.latency
+                .retain(|k, _| cache.iter().any(|h| h.key == *k));
+        }
+        for h in cands {
+            let mut txid = [0u8; 12];
+            self.rng.fill_bytes(&mut txid);
+            self.probes.push(Probe {
+                txid,
+                key: h.key,
+                addr: h.addr,
+                sent: now,
+            });
+            let l = self.latency.entry(h.key).or_insert(Latency {
+                srtt: None,
+                measured: Time::ZERO,
+                probed: now,
+                load: None,
+            });
+            l.probed = now;
+            // The probe opens a NAT mapping towards the candidate, as a session
+            // would: it cannot dial this node back as a stranger for a while.
+            if self.sn.is_none() {
+                let t = self.contacted.entry(h.key).or_insert(now);
+                if *t != Time::MAX {
+                    *t = now;
+                }
+            }
+            self.stats.stun_requests += 1;
+            self.out.push_back(Output::Stun { to: h.addr, txid });
+        }
+        true
+    }
+
+    /// Folds a round-trip sample to supernode `key` into its estimate.
+    fn note_rtt(&mut self, now: Time, key: PeerKey, sample: Duration) {
+        let l = self.latency.entry(key).or_insert(Latency {
+            srtt: None,
+            measured: now,
+            probed: Time::ZERO,
+            load: None,
+        });
+        l.measured = now;
+        l.srtt = Some(match l.srtt {
+            None => sample,
+            Some(s) => (s * (RTT_GAIN_DIVISOR - 1) + sample) / RTT_GAIN_DIVISOR,
+        });
+    }
+
+    /// The smoothed round trip to `key`, if measured.
+    fn rtt_of(&self, key: &PeerKey) -> Option<Duration> {
+        self.latency.get(key).and_then(|l| l.srtt)
+    }
+
     fn attach_failed(&mut self, now: Time, key: PeerKey) {
         self.failed.insert(key, now);
         self.attach_failures += 1;
@@ -1296,6 +1627,15 @@ impl Overlay {
             if key == self.me {
                 continue;
             }
+            self.latency
+                .entry(key)
+                .or_insert(Latency {
+                    srtt: None,
+                    measured: Time::ZERO,
+                    probed: Time::ZERO,
+                    load: None,
+                })
+                .load = Some((s.load_permille, now));
             match self.host_cache.iter_mut().find(|h| h.key == key) {
                 Some(h) => {
                     h.addr = s.addr;
@@ -1346,6 +1686,7 @@ impl Overlay {
             last_heard: now,
             asked: None,
             pinged: now,
+            ping_sent: None,
         });
         self.remember_hosts(now, sample);
         self.remember_hosts(
@@ -1431,17 +1772,25 @@ impl Overlay {
             self.maintain_homes(now);
         }
         // A spare home taken while the others were silent is let go once all
-        // answer again.
-        if self.homes.len() > HOME_TARGET
-            && self.homes.iter().all(|h| h.asked.is_none())
-            && let Some(h) = self.homes.pop()
-        {
-            self.send(h.key, h.addr, &Msg::Detach);
-            self.event(OverlayEvent::HomesChanged {
-                homes: self.homes.iter().map(|h| h.key).collect(),
-            });
-            self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
+        // answer again: the farthest goes.
+        if self.homes.len() > HOME_TARGET && self.homes.iter().all(|h| h.asked.is_none()) {
+            let far = (0..self.homes.len())
+                .max_by_key(|&i| (self.rtt_of(&self.homes[i].key).unwrap_or(Duration::MAX), i));
+            if let Some(i) = far {
+                let h = self.homes.remove(i);
+                self.send(h.key, h.addr, &Msg::Detach);
+                self.event(OverlayEvent::HomesChanged {
+                    homes: self.homes.iter().map(|h| h.key).collect(),
+                });
+                if i == 0 {
+                    // The primary went: subscriptions move to the new one.
+                    let contacts: Vec<UserId> = self.contacts.iter().copied().collect();
+                    self.send_subscriptions(now, &contacts);
+                }
+                self.arm(Periodic::Publish, now + PUBLISH_DEBOUNCE);
+            }
         }
+
         let mut next = Time::MAX;
         for i in 0..self.homes.len() {
             let h = self.homes[i];
@@ -1452,6 +1801,7 @@ impl Overlay {
             };
             if now.saturating_since(h.pinged) >= due {
                 self.homes[i].pinged = now;
+                self.homes[i].ping_sent = Some(now);
                 self.homes[i].asked.get_or_insert(now);
                 self.send(h.key, h.addr, &Msg::HomePing);
             }
@@ -1487,8 +1837,9 @@ impl Overlay {
             return;
         }
         self.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
+        let memory = self.cfg.election.contact_memory;
         self.contacted
-            .retain(|_, t| *t == Time::MAX || now.saturating_since(*t) < RECENT_CONTACT);
+            .retain(|_, t| *t == Time::MAX || now.saturating_since(*t) < memory);
         let caps = self.capabilities(now);
         if !self.policy.eligible(&caps, &self.cfg.election) {
             return;
@@ -1545,7 +1896,15 @@ impl Overlay {
                     None => false,
                 }
             }
-            Msg::HomePong => self.homes.iter().any(|h| h.key == from),
+            Msg::HomePong => {
+                let Some(h) = self.homes.iter_mut().find(|h| h.key == from) else {
+                    return false;
+                };
+                if let Some(sent) = h.ping_sent.take() {
+                    self.note_rtt(now, from, now.saturating_since(sent));
+                }
+                true
+            }
             Msg::HostSample { sample } => {
                 if !self.homes.iter().any(|h| h.key == from) {
                     return false;
@@ -1557,7 +1916,7 @@ impl Overlay {
                 if !self.homes.iter().any(|h| h.key == from) {
                     return false;
                 }
-                self.on_lookup_reply(now, req, hops, record);
+                self.on_lookup_reply(now, from, req, hops, record);
                 true
             }
             Msg::Presence { record } => {
@@ -1779,6 +2138,7 @@ impl Overlay {
             joined: Vec::new(),
             join_sent: Vec::new(),
             departed: Vec::new(),
+            suspected: Vec::new(),
             least_loaded: Vec::new(),
             handoff: false,
             last_join: now,
@@ -2001,6 +2361,7 @@ impl Overlay {
             match *c {
                 Change::Up(k) => sn.joined.push(k),
                 Change::Down(k) => sn.departed.push(k),
+                Change::Suspect(k) => sn.suspected.push(k),
             }
         }
         for (to, addr, msg) in out {
@@ -2068,9 +2429,20 @@ impl Overlay {
     }
 
     fn storers_for_record(&self, sn: &Super, user: &UserId, bytes: &[u8]) -> Vec<PeerKey> {
-        let mut t = self.placement(sn, user_obj(user), &[], &[]);
+        self.storers_skipping(sn, user, bytes, &[])
+    }
+
+    /// [`Self::storers_for_record`] among the members not in `skip`.
+    fn storers_skipping(
+        &self,
+        sn: &Super,
+        user: &UserId,
+        bytes: &[u8],
+        skip: &[PeerKey],
+    ) -> Vec<PeerKey> {
+        let mut t = self.placement(sn, user_obj(user), skip, &[]);
         if let Some(h) = view::handle(bytes) {
-            for k in self.placement(sn, handle_obj(h), &[], &[]) {
+            for k in self.placement(sn, handle_obj(h), skip, &[]) {
                 if !t.contains(&k) {
                     t.push(k);
                 }
@@ -2134,6 +2506,9 @@ impl Overlay {
             .into_iter()
             .filter(|k| !sn.members.is_live(k))
             .collect();
+        let suspected = std::mem::take(&mut sn.suspected);
+        let suspects = sn.members.suspects();
+        let newly_suspect = suspected.iter().any(|k| suspects.contains(k));
         let mut batches: Map<PeerKey, Vec<Vec<u8>>> = map(&mut self.rng);
         let mut local: Vec<Vec<u8>> = Vec::new();
         if !sn.handoff && (!joined.is_empty() || !departed.is_empty()) {
@@ -2166,11 +2541,17 @@ impl Overlay {
                     }
                 }
             }
-            // As home: after storers depart, each client's record goes to the
-            // storers it has now that this home has not sent it to. Storers that
-            // took over from departed ones may never have had it (all of its
-            // storers may have died, at once or one after the other).
-            if !departed.is_empty() {
+        }
+        if !sn.handoff {
+            // As home: after storers depart, or become suspect, each client's
+            // record goes to the storers it has now (suspects skipped) that this
+            // home has not sent it to. Storers that took over from departed ones
+            // may never have had it (all of its storers may have died, at once or
+            // one after the other), and waiting for suspects to be declared dead
+            // would leave a record whose storers all died unreadable for the
+            // whole suspicion timeout. A suspect that refutes keeps its copy; the
+            // extra one expires.
+            if !departed.is_empty() || newly_suspect {
                 let keys: Vec<PeerKey> = sn.clients.keys().copied().collect();
                 for k in keys {
                     let Some(c) = sn.clients.get(&k) else {
@@ -2179,7 +2560,7 @@ impl Overlay {
                     if c.record.is_empty() {
                         continue;
                     }
-                    let now_at = self.storers_for_record(&sn, &c.user, &c.record);
+                    let now_at = self.storers_skipping(&sn, &c.user, &c.record, &suspects);
                     for &t in &now_at {
                         if c.stored_at.contains(&t) {
                             continue;
@@ -2679,7 +3060,17 @@ impl Overlay {
             Query::User(u) => prefix64(u),
             Query::Handle(h) => handle_obj(h),
         };
-        let storers = self.placement(sn, obj, &[], &[]);
+        // The storers, and while some of them are suspect the live ones ranked
+        // next too: that is where their homes re-store records at once.
+        let mut storers = self.placement(sn, obj, &[], &[]);
+        let suspects = sn.members.suspects();
+        if storers.iter().any(|k| suspects.contains(k)) {
+            for k in self.placement(sn, obj, &suspects, &[]) {
+                if !storers.contains(&k) {
+                    storers.push(k);
+                }
+            }
+        }
         let Some(sn) = self.sn.as_mut() else { return };
         sn.next_fetch = sn.next_fetch.wrapping_add(1);
         let req = sn.next_fetch;
@@ -2881,7 +3272,7 @@ impl Overlay {
                     self.send(k, a, &Msg::LookupReply { req, hops, record });
                 }
             }
-            Origin::Local(req) => self.on_lookup_reply(now, req, hops, record),
+            Origin::Local(req) => self.on_lookup_reply(now, self.me, req, hops, record),
             Origin::Presence(user) => {
                 let subs = self
                     .sn

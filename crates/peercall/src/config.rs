@@ -29,7 +29,7 @@ use crate::netem::{EmulateSettings, MAX_DELAY_MS, MAX_PEERS, NatMode, PeerMatch}
 pub const ENV_PREFIX: &str = "PEERCALL_";
 
 /// Every config key, in documentation order.
-pub const KEYS: [&str; 51] = [
+pub const KEYS: [&str; 52] = [
     "data_dir",
     "listen",
     "admin",
@@ -53,6 +53,7 @@ pub const KEYS: [&str; 51] = [
     "election_low_watermark",
     "election_max_promotions_per_min",
     "election_min_supernodes",
+    "election_contact_memory_secs",
     "log_format",
     "log_level",
     "debug_endpoints",
@@ -717,6 +718,11 @@ fn defaults(data_dir: Option<&Path>) -> Layer {
         u64::from(e.max_promotions_per_min),
     );
     l.set("election_min_supernodes", o, u64::from(e.min_supernodes));
+    l.set(
+        "election_contact_memory_secs",
+        o,
+        e.contact_memory.as_secs(),
+    );
     l.set("log_format", o, LogFormat::default().as_str());
     l.set("log_level", o, LogLevel::default().as_str());
     l.set("debug_endpoints", o, false);
@@ -944,6 +950,9 @@ fn parse(values: Map<String, Value>, file: Option<&Path>) -> Result<Settings, Co
             )
             .map(|n| n as u32)
         })?,
+        contact_memory: Duration::from_secs(p.key("election_contact_memory_secs", |v| {
+            parse_uint(v, 1, 3600, "a whole number of seconds from 1 to 3600")
+        })?),
     };
     let settings = Settings {
         data_dir: p.key("data_dir", parse_path)?,
@@ -1572,6 +1581,7 @@ mod tests {
                 low_watermark: 300,
                 max_promotions_per_min: 6,
                 min_supernodes: 3,
+                contact_memory: Duration::from_secs(180),
             },
             log_format: LogFormat::Text,
             log_level: LogLevel::Info,

@@ -85,10 +85,15 @@ const FIRST_DESKTOP_HOST: u8 = 11;
 const HOMES_PER_DESKTOP: u32 = 2;
 /// Election and capacity keys of every node: no minimum uptime (the default wants
 /// an hour, far beyond the demo), a bandwidth and CPU bar every loopback node
-/// passes, and the watermarks of the real-process overlay test. The round every
-/// 10 s (after a 10 s cool-down) is the overlay's own and is not shortened.
+/// passes, and the watermarks of the real-process overlay test. A desktop's
+/// contacts (its latency probes to every seed at start) are remembered for the
+/// emulated NATs' mapping time, [`NAT_TIMEOUT_SECS`], not the default three
+/// minutes, so a seed it probed may dial it back once its mapping is gone. The
+/// round every 10 s (after a 10 s cool-down) is the overlay's own and is not
+/// shortened.
 const ELECTION: &str = "bandwidth_mbps = 100\n\
                         election_min_uptime_secs = 0\n\
+                        election_contact_memory_secs = 5\n\
                         election_min_bandwidth_mbps = 10\n\
                         election_min_cpu_headroom_pct = 0\n\
                         election_high_watermark = 0.8\n\
@@ -1227,6 +1232,11 @@ fn seed_extra(capacity: u32) -> String {
     format!("supernode_max_clients = {capacity}\n{ELECTION}{RELAY_LOOPBACK}")
 }
 
+/// The emulated NATs' mapping timeout, s: as [`ELECTION`]'s contact memory. Short,
+/// so the demo's promotion comes within seconds; keepalives every second keep the
+/// mappings to the homes open.
+const NAT_TIMEOUT_SECS: u32 = 5;
+
 /// Desktop `i`'s extra config: its handle, the election keys (it may be promoted),
 /// relays to loopback; desk-1 and desk-2 behind an emulated NAT with an impaired
 /// link (a fixed seed per node, so the loss pattern repeats); desk-2 answers by
@@ -1241,7 +1251,8 @@ fn desktop_extra(name: &str, i: u8, capacity: u32, recording: &Path) -> String {
     if i <= 2 {
         extra.push_str(&format!(
             "[emulate]\ndelay_ms = {LINK_DELAY_MS}\njitter_ms = {LINK_JITTER_MS}\n\
-             loss_pct = {LINK_LOSS_PCT}\nseed = {i}\nnat = \"port-restricted\"\n"
+             loss_pct = {LINK_LOSS_PCT}\nseed = {i}\nnat = \"port-restricted\"\n\
+             nat_timeout_secs = {NAT_TIMEOUT_SECS}\n"
         ));
     }
     if i == 2 {

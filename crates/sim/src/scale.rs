@@ -1059,6 +1059,28 @@ impl<'a> Scenario<'a> {
             records += st.records;
             load += st.clients as f64 / st.capacity.max(1) as f64;
         }
+        if std::env::var_os("SCALE_DEBUG").is_some() {
+            let (mut sum, mut n, mut unknown) = (0.0, 0u64, 0u64);
+            let mut hist = [0u64; 8];
+            for &i in &self.online {
+                if self.supernode[i] {
+                    continue;
+                }
+                let o = self.sim.node(self.nodes[i].expect("online")).overlay();
+                match o.home_rtts().into_iter().flatten().min() {
+                    Some(r) => {
+                        sum += ms(r);
+                        n += 1;
+                        hist[(ms(r) / 25.0).min(7.0) as usize] += 1;
+                    }
+                    None => unknown += 1,
+                }
+            }
+            eprintln!(
+                "DEBUG nearest home rtt mean {:.1} ms over {n} (unknown {unknown}), hist/25ms {hist:?}",
+                sum / n.max(1) as f64
+            );
+        }
         let t = &mut self.tally;
         let judged = t.found + t.not_found + t.failed;
         let mut hops: Vec<f64> = t.hops.iter().map(|&h| f64::from(h)).collect();

@@ -347,7 +347,9 @@ fn full_supernodes_redirect_and_never_exceed_capacity() {
 fn nodes_reattach_when_a_home_dies() {
     let mut w = World::new(34, Spec::new(4, 16));
     w.run(secs(20));
-    let victim = 0;
+    // A seed that is some node's home (nodes pick the nearest seeds).
+    let first = w.spec.seeds;
+    let victim = seed_index(&w, &w.node(first).status().homes[0].0);
     let clients_of_victim: Vec<usize> = w
         .ordinary()
         .filter(|&i| {
@@ -412,9 +414,14 @@ fn nodes_reattach_when_a_home_dies() {
 /// every 2 s sees the new homes within the cache freshness, not at expiry.
 #[test]
 fn records_looked_up_often_are_refetched_after_they_change() {
-    let mut w = World::new(40, Spec::new(4, 16));
+    // Small supernodes, so that nodes spread over all of them (they would all
+    // pick the same nearest two otherwise) and a looker attached elsewhere exists.
+    let mut spec = Spec::new(4, 16);
+    spec.capacity = 10;
+    let mut w = World::new(40, spec);
     w.run(secs(20));
-    let victim = 0;
+    let first = w.spec.seeds;
+    let victim = seed_index(&w, &w.node(first).status().homes[0].0);
     let victim_key = w.ids[victim].peer_key();
     let homes_of = |w: &World, i: usize| -> Vec<PeerKey> {
         w.node(i).status().homes.iter().map(|h| h.0).collect()
@@ -895,4 +902,167 @@ fn lookup_latency_with_a_few_hundred_nodes() {
     eprintln!("presence: {got} of 30 offline pushes, p95 {p95:.0} ms");
     assert_eq!(got, 30);
     assert!(p95 <= 2000.0);
+}
+
+/// The access delay `World::add_host` gave host `i` (the one-way delay between
+/// two hosts is the 10 ms core plus both access delays).
+fn access_ms(w: &World, i: usize) -> u64 {
+    5 + w.sim.derive_seed(10_000 + i as u64)[0] as u64 % 31
+}
+
+fn seed_index(w: &World, key: &PeerKey) -> usize {
+    (0..w.spec.seeds)
+        .find(|&s| w.ids[s].peer_key() == *key)
+        .expect("homes and storers are seeds here")
+}
+
+/// Nodes probe the seeds they know and attach to the nearest two: every node
+/// here has the same nearest seeds (one-way delay is core + both access delays).
+#[test]
+fn nodes_attach_to_their_nearest_supernodes() {
+    let mut w = World::new(61, Spec::new(6, 20));
+    w.run(secs(20));
+    let mut by_delay: Vec<u64> = (0..6).map(|s| access_ms(&w, s)).collect();
+    by_delay.sort_unstable();
+    let best_two = by_delay[0] + by_delay[1];
+    for i in w.ordinary() {
+        let st = w.node(i).status();
+        assert_eq!(st.homes.len(), 2, "node {i}: {st:?}");
+        let got: u64 = st
+            .homes
+            .iter()
+            .map(|h| access_ms(&w, seed_index(&w, &h.0)))
+            .sum();
+        assert_eq!(
+            got, best_two,
+            "node {i} is attached to the two nearest seeds (access delays {by_delay:?})"
+        );
+        let rtts = w.node(i).overlay().home_rtts();
+        assert!(rtts.iter().all(Option::is_some), "both homes measured");
+    }
+}
+
+/// A lookup goes to both homes at once: when one died a moment ago (nobody has
+/// noticed yet), the other answers within a round trip or two, not after the
+/// per-home retry delay.
+#[test]
+fn a_lookup_is_answered_at_once_when_a_home_died_unnoticed() {
+    let mut w = World::new(62, Spec::new(4, 16));
+    w.run(secs(20));
+    let asker = w.spec.seeds;
+    let target = w.spec.seeds + 5;
+    let homes = w.node(asker).status().homes;
+    assert_eq!(homes.len(), 2);
+    // The primary home (the one asked first before lookups were hedged) dies.
+    let dead = seed_index(&w, &homes[0].0);
+    w.sim.set_online(w.nodes[dead], false);
+    let started = w.sim.now();
+    let id = w.lookup(asker, Lookup::User(w.user(target)));
+    w.run(secs(3));
+    let (at, result) = w.lookup_result(asker, id).expect("answered");
+    let found = result.expect("found");
+    assert_eq!(found.record.user_id(), w.user(target));
+    let took = at.saturating_since(started);
+    assert!(
+        took < peercall_overlay::LOOKUP_TRY,
+        "answered by the live home in {took:?}"
+    );
+}
+
+/// When all three storers of a record crash at once, its homes copy it to the
+/// storers ranked next as soon as the crashed ones are suspected, and readers
+/// ask those too: lookups succeed again before the crashes are declared.
+#[test]
+fn a_record_whose_storers_all_crash_is_found_before_they_are_declared_dead() {
+    let mut spec = Spec::new(9, 27);
+    spec.role = Role::Ordinary;
+    // Small supernodes, so the nodes spread over all of them (they would all
+    // pick the same nearest two otherwise).
+    spec.capacity = 8;
+    let mut w = World::new(63, spec);
+    w.run(secs(25));
+    let homes_of = |w: &World, i: usize| -> Vec<usize> {
+        w.node(i)
+            .status()
+            .homes
+            .iter()
+            .map(|h| seed_index(w, &h.0))
+            .collect()
+    };
+    // A target whose homes are not among its storers, and an asker whose homes
+    // are neither its storers nor its homes (which hold or cache the record).
+    let (target, storers, asker) = w
+        .ordinary()
+        .find_map(|t| {
+            let storers: Vec<usize> = w
+                .node(0)
+                .overlay()
+                .storers_of(&w.user(t))
+                .iter()
+                .map(|k| seed_index(&w, k))
+                .collect();
+            let homes = homes_of(&w, t);
+            if homes.len() != 2 || homes.iter().any(|h| storers.contains(h)) {
+                return None;
+            }
+            let asker = w.ordinary().find(|&a| {
+                let theirs = homes_of(&w, a);
+                a != t
+                    && theirs.len() == 2
+                    && theirs
+                        .iter()
+                        .all(|h| !storers.contains(h) && !homes.contains(h))
+            })?;
+            Some((t, storers, asker))
+        })
+        .expect("some target and asker");
+    assert_eq!(storers.len(), 3);
+    let home = homes_of(&w, target)[0];
+    // A fresh record without a handle (so it sits at its three user storers
+    // only, not also at handle storers), newer than copies left elsewhere while
+    // the tier formed.
+    w.sim
+        .with_node(w.nodes[target], |n, now| n.set_handle(now, None));
+    w.run(secs(1));
+    w.sim.with_node(w.nodes[target], |n, now| n.publish(now));
+    w.run(secs(2));
+    let newest = w.node(target).overlay().own_record().map(|b| {
+        peercall_crypto::Record::verify(b)
+            .expect("own record verifies")
+            .seq
+    });
+    let newest = newest.expect("published");
+    let crashed = w.sim.now();
+    for &s in &storers {
+        w.sim.set_online(w.nodes[s], false);
+    }
+    // Once they are suspected (a few seconds), and before they are declared
+    // dead, a lookup finds the newest record. (One lookup: the asker's home
+    // caches what it reads.)
+    w.run(Duration::from_millis(5_500));
+    let still_live = storers
+        .iter()
+        .filter(|&&s| {
+            w.node(home)
+                .overlay()
+                .member_addr(&w.ids[s].peer_key())
+                .is_some()
+        })
+        .count();
+    assert_eq!(still_live, 3, "none declared dead yet");
+    let started = w.sim.now();
+    let id = w.lookup(asker, Lookup::User(w.user(target)));
+    w.run(secs(2));
+    let (at, result) = w.lookup_result(asker, id).expect("answered");
+    let found = result.expect("found");
+    eprintln!(
+        "storers crashed: a lookup {:?} later found seq {} (newest {newest}) in {:?}",
+        started.saturating_since(crashed),
+        found.record.seq,
+        at.saturating_since(started)
+    );
+    assert_eq!(
+        found.record.seq, newest,
+        "the newest record, not a leftover"
+    );
 }
