@@ -214,6 +214,11 @@ const MAX_QUEUED: usize = 64;
 /// other supernodes it probes or reads from every few seconds stay up, short enough
 /// that sessions with thousands of storers over time do not accumulate.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// An idle session with a seed that is not a home goes this soon once the node is
+/// attached: a seed would otherwise hold the session of every node it bootstrapped,
+/// and the NAT mapping the session keeps open would let the seed dial the node back
+/// through it, so the tier could not use that seed to test the node's reachability.
+const SEED_LINGER: Duration = Duration::from_secs(5);
 /// A supernode also closes sessions others opened to it that carried overlay
 /// messages but none for this long (the opener normally closes first).
 const INBOUND_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -629,7 +634,8 @@ impl Node {
             // Seeds bootstrap the overlay; once attached (or joined) the node lets
             // idle seed sessions go, so seeds do not hold every node's session.
             let last = peer.last_control.unwrap_or(peer.established);
-            return (!self.overlay.wants_seeds()).then(|| last + self.config.idle_timeout);
+            return (!self.overlay.wants_seeds())
+                .then(|| last + self.config.idle_timeout.min(SEED_LINGER));
         }
         let last = peer.last_control?;
         if peer.on_demand {

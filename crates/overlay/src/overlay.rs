@@ -421,7 +421,6 @@ pub struct Overlay {
     contacts: Set<UserId>,
     presence: Map<UserId, PresenceState>,
     seen: Map<UserId, u64>,
-    last_candidacy: Time,
     /// Peers with a session now (`Time::MAX`) or until when (its end).
     contacted: Map<PeerKey, Time>,
     sn: Option<Box<Super>>,
@@ -519,7 +518,6 @@ impl Overlay {
             contacts: set(&mut rng),
             presence: map(&mut rng),
             seen: map(&mut rng),
-            last_candidacy: now,
             contacted: map(&mut rng),
             sn: None,
             cfg,
@@ -675,6 +673,10 @@ impl Overlay {
     pub fn handle_peer_down(&mut self, now: Time, peer: PeerKey) {
         if let Some(t) = self.contacted.get_mut(&peer) {
             *t = now;
+            // Once forgotten it may dial this node back: report again then.
+            if self.role == Role::Auto && self.sn.is_none() {
+                self.arm(Periodic::Candidate, now + self.cfg.election.contact_memory);
+            }
         }
         if let Some(i) = self.homes.iter().position(|h| h.key == peer) {
             self.lose_home(now, i, &[]);
@@ -1203,8 +1205,7 @@ impl Overlay {
                 .contacted
                 .iter()
                 .filter(|(_, t)| {
-                    **t == Time::MAX
-                        || now.saturating_since(**t) < self.cfg.election.contact_memory
+                    **t == Time::MAX || now.saturating_since(**t) < self.cfg.election.contact_memory
                 })
                 .map(|(k, _)| k.0)
                 .take(crate::msg::MAX_CANDIDATE_RECENT)
@@ -1836,15 +1837,29 @@ impl Overlay {
             self.arm(Periodic::Candidate, now + CANDIDATE_SETTLE);
             return;
         }
-        self.arm(Periodic::Candidate, now + CANDIDATE_INTERVAL);
         let memory = self.cfg.election.contact_memory;
         self.contacted
             .retain(|_, t| *t == Time::MAX || now.saturating_since(*t) < memory);
+        // The supernodes in this report cannot dial the node back; once the
+        // first of those merely probed or no longer in session is forgotten, it
+        // can, so the next report goes out then rather than a whole interval on
+        // (in a small tier those may be the only strangers).
+        let fade = self
+            .contacted
+            .values()
+            .filter(|t| **t != Time::MAX)
+            .map(|t| *t + memory)
+            .min();
+        self.arm(
+            Periodic::Candidate,
+            fade.map_or(now + CANDIDATE_INTERVAL, |t| {
+                t.min(now + CANDIDATE_INTERVAL)
+            }),
+        );
         let caps = self.capabilities(now);
         if !self.policy.eligible(&caps, &self.cfg.election) {
             return;
         }
-        self.last_candidacy = now;
         let h = self.homes[0];
         self.send(h.key, h.addr, &Msg::Candidate(caps));
     }

@@ -1310,7 +1310,7 @@ fn write_speech(path: &Path) -> anyhow::Result<&'static str> {
 struct Summary {
     /// Every node, the seed first.
     nodes: Vec<NodeSummary>,
-    /// Sessions seed-1 holds (every desktop and the other seeds).
+    /// Sessions seed-1 holds (the other seeds and the desktops it is a home of).
     sessions: usize,
     /// From starting the seed to the summary, in milliseconds.
     setup_ms: f64,

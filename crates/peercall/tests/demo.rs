@@ -118,14 +118,15 @@ fn check_summary(summary: &Value) {
         assert_eq!(seed["handshake"], Value::Null);
         assert_eq!(seed["nat"], false);
     }
-    // seed-1 holds a session with every desktop (their seed) and the other seeds.
+    // seed-1 holds sessions with the other seeds (and with the desktops it is a
+    // home of: the others closed their bootstrap session with it once attached).
     let seed1: Vec<&str> = nodes[0]["sessions"]
         .as_array()
         .expect("sessions")
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    for peer in ["seed-2", "seed-3", "desk-1", "desk-2", "desk-3", "desk-4"] {
+    for peer in ["seed-2", "seed-3"] {
         assert!(
             seed1.contains(&peer),
             "seed-1 has a session with {peer}: {seed1:?}"
@@ -136,7 +137,10 @@ fn check_summary(summary: &Value) {
         let name = format!("desk-{}", i + 1);
         assert_eq!(node["role"], "auto", "{name}");
         let sessions = node["sessions"].as_array().expect("sessions");
-        assert!(sessions.contains(&Value::from("seed-1")), "{name}: {node}");
+        assert!(
+            sessions.len() >= 2,
+            "{name} is in session with its homes: {node}"
+        );
         assert_eq!(node["handshake"], if i % 2 == 0 { "IK" } else { "XX" });
         assert!(
             node["handshakes_completed"].as_u64().expect("count") >= 1,

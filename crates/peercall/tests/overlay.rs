@@ -35,6 +35,11 @@ use serde_json::Value;
 const KEEPALIVE_SECS: u64 = 1;
 /// Session timeout: a killed supernode's sessions end within this many seconds.
 const SESSION_TIMEOUT_SECS: u64 = 3;
+/// How long a desktop counts a supernode it probed or was in session with as
+/// contacted (it cannot dial the desktop back for the election): the default
+/// three minutes, a consumer NAT's mapping time, is beyond the test; the desktops
+/// are on open loopback addresses anyway.
+const CONTACT_MEMORY_SECS: u64 = 5;
 /// Record lifetime and refresh: short, so the test exercises refreshes, but far
 /// longer than any step of the test.
 const RECORD_TTL_SECS: u64 = 60;
@@ -152,6 +157,7 @@ impl Node {
              record_ttl_secs = {RECORD_TTL_SECS}\n\
              record_refresh_secs = {RECORD_REFRESH_SECS}\n\
              election_min_uptime_secs = 0\n\
+             election_contact_memory_secs = {CONTACT_MEMORY_SECS}\n\
              election_min_bandwidth_mbps = 10\n\
              election_min_cpu_headroom_pct = 0\n\
              election_high_watermark = 0.8\n\

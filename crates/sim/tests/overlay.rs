@@ -608,6 +608,33 @@ fn candidates_behind_nats_fail_the_dial_back() {
     assert_eq!(ok, 0);
 }
 
+/// In a tier of three seeds every candidate has probed (or been in session with)
+/// all of them when it first reports, so no stranger can dial it back; it reports
+/// again as soon as the first of them is forgotten, and is promoted then, not a
+/// whole report interval later.
+#[test]
+fn a_small_tier_promotes_once_a_probed_seed_is_forgotten() {
+    let mut spec = Spec::new(3, 4);
+    spec.capacity = 3; // 8 attachments over 9 places: load 0.89
+    spec.public_every = 1;
+    spec.resources = Resources {
+        bandwidth_kbps: 20_000,
+        cpu_headroom_pct: 80,
+    };
+    spec.election.min_uptime = Duration::ZERO;
+    spec.election.contact_memory = secs(5);
+    let mut w = World::new(40, spec);
+    w.run(secs(40));
+    let promoted: Vec<usize> = w.supernodes().into_iter().filter(|&i| i >= 3).collect();
+    assert!(
+        !promoted.is_empty(),
+        "a candidate was promoted within 40 s (reports every {:?})",
+        peercall_overlay::CANDIDATE_INTERVAL
+    );
+    let ok: u64 = (0..3).map(|s| w.node(s).stats().overlay.dialbacks_ok).sum();
+    assert!(ok > 0, "after a successful dial-back");
+}
+
 #[test]
 fn records_move_to_a_joining_storer_and_away_from_a_dead_one() {
     let mut spec = Spec::new(6, 30);
