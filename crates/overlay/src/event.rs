@@ -150,6 +150,8 @@ pub struct OverlayStats {
     pub handle_conflicts: u64,
     /// Requests shed by a per-client rate limit.
     pub rate_limited: u64,
+    /// Attaches started to move to a nearer home (node).
+    pub rehomes: u64,
     /// Attach requests admitted (supernode).
     pub attaches_admitted: u64,
     /// Attach requests redirected (supernode).

@@ -32,8 +32,10 @@ pub const MAX_MEMBERS: usize = 20;
 pub const MAX_STORE_BATCH: usize = 16;
 /// Endpoints a candidate may report.
 pub const MAX_CANDIDATE_ADDRS: usize = 4;
-/// Recently contacted peers a candidate may report.
-pub const MAX_CANDIDATE_RECENT: usize = 16;
+/// Recently contacted peers a candidate may report: its homes, the supernodes it
+/// probed choosing them and a few re-homing rounds' (a report with 32 fits
+/// [`MAX_MSG_LEN`]).
+pub const MAX_CANDIDATE_RECENT: usize = 32;
 
 /// A 32-byte key or id on the wire (a `PeerKey` or a `UserId`).
 pub type Id = [u8; 32];

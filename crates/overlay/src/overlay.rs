@@ -172,6 +172,24 @@ pub const RTT_FRESH: Duration = Duration::from_secs(3);
 /// node picks one of them at random, which spreads a crowd of nodes re-homing at
 /// once for a few milliseconds of latency.
 pub const NEAR_SLACK: Duration = Duration::from_millis(20);
+/// A node with all its homes answering measures a few more supernodes this often
+/// and moves to one nearer than its farthest home: homes taken while the tier was
+/// forming (the nearest seeds full, the nearer supernodes not yet promoted) or
+/// on a redirect are seldom the nearest, and every lookup crosses the home link
+/// twice.
+pub const REHOME_INTERVAL: Duration = Duration::from_secs(60);
+/// Supernodes probed per re-homing round, those measured longest ago first: over
+/// the minutes the node measures its whole host cache, while its probes (which
+/// count as contacts for the election, [`crate::config::DEFAULT_CONTACT_MEMORY`])
+/// stay few enough for a candidate's report.
+pub const REHOME_PROBES: usize = 4;
+/// A node moves to a nearer home only if it beats the farthest by this much of
+/// round trip: less is within the noise of the estimates.
+pub const REHOME_MIN_GAIN: Duration = Duration::from_millis(10);
+/// Round trips measured this recently are trusted for re-homing, and not probed
+/// again by it (the attach is the final check: a supernode gone since does not
+/// answer it).
+pub const REHOME_MEMORY: Duration = Duration::from_secs(1_800);
 /// A supernode reported (in a sample or redirect) as loaded past
 /// [`REDIRECT_ROOM_PERMILLE`] this recently is not chosen for its latency.
 pub const LOAD_HINT_FRESH: Duration = Duration::from_secs(60);
@@ -199,8 +217,9 @@ enum Periodic {
     Candidate,
     Replicate,
     Handoff,
+    Rehome,
 }
-const PERIODIC: usize = 10;
+const PERIODIC: usize = 11;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
@@ -404,6 +423,8 @@ pub struct Overlay {
     /// The probe round in flight, and when the node stops waiting for it.
     probes: Vec<Probe>,
     probe_until: Time,
+    /// When the re-homing round's probes went out (its answers are due).
+    rehome_probed: Option<Time>,
     bootstrap: Vec<Bootstrap>,
     homes: Vec<Home>,
     attaching: Vec<Attaching>,
@@ -499,6 +520,7 @@ impl Overlay {
             latency: map(&mut rng),
             probes: Vec::new(),
             probe_until: Time::ZERO,
+            rehome_probed: None,
             bootstrap: bootstrap
                 .into_iter()
                 .filter(|b| b.key != Some(me))
@@ -529,6 +551,7 @@ impl Overlay {
             o.arm(Periodic::Attach, now);
         }
         o.arm(Periodic::Refresh, now + o.cfg.refresh_interval);
+        o.arm(Periodic::Rehome, now + REHOME_INTERVAL);
         // The first report goes out once the node meets the minimum uptime (reports
         // before then would only be refused), and not before it had time to settle.
         let first = o.cfg.election.min_uptime.max(CANDIDATE_SETTLE);
@@ -617,6 +640,7 @@ impl Overlay {
             Periodic::Maintain => self.maintain(now),
             Periodic::Elect => self.elect(now),
             Periodic::Candidate => self.candidacy(now),
+            Periodic::Rehome => self.rehome(now),
             Periodic::Replicate => self.replicate(now),
             Periodic::Handoff => self.finish_handoff(now),
         }
@@ -1342,12 +1366,16 @@ impl Overlay {
     /// The candidate with the lowest round trip measured lately, not a home,
     /// not being attached to and not failed recently.
     fn nearest_measured(&self, now: Time) -> Option<(Duration, PeerKey, SocketAddr)> {
-        self.measured_candidates(now).into_iter().next()
+        self.measured_candidates(now, RTT_FRESH).into_iter().next()
     }
 
     /// The candidates with a round trip measured lately (so alive), not homes,
     /// not being attached to and not failed recently, nearest first.
-    fn measured_candidates(&self, now: Time) -> Vec<(Duration, PeerKey, SocketAddr)> {
+    fn measured_candidates(
+        &self,
+        now: Time,
+        max_age: Duration,
+    ) -> Vec<(Duration, PeerKey, SocketAddr)> {
         let mut all: Vec<(Duration, PeerKey, SocketAddr)> = self
             .attach_candidates()
             .iter()
@@ -1362,7 +1390,7 @@ impl Overlay {
             })
             .filter_map(|h| {
                 let l = self.latency.get(&h.key)?;
-                let fresh = now.saturating_since(l.measured) < RTT_FRESH;
+                let fresh = now.saturating_since(l.measured) < max_age;
                 // Reported full lately: it would only redirect.
                 let full = l.load.is_some_and(|(permille, at)| {
                     permille >= REDIRECT_ROOM_PERMILLE && now.saturating_since(at) < LOAD_HINT_FRESH
@@ -1409,7 +1437,7 @@ impl Overlay {
         // after a crash: any live candidate will do.
         let urgent = self.stats.homes_lost > 0
             && (self.homes.is_empty() || self.homes.iter().all(|h| h.waiting(now, HOME_SUSPECT)));
-        let near = self.measured_candidates(now);
+        let near = self.measured_candidates(now, RTT_FRESH);
         if let Some(&(best, _, _)) = near.first() {
             let slack = if urgent { Duration::MAX } else { NEAR_SLACK };
             let pool: Vec<&(Duration, PeerKey, SocketAddr)> = near
@@ -1495,6 +1523,41 @@ impl Overlay {
         true
     }
 
+    /// Every [`REHOME_INTERVAL`], while all homes answer and no attach is under
+    /// way, probes [`REHOME_PROBES`] more candidates; [`PROBE_WAIT`] later attaches
+    /// to the nearest candidate measured within [`REHOME_MEMORY`] if it beats the
+    /// farthest home by [`REHOME_MIN_GAIN`]. The farthest home is let go once all
+    /// answer (as a spare home is, in [`Self::ping_homes`]).
+    fn rehome(&mut self, now: Time) {
+        let settled = self.sn.is_none()
+            && !self.closing
+            && self.homes.len() == HOME_TARGET
+            && self.attaching.is_empty()
+            && self.homes.iter().all(|h| h.asked.is_none());
+        if settled && self.rehome_probed.take().is_none() {
+            if self.send_probes(now, REHOME_PROBES, REHOME_MEMORY) {
+                self.rehome_probed = Some(now);
+                self.arm(Periodic::Rehome, now + PROBE_WAIT);
+                return;
+            }
+        }
+        let far = self
+            .homes
+            .iter()
+            .map(|h| self.rtt_of(&h.key))
+            .try_fold(Duration::ZERO, |far, r| r.map(|r| far.max(r)));
+        if settled
+            && let Some(far) = far
+            && let Some(&(rtt, key, addr)) = self.measured_candidates(now, REHOME_MEMORY).first()
+            && rtt + REHOME_MIN_GAIN < far
+        {
+            self.stats.rehomes += 1;
+            self.start_attach(now, key, addr);
+        }
+        let next = REHOME_INTERVAL / 2 + jitter(&mut self.rng, REHOME_INTERVAL);
+        self.arm(Periodic::Rehome, now + next);
+    }
+
     /// Starts a round of STUN probes to the most recently seen candidates whose
     /// round trip is not known lately; returns whether the caller should wait for
     /// the answers (a round is in flight and has time left).
@@ -1502,7 +1565,7 @@ impl Overlay {
         if now < self.probe_until {
             return true;
         }
-        if self.send_probes(now) {
+        if self.send_probes(now, PROBE_FANOUT, RTT_FRESH) {
             self.probe_until = now + PROBE_WAIT;
             return true;
         }
@@ -1523,10 +1586,11 @@ impl Overlay {
         false
     }
 
-    /// Probes up to [`PROBE_FANOUT`] candidates, the most recently seen first,
-    /// that neither answered nor were probed within [`RTT_FRESH`]; whether any
-    /// were.
-    fn send_probes(&mut self, now: Time) -> bool {
+    /// Probes up to `fanout` candidates that did not answer within `stale` nor
+    /// were probed within [`RTT_FRESH`]: for an attach the most recently seen first (likely alive);
+    /// for re-homing (`stale` beyond [`RTT_FRESH`]) those measured longest ago
+    /// first, so a small tier, all measured, is left alone. Whether any were.
+    fn send_probes(&mut self, now: Time, fanout: usize, stale: Duration) -> bool {
         // Unanswered probes: those candidates are not chosen on latency.
         self.probes
             .retain(|p| now.saturating_since(p.sent) < STUN_TIMEOUT);
@@ -1543,7 +1607,7 @@ impl Overlay {
                         .get(&h.key)
                         .is_none_or(|&t| now.saturating_since(t) >= ATTACH_FAIL_MEMORY)
                     && self.latency.get(&h.key).is_none_or(|l| {
-                        now.saturating_since(l.measured) >= RTT_FRESH
+                        now.saturating_since(l.measured) >= stale
                             && now.saturating_since(l.probed) >= RTT_FRESH
                     })
             })
@@ -1551,8 +1615,17 @@ impl Overlay {
         if cands.is_empty() || room == 0 {
             return false;
         }
-        cands.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.key.cmp(&b.key)));
-        cands.truncate(PROBE_FANOUT.min(room));
+        if stale > RTT_FRESH {
+            let measured = |k: &PeerKey| self.latency.get(k).map_or(Time::ZERO, |l| l.measured);
+            cands.sort_by(|a, b| {
+                measured(&a.key)
+                    .cmp(&measured(&b.key))
+                    .then(a.key.cmp(&b.key))
+            });
+        } else {
+            cands.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.key.cmp(&b.key)));
+        }
+        cands.truncate(fanout.min(room));
         if self.latency.len() >= 2 * HOST_CACHE_SIZE {
             let cache = &self.host_cache;
             self.latency
@@ -1856,6 +1929,11 @@ impl Overlay {
                 t.min(now + CANDIDATE_INTERVAL)
             }),
         );
+        if self.contacted.len() > crate::msg::MAX_CANDIDATE_RECENT {
+            // The report could not name them all, and the tier might pick one
+            // of the unnamed as the stranger to dial back: wait for the fade.
+            return;
+        }
         let caps = self.capabilities(now);
         if !self.policy.eligible(&caps, &self.cfg.election) {
             return;

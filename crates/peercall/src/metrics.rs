@@ -73,7 +73,7 @@ const ENGINE_COUNTERS: [(&str, &str, Getter); 9] = [
 ];
 
 /// The engine's and the overlay's other counters, mirrored the same way.
-const MORE_COUNTERS: [(&str, &str, Getter); 29] = [
+const MORE_COUNTERS: [(&str, &str, Getter); 30] = [
     (
         "peercall_stun_answered_total",
         "STUN Binding requests answered on the shared UDP port.",
@@ -128,6 +128,11 @@ const MORE_COUNTERS: [(&str, &str, Getter); 29] = [
         "peercall_overlay_rate_limited_total",
         "Client requests (lookups, publishes, subscriptions) shed by a per-client rate limit.",
         |s| s.overlay.rate_limited,
+    ),
+    (
+        "peercall_overlay_rehomes_total",
+        "Attaches this node started to move to a supernode nearer than its farthest home.",
+        |s| s.overlay.rehomes,
     ),
     (
         "peercall_overlay_attach_attempts_total",

@@ -376,6 +376,24 @@ impl Network {
         })
     }
 
+    /// The fixed one-way delay between the sites of `a` and `b` (their NATs for
+    /// private hosts): both access delays and the pair delay, without the link's
+    /// own delay; 0 inside one site.
+    pub(crate) fn site_delay(&self, a: HostId, b: HostId) -> u64 {
+        let site = |h: HostId| match self.hosts[h.0 as usize].kind {
+            HostKind::Private { nat, .. } => nat,
+            _ => h,
+        };
+        let (x, y) = (site(a), site(b));
+        if x == y {
+            return 0;
+        }
+        self.hosts[x.0 as usize]
+            .access_delay
+            .saturating_add(self.hosts[y.0 as usize].access_delay)
+            .saturating_add(self.pair_delay(x, y))
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.len()
     }

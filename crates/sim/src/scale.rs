@@ -43,7 +43,10 @@
 //! has at least [`RECOVERED_SHARE`] of its lookups so found.
 //!
 //! With `SCALE_DEBUG` in the environment, failed and slow lookups are printed to
-//! stderr (asker, target, homes, result), for diagnosis.
+//! stderr (asker, target, homes, result), for diagnosis; with `SCALE_LAT`, every
+//! lookup by id found is printed with the fastest its homes and the record's
+//! storers allow on the emulated links (`ideal`), the round trip to its nearest
+//! home and to the nearest supernode: where the time goes.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -311,6 +314,7 @@ enum Action {
 struct PendingLookup {
     started: Time,
     target: usize,
+    by_handle: bool,
 }
 
 #[derive(Default)]
@@ -790,6 +794,7 @@ impl<'a> Scenario<'a> {
             PendingLookup {
                 started: now,
                 target: to,
+                by_handle: self.by_handle,
             },
         );
         // Answers produced synchronously (a supernode's own cache) come as events.
@@ -978,6 +983,9 @@ impl<'a> Scenario<'a> {
                             p.started.saturating_since(self.online_since[asker]),
                         );
                     }
+                    if ok && !p.by_handle && std::env::var_os("SCALE_LAT").is_some() {
+                        self.print_ideal(r.node, p.target, took);
+                    }
                     match result {
                         Ok(f) if ok => {
                             self.tally.found += 1;
@@ -1015,6 +1023,65 @@ impl<'a> Scenario<'a> {
                 _ => {}
             }
         }
+    }
+
+    fn print_ideal(&self, asker_id: NodeId, target: usize, took: Duration) {
+        let key_index =
+            |k: &peercall_crypto::PeerKey| self.ids.iter().position(|id| id.peer_key() == *k);
+        let asker = self.node_index(asker_id);
+        let homes: Vec<usize> = self
+            .sim
+            .node(asker_id)
+            .overlay()
+            .homes()
+            .iter()
+            .filter_map(|(k, _)| key_index(k))
+            .collect();
+        let Some(h0) = homes.first().and_then(|&h| self.nodes[h]) else {
+            return;
+        };
+        let user = self.ids[target].user_id();
+        let storers: Vec<usize> = self
+            .sim
+            .node(h0)
+            .overlay()
+            .storers_of(&user)
+            .iter()
+            .filter_map(key_index)
+            .collect();
+        let d = |a: usize, b: usize| -> f64 {
+            if a == b {
+                return 0.0;
+            }
+            match (self.nodes[a], self.nodes[b]) {
+                (Some(x), Some(y)) => ms(CORE_DELAY + self.sim.site_delay(x, y)),
+                _ => f64::INFINITY,
+            }
+        };
+        let via = |h: usize| {
+            2.0 * d(asker, h)
+                + storers
+                    .iter()
+                    .map(|&s| 2.0 * d(h, s))
+                    .fold(f64::INFINITY, f64::min)
+        };
+        let ideal = homes.iter().map(|&h| via(h)).fold(f64::INFINITY, f64::min);
+        let home_rtt = homes
+            .iter()
+            .map(|&h| 2.0 * d(asker, h))
+            .fold(f64::INFINITY, f64::min);
+        let mut all: Vec<f64> = (0..self.ids.len())
+            .filter(|&h| self.supernode[h] && self.online_pos[h] != usize::MAX)
+            .map(|h| 2.0 * d(asker, h))
+            .collect();
+        all.sort_by(f64::total_cmp);
+        eprintln!(
+            "LAT took={:.1} ideal={ideal:.1} home_rtt={home_rtt:.1} best_rtt={:.1} homes={} storers={}",
+            ms(took),
+            all.first().copied().unwrap_or(f64::NAN),
+            homes.len(),
+            storers.len()
+        );
     }
 
     fn node_index(&self, id: NodeId) -> usize {

@@ -969,6 +969,37 @@ fn nodes_attach_to_their_nearest_supernodes() {
     }
 }
 
+/// Homes taken while the nearest supernode was away are not kept for good: once
+/// it is up, re-homing measures it and moves the farthest home there.
+#[test]
+fn nodes_move_their_farthest_home_to_a_nearer_supernode() {
+    let mut w = World::new(64, Spec::new(4, 8));
+    for s in 0..4u64 {
+        let access = Duration::from_millis(if s == 0 { 5 } else { 20 + 5 * s });
+        w.sim
+            .set_access_delay(w.hosts[s as usize], access)
+            .expect("delay");
+    }
+    w.sim.set_online(w.nodes[0], false);
+    w.run(secs(20));
+    let near = w.ids[0].peer_key();
+    for i in w.ordinary() {
+        let homes = w.node(i).status().homes;
+        assert!(homes.iter().all(|h| h.0 != near), "node {i}: {homes:?}");
+    }
+    let fresh = w.make_node(0);
+    w.sim.replace_node(w.nodes[0], fresh);
+    w.sim.set_online(w.nodes[0], true);
+    // Rounds every 30-90 s: the first measures seed 0, the next moves.
+    w.run(secs(200));
+    for i in w.ordinary() {
+        let homes = w.node(i).status().homes;
+        assert_eq!(homes.len(), 2, "node {i}: {homes:?}");
+        assert!(homes.iter().any(|h| h.0 == near), "node {i}: {homes:?}");
+        assert!(w.node(i).stats().overlay.rehomes >= 1, "node {i}");
+    }
+}
+
 /// A lookup goes to both homes at once: when one died a moment ago (nobody has
 /// noticed yet), the other answers within a round trip or two, not after the
 /// per-home retry delay.
