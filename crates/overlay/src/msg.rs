@@ -55,7 +55,8 @@ pub struct SnInfo {
 /// A supernode's load, as gossiped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Load {
-    /// Attached clients.
+    /// Attachments asked of it: its clients, plus the homes they lack (a client
+    /// with one home counts twice).
     pub clients: u32,
     /// The most clients it admits.
     pub capacity: u32,

@@ -306,6 +306,9 @@ struct Client {
     record: Vec<u8>,
     /// The storers this home sent that record to.
     stored_at: Vec<PeerKey>,
+    /// The homes it lacks (below [`HOME_TARGET`]), by that record and counting
+    /// this one: demand the tier has no place for yet.
+    missing_homes: u32,
     lookups: TokenBucket,
     publishes: TokenBucket,
     subscribes: TokenBucket,
@@ -468,6 +471,13 @@ fn claimed_user(bytes: &[u8]) -> Option<UserId> {
         return None;
     }
     Some(UserId(Blake2s256::digest(&bytes[1..33]).into()))
+}
+
+/// The homes a client lacks by its record, this supernode `me` counted as one.
+fn missing_homes(record: &Record, me: PeerKey) -> u32 {
+    let named = &record.body.supernodes;
+    let homes = named.len() + usize::from(!named.iter().any(|h| h.key == me));
+    HOME_TARGET.saturating_sub(homes) as u32
 }
 
 fn query_of(lookup: &Lookup) -> Query {
@@ -1200,9 +1210,17 @@ impl Overlay {
         self.out.push_back(Output::Stun { to, txid });
     }
 
+    /// This supernode's load; its `clients` are the attachments it is asked for:
+    /// one per client, plus the homes its clients lack. A client with one home
+    /// because every other supernode is full is demand the tier cannot serve, so
+    /// it counts towards promotion (three desktops sharing the same two of three
+    /// full seeds would otherwise leave the fourth one home short, below the
+    /// watermark, for good).
     fn my_load(&self) -> Load {
         Load {
-            clients: self.sn.as_ref().map_or(0, |sn| sn.clients.len() as u32),
+            clients: self.sn.as_ref().map_or(0, |sn| {
+                sn.clients.values().map(|c| 1 + c.missing_homes).sum()
+            }),
             capacity: self.cfg.capacity.max_clients,
             score: self.policy.score(&self.capabilities(Time::ZERO)),
             pinned: self.role == Role::Supernode,
@@ -2797,6 +2815,7 @@ impl Overlay {
             user,
             record: Vec::new(),
             stored_at: Vec::new(),
+            missing_homes: 0,
             lookups: TokenBucket::new(CLIENT_LOOKUP_RATE.0, CLIENT_LOOKUP_RATE.1, now),
             publishes: TokenBucket::new(CLIENT_PUBLISH_RATE.0, CLIENT_PUBLISH_RATE.1, now),
             subscribes: TokenBucket::new(CLIENT_SUBSCRIBE_RATE.0, CLIENT_SUBSCRIBE_RATE.1, now),
@@ -2805,6 +2824,7 @@ impl Overlay {
         });
         if c.record.is_empty() || view::seq(&c.record) <= view::seq(record) {
             c.record = record.to_vec();
+            c.missing_homes = missing_homes(&r, self.me);
         }
         if fresh {
             self.stats.attaches_admitted += 1;
@@ -2881,6 +2901,13 @@ impl Overlay {
             Ok(r) if r.body.static_key == from && r.user_id() == user => {
                 if c.record.is_empty() || view::seq(&c.record) <= r.seq {
                     c.record = bytes.to_vec();
+                    let missing = missing_homes(&r, self.me);
+                    if std::mem::replace(&mut c.missing_homes, missing) != missing {
+                        let load = self.my_load();
+                        if let Some(sn) = self.sn.as_mut() {
+                            sn.members.set_load(now, load);
+                        }
+                    }
                 }
                 let storers = self.store_and_forward(now, bytes.to_vec());
                 if let Some(c) = self.sn.as_mut().and_then(|sn| sn.clients.get_mut(&from)) {

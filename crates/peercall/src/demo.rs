@@ -716,9 +716,17 @@ impl Network {
                 break d;
             }
             if Instant::now() >= deadline {
+                let logs: Vec<String> = seeds
+                    .iter()
+                    .chain(desktops)
+                    .map(|&i| {
+                        let m = &self.members[i];
+                        format!("{}'s log:\n{}", m.name, log_tail(&m.log))
+                    })
+                    .collect();
                 bail!(
-                    "no desktop was promoted within {PROMOTION_TIMEOUT:?}; seed-1's log:\n{}",
-                    log_tail(&self.members[seeds[0]].log)
+                    "no desktop was promoted within {PROMOTION_TIMEOUT:?}\n{}",
+                    logs.join("\n")
                 );
             }
             tokio::time::sleep(TIER_POLL).await;

@@ -124,13 +124,18 @@ impl World {
     }
 
     fn make_node(&self, i: usize) -> Node {
+        self.make_node_with(i, self.seeds.clone())
+    }
+
+    /// Node `i` bootstrapping from `seeds` alone.
+    fn make_node_with(&self, i: usize, seeds: Vec<Contact>) -> Node {
         let spec = self.spec;
         let mut config = Config::new(
             self.ids[i].clone(),
             self.sim
                 .derive_seed(50_000 + i as u64 + 7919 * self.sim.now().as_secs()),
         );
-        config.seeds = self.seeds.clone();
+        config.seeds = seeds;
         config.role = if i < spec.seeds {
             Role::Supernode
         } else {
@@ -633,6 +638,48 @@ fn a_small_tier_promotes_once_a_probed_seed_is_forgotten() {
     );
     let ok: u64 = (0..3).map(|s| w.node(s).stats().overlay.dialbacks_ok).sum();
     assert!(ok > 0, "after a successful dial-back");
+}
+
+/// Three desktops that know only two of the three seeds fill those two; the
+/// fourth finds them full and has one home. The tier is at 7 of 9 places, under
+/// the high watermark, but that home counts the missing place as demand, and a
+/// desktop is promoted.
+#[test]
+fn a_client_short_of_a_home_counts_towards_promotion() {
+    let mut spec = Spec::new(3, 4);
+    spec.capacity = 3;
+    spec.public_every = 1;
+    spec.resources = Resources {
+        bandwidth_kbps: 20_000,
+        cpu_headroom_pct: 80,
+    };
+    spec.election.min_uptime = Duration::ZERO;
+    spec.election.contact_memory = secs(5);
+    spec.election.high_watermark = 800; // the demo's: 7 of 9 places is below it
+    spec.election.low_watermark = 450;
+    let mut w = World::new(41, spec);
+    // The desktops start once the seeds have formed the tier.
+    for i in 3..7 {
+        w.sim.set_online(w.nodes[i], false);
+    }
+    w.run(secs(15));
+    assert_eq!(w.node(0).stats().overlay.members, 3);
+    for i in 3..7 {
+        let known = if i < 6 { 0..2 } else { 2..3 };
+        let node = w.make_node_with(i, w.seeds[known].to_vec());
+        w.sim.replace_node(w.nodes[i], node);
+        w.sim.set_online(w.nodes[i], true);
+        w.run(secs(2)); // one at a time, within the seeds' admission rate
+    }
+    let clients: Vec<u64> = (0..3).map(|s| w.node(s).stats().overlay.clients).collect();
+    assert_eq!(clients, [3, 3, 1], "the packing under test");
+    assert_eq!(w.node(6).overlay().homes().len(), 1);
+    w.run(secs(40));
+    let promoted: Vec<usize> = w.supernodes().into_iter().filter(|&i| i >= 3).collect();
+    assert!(
+        !promoted.is_empty(),
+        "a desktop was promoted within 45 s of starting"
+    );
 }
 
 #[test]
