@@ -45,6 +45,19 @@ pub const DEAD_RETAIN: Duration = Duration::from_secs(300);
 pub const LOAD_STEP_DIVISOR: u32 = 10;
 /// …at most this often.
 pub const LOAD_ANNOUNCE_MIN: Duration = Duration::from_secs(5);
+/// Each member exchanges its whole membership list with one random live member
+/// this often (push-pull anti-entropy, as memberlist does). Gossip alone is
+/// bounded by [`MAX_GOSSIP`] updates per probe message and sends the freshest
+/// first, so when a tier forms or grows by many members at once (and loads are
+/// re-announced meanwhile) older news can starve for minutes; the exchange makes
+/// every member's view converge within a few intervals whatever the backlog, at
+/// about 60 bytes per member each way.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(15);
+/// Sync requests a member answers per [`SYNC_INTERVAL`] at most (each answer is
+/// the whole list): a member is picked by about one other per interval on
+/// average, so this leaves room for chance while bounding what a misbehaving
+/// member can make it send.
+pub const MAX_SYNC_ANSWERS: u32 = 4;
 
 /// A supernode as this member sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +129,10 @@ pub struct MembershipStats {
     pub refutations: u64,
     /// Members declared dead by this member.
     pub deaths: u64,
+    /// Membership exchanges this member started.
+    pub syncs: u64,
+    /// Membership exchanges asked of this member and answered.
+    pub syncs_answered: u64,
 }
 
 /// SWIM state of one supernode. See the module documentation.
@@ -141,6 +158,11 @@ pub struct Membership {
     probes: Map<u32, Probe>,
     /// Keys with gossip to send and how many more times.
     gossip: Vec<(PeerKey, u32)>,
+    /// When this member next exchanges its list (set at the first tick, at a
+    /// random offset so members do not sync in step).
+    next_sync: Option<Time>,
+    /// The start of the current window of sync answers, and answers in it.
+    sync_window: (Time, u32),
     /// Messages to send: `(to, addr, msg)`.
     pub out: Vec<(PeerKey, SocketAddr, Msg)>,
     /// Members that came or went since the owner last drained this.
@@ -170,6 +192,8 @@ impl Membership {
             seq: 0,
             probes: map(rng),
             gossip: Vec::new(),
+            next_sync: None,
+            sync_window: (Time::ZERO, 0),
             out: Vec::new(),
             changes: Vec::new(),
             stats: MembershipStats::default(),
@@ -207,6 +231,16 @@ impl Membership {
     /// A member by key.
     pub fn get(&self, key: &PeerKey) -> Option<&Member> {
         self.index.get(key).map(|&i| &self.members[i as usize])
+    }
+
+    /// Members alive that became so at `since` or later (joined, or refuted a
+    /// suspicion), as this member heard.
+    pub fn alive_since(&self, since: Time) -> Vec<PeerKey> {
+        self.members
+            .iter()
+            .filter(|m| m.state == MemberState::Alive && m.since >= since)
+            .map(|m| m.key)
+            .collect()
     }
 
     /// Members suspected now.
@@ -555,7 +589,46 @@ impl Membership {
         }
         if !self.leaving {
             self.probe_next(now, rng);
+            self.sync_tick(now, rng);
         }
+    }
+
+    /// Starts a push-pull exchange with a random live member when one is due:
+    /// sends it this member's list, then [`Msg::Sync`] for its list.
+    fn sync_tick(&mut self, now: Time, rng: &mut ChaCha20Rng) {
+        let interval_ms = SYNC_INTERVAL.as_millis() as usize;
+        let due = *self
+            .next_sync
+            .get_or_insert_with(|| now + Duration::from_millis(below(rng, interval_ms) as u64));
+        if now < due {
+            return;
+        }
+        self.next_sync = Some(now + SYNC_INTERVAL);
+        let Some(peer) = self.random_live(1, rng).pop() else {
+            return;
+        };
+        self.stats.syncs += 1;
+        self.send_members(peer.key, peer.addr);
+        self.send(peer.key, peer.addr, Msg::Sync);
+    }
+
+    /// Handles [`Msg::Sync`] from `from` at `addr`: answers a live member with this
+    /// member's whole list, at most [`MAX_SYNC_ANSWERS`] times per
+    /// [`SYNC_INTERVAL`]. Returns whether it answered.
+    pub fn handle_sync(&mut self, now: Time, from: PeerKey, addr: SocketAddr) -> bool {
+        if from == self.me || !self.is_live(&from) || self.leaving {
+            return false;
+        }
+        if now.saturating_since(self.sync_window.0) >= SYNC_INTERVAL {
+            self.sync_window = (now, 0);
+        }
+        if self.sync_window.1 >= MAX_SYNC_ANSWERS {
+            return false;
+        }
+        self.sync_window.1 += 1;
+        self.stats.syncs_answered += 1;
+        self.send_members(from, addr);
+        true
     }
 
     fn purge(&mut self, now: Time) {

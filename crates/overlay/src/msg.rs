@@ -338,6 +338,9 @@ pub enum Msg {
         /// The coordinator's epoch.
         epoch: u64,
     },
+    /// Anti-entropy: send me your whole membership list (the sender has just
+    /// sent its own, as [`Msg::Members`] pages). Answered only to live members.
+    Sync,
 }
 
 /// Why a message body was refused.
@@ -394,6 +397,7 @@ impl Msg {
             Msg::Nominate { .. } => "nominate",
             Msg::Promote { .. } => "promote",
             Msg::Demote { .. } => "demote",
+            Msg::Sync => "sync",
         }
     }
 
