@@ -488,15 +488,16 @@ impl Node {
         if fresh && let Some(from) = direct {
             self.overlay.handle_peer_up(now, key, from);
         }
-        self.flush_pending(now, key);
+        if let Some(queued) = self.pending.remove(&key) {
+            for msg in queued {
+                self.send_control_now(now, key, &msg);
+            }
+        }
         self.on_session_established(now, key, origin);
         self.arm_peer(key);
     }
 
     fn handle_data(&mut self, now: Time, key: PeerKey, origin: Origin, plaintext: &[u8]) {
-        // A session this side answered becomes usable for sending with the
-        // initiator's first packet on it: messages that waited for it go now.
-        self.flush_pending(now, key);
         let frame = match Frame::parse(plaintext) {
             Ok(f) => f,
             Err(_) => {
@@ -585,10 +586,6 @@ impl Node {
             return;
         };
         self.endpoint.remove_peer(&key);
-        if let Some(q) = self.pending.remove(&key) {
-            // Waited for key confirmation that never came.
-            self.stats.control_dropped += q.len() as u64;
-        }
         self.events.push_back(Event::PeerDown { peer: key, reason });
         self.overlay.handle_peer_down(now, key);
         self.relay.peer_down(&key);
@@ -886,8 +883,7 @@ impl Node {
     }
 
     fn send_control(&mut self, now: Time, to: PeerKey, addr: SocketAddr, msg: Vec<u8>) {
-        let up = self.peers.contains_key(&to);
-        if up && self.endpoint.has_session(now, &to) {
+        if self.peers.contains_key(&to) {
             self.send_control_now(now, to, &msg);
             return;
         }
@@ -901,12 +897,6 @@ impl Node {
             self.stats.control_dropped += 1;
         }
         q.push_back(msg);
-        if up {
-            // This side answered the handshake and waits for the initiator's first
-            // packet (key confirmation) before it may send: the message goes then
-            // (`flush_pending`); dialing now would only cross handshakes.
-            return;
-        }
         if let std::collections::hash_map::Entry::Vacant(e) = self.dials.entry(addr) {
             e.insert(Dial {
                 contact: Contact {
@@ -918,19 +908,6 @@ impl Node {
                 on_demand: true,
             });
             self.attempt(now, addr);
-        }
-    }
-
-    /// Sends the overlay messages queued for `key` once a session to it can send
-    /// (one this side answered cannot until the initiator's first packet on it).
-    fn flush_pending(&mut self, now: Time, key: PeerKey) {
-        if !self.pending.contains_key(&key) || !self.endpoint.has_session(now, &key) {
-            return;
-        }
-        if let Some(queued) = self.pending.remove(&key) {
-            for msg in queued {
-                self.send_control_now(now, key, &msg);
-            }
         }
     }
 
