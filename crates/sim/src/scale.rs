@@ -760,23 +760,6 @@ impl<'a> Scenario<'a> {
                             sum += m;
                         }
                     }
-                    if now < START + Duration::from_secs(12) {
-                        let st = self.sim.node(self.nodes[0].expect("seed")).stats();
-                        eprintln!(
-                            "DEBUG seed 0: sessions {} hs {}/{} control in/out/dropped {}/{}/{} dials_failed {} overlay in {} unexpected {} malformed {} drops {:?}",
-                            st.sessions,
-                            st.handshakes_initiated,
-                            st.handshakes_completed,
-                            st.control_in,
-                            st.control_out,
-                            st.control_dropped,
-                            st.dials_failed,
-                            st.overlay.msgs_in,
-                            st.overlay.dropped_unexpected,
-                            st.overlay.dropped_malformed,
-                            st.drops
-                        );
-                    }
                     eprintln!(
                         "DEBUG views: {} supernodes know {} on average, {} at least",
                         supers,
