@@ -53,10 +53,17 @@ pub const LOAD_ANNOUNCE_MIN: Duration = Duration::from_secs(5);
 /// every member's view converge within a few intervals whatever the backlog, at
 /// about 60 bytes per member each way.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(15);
+/// The next exchange comes this soon instead when the last one found the view
+/// still growing by at least [`SYNC_GROWTH_DIVISOR`]-th (a tier forming, or
+/// after a wave of promotions): each exchange about doubles what a sparse view
+/// holds, so a thousand members converge in seconds rather than minutes.
+pub const SYNC_FAST: Duration = Duration::from_secs(3);
+/// See [`SYNC_FAST`]: growth by a 50th of the view or more.
+pub const SYNC_GROWTH_DIVISOR: usize = 50;
 /// Sync requests a member answers per [`SYNC_INTERVAL`] at most (each answer is
 /// the whole list): a member is picked by about one other per interval on
-/// average, so this leaves room for chance while bounding what a misbehaving
-/// member can make it send.
+/// average, so this leaves room for
+/// chance while bounding what a misbehaving peer can make it send.
 pub const MAX_SYNC_ANSWERS: u32 = 4;
 
 /// A supernode as this member sees it.
@@ -158,9 +165,11 @@ pub struct Membership {
     probes: Map<u32, Probe>,
     /// Keys with gossip to send and how many more times.
     gossip: Vec<(PeerKey, u32)>,
-    /// When this member next exchanges its list (set at the first tick, at a
-    /// random offset so members do not sync in step).
-    next_sync: Option<Time>,
+    /// When this member last exchanged its list (set at the first tick to a
+    /// random offset, so members do not sync in step).
+    last_sync: Option<Time>,
+    /// Members known (in any state) at the last exchange.
+    known_at_sync: usize,
     /// The start of the current window of sync answers, and answers in it.
     sync_window: (Time, u32),
     /// Messages to send: `(to, addr, msg)`.
@@ -192,7 +201,8 @@ impl Membership {
             seq: 0,
             probes: map(rng),
             gossip: Vec::new(),
-            next_sync: None,
+            last_sync: None,
+            known_at_sync: 0,
             sync_window: (Time::ZERO, 0),
             out: Vec::new(),
             changes: Vec::new(),
@@ -596,14 +606,18 @@ impl Membership {
     /// Starts a push-pull exchange with a random live member when one is due:
     /// sends it this member's list, then [`Msg::Sync`] for its list.
     fn sync_tick(&mut self, now: Time, rng: &mut ChaCha20Rng) {
-        let interval_ms = SYNC_INTERVAL.as_millis() as usize;
-        let due = *self
-            .next_sync
-            .get_or_insert_with(|| now + Duration::from_millis(below(rng, interval_ms) as u64));
-        if now < due {
+        let first_ms = SYNC_FAST.as_millis() as usize;
+        let last = *self.last_sync.get_or_insert_with(|| {
+            now + Duration::from_millis(below(rng, first_ms) as u64) - SYNC_INTERVAL
+        });
+        let known = self.members.len();
+        let growing = known >= self.known_at_sync + (known / SYNC_GROWTH_DIVISOR).max(1);
+        let wait = if growing { SYNC_FAST } else { SYNC_INTERVAL };
+        if now < last + wait {
             return;
         }
-        self.next_sync = Some(now + SYNC_INTERVAL);
+        self.known_at_sync = known;
+        self.last_sync = Some(now);
         let Some(peer) = self.random_live(1, rng).pop() else {
             return;
         };
@@ -612,11 +626,12 @@ impl Membership {
         self.send(peer.key, peer.addr, Msg::Sync);
     }
 
-    /// Handles [`Msg::Sync`] from `from` at `addr`: answers a live member with this
-    /// member's whole list, at most [`MAX_SYNC_ANSWERS`] times per
-    /// [`SYNC_INTERVAL`]. Returns whether it answered.
+    /// Handles [`Msg::Sync`] from `from` at `addr` (an authenticated peer, not
+    /// necessarily in this view yet): answers with this member's whole list, at
+    /// most [`MAX_SYNC_ANSWERS`] times per [`SYNC_INTERVAL`]. Returns whether it
+    /// answered.
     pub fn handle_sync(&mut self, now: Time, from: PeerKey, addr: SocketAddr) -> bool {
-        if from == self.me || !self.is_live(&from) || self.leaving {
+        if from == self.me || self.leaving {
             return false;
         }
         if now.saturating_since(self.sync_window.0) >= SYNC_INTERVAL {

@@ -339,7 +339,8 @@ pub enum Msg {
         epoch: u64,
     },
     /// Anti-entropy: send me your whole membership list (the sender has just
-    /// sent its own, as [`Msg::Members`] pages). Answered only to live members.
+    /// sent its own, as [`Msg::Members`] pages). Answered a few times per
+    /// interval at most (`membership::MAX_SYNC_ANSWERS`).
     Sync,
 }
 

@@ -2031,11 +2031,13 @@ impl Overlay {
                 score,
             } => self.on_nominate(now, from, PeerKey(key), cand_addr, score),
             Msg::Demote { epoch: _ } => self.on_demote(now, from),
+            // Answered even when the asker is not (yet) in this view: it knows
+            // this member, so it accepts the list, and the pull is what lets
+            // sparse views converge. The list is no secret (host samples carry
+            // parts of it), travels on an authenticated session (no reflection)
+            // and is sent a few times per interval at most.
             Msg::Sync => match self.sn.as_mut() {
-                Some(sn) if sn.members.is_live(&from) => {
-                    sn.members.handle_sync(now, from, addr);
-                    true
-                }
+                Some(sn) if !sn.handoff => sn.members.handle_sync(now, from, addr),
                 _ => false,
             },
         }
