@@ -452,8 +452,23 @@ impl Membership {
         }
     }
 
-    /// Applies one update by SWIM's precedence rules.
+    /// Applies a page of the membership list (a join's answer or a sync): by the
+    /// same rules as gossip, but what it teaches is not gossiped on. The pages
+    /// carry old news as well as new, and gossip sends [`MAX_GOSSIP`] updates per
+    /// message: re-gossiping a thousand entries would queue fresh news (deaths,
+    /// promotions) behind them; every member syncs itself instead.
+    pub fn apply_page(&mut self, now: Time, updates: &[Update]) {
+        for u in updates {
+            self.apply_update(now, *u, false);
+        }
+    }
+
+    /// Applies one update by SWIM's precedence rules (and gossips what is new).
     pub fn apply(&mut self, now: Time, u: Update) {
+        self.apply_update(now, u, true);
+    }
+
+    fn apply_update(&mut self, now: Time, u: Update, spread: bool) {
         let key = PeerKey(u.key);
         if key == self.me {
             if u.state != MemberState::Alive && u.incarnation >= self.incarnation && !self.leaving {
@@ -485,7 +500,9 @@ impl Membership {
                 self.suspects.push(key);
             }
             self.changes.push(Change::Up(key));
-            self.queue_gossip(key);
+            if spread {
+                self.queue_gossip(key);
+            }
             return;
         };
         let m = &mut self.members[i as usize];
@@ -530,7 +547,9 @@ impl Membership {
             }
             _ => {}
         }
-        self.queue_gossip(key);
+        if spread {
+            self.queue_gossip(key);
+        }
     }
 
     fn suspicion_timeout(&self) -> Duration {

@@ -1980,7 +1980,7 @@ impl Overlay {
                         || sn.joined_via.contains(&from)
                         || self.bootstrap.iter().any(|b| b.key == Some(from)) =>
                 {
-                    sn.members.apply_all(now, &members);
+                    sn.members.apply_page(now, &members);
                     true
                 }
                 _ => false,
