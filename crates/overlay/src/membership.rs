@@ -990,4 +990,84 @@ mod tests {
         assert_eq!(m.size(), 3);
         assert!(m.stats.indirect_probes > 0);
     }
+
+    /// Delivers `from`'s queued messages to `to` (membership messages only).
+    fn deliver(from: &mut Membership, to: &mut Membership, now: Time) {
+        let out = std::mem::take(&mut from.out);
+        for (k, addr, msg) in out {
+            if k != to.me {
+                continue;
+            }
+            match msg {
+                Msg::Members { members } => to.apply_page(now, &members),
+                Msg::Sync => {
+                    to.handle_sync(now, from.me, addr);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_sync_exchange_merges_both_views_without_gossiping_them() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let now = Time::from_secs(10);
+        let mut a = Membership::new(key(0), 0, Load::default(), &mut rng);
+        let mut b = Membership::new(key(1), 0, Load::default(), &mut rng);
+        a.set_my_addr(addr(0));
+        b.set_my_addr(addr(1));
+        // `a` knows `b` and 2..=30; `b` knows nobody but 31..=60 (not even `a`).
+        a.apply(now, up(1, 0, MemberState::Alive));
+        for n in 2..=30 {
+            a.apply(now, up(n, 0, MemberState::Alive));
+        }
+        for n in 31..=60 {
+            b.apply(now, up(n, 0, MemberState::Alive));
+        }
+        a.gossip.clear();
+        b.gossip.clear();
+        // `a` syncs with a random live member every interval, until it picks `b`.
+        let mut t = now;
+        loop {
+            a.out.clear();
+            a.sync_tick(t, &mut rng);
+            if a.out
+                .iter()
+                .any(|(k, _, m)| *k == key(1) && *m == Msg::Sync)
+            {
+                break;
+            }
+            t = t + SYNC_INTERVAL;
+            assert!(a.stats.syncs < 200, "b is picked some time");
+        }
+        deliver(&mut a, &mut b, t);
+        // `b` did not know `a`; it answers the pull all the same, and learns `a`
+        // and what `a` knows from `a`'s pages.
+        assert_eq!(b.stats.syncs_answered, 1);
+        for n in (0..=30).filter(|&n| n != 1) {
+            assert!(b.is_live(&key(n)), "b learned {n} from a's list");
+        }
+        deliver(&mut b, &mut a, t);
+        for n in 31..=60 {
+            assert!(a.is_live(&key(n)), "a learned {n} from b's list");
+        }
+        assert!(
+            a.gossip.is_empty(),
+            "what a page teaches is not gossiped on"
+        );
+        assert!(b.gossip.is_empty());
+    }
+
+    #[test]
+    fn sync_answers_are_bounded_per_interval() {
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        let now = Time::from_secs(10);
+        let mut m = Membership::new(key(0), 0, Load::default(), &mut rng);
+        m.set_my_addr(addr(0));
+        let answered = (0..3 * MAX_SYNC_ANSWERS)
+            .filter(|_| m.handle_sync(now, key(9), addr(9)))
+            .count();
+        assert_eq!(answered, MAX_SYNC_ANSWERS as usize);
+        assert!(m.handle_sync(now + SYNC_INTERVAL, key(9), addr(9)));
+    }
 }

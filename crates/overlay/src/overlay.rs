@@ -2417,6 +2417,18 @@ impl Overlay {
     /// The `REPLICAS` members with the highest HRW score for `obj`: live members
     /// (minus `skip`) plus `extra`, plus this node unless it is leaving or skipped.
     fn placement(&self, sn: &Super, obj: u64, skip: &[PeerKey], extra: &[PeerKey]) -> Vec<PeerKey> {
+        self.placement_by(sn, obj, |k| skip.contains(k), extra)
+    }
+
+    /// [`Self::placement`] skipping the members `skip` says (a set's lookup when
+    /// the list is long: a tier forming reports hundreds of joins at once).
+    fn placement_by(
+        &self,
+        sn: &Super,
+        obj: u64,
+        skip: impl Fn(&PeerKey) -> bool,
+        extra: &[PeerKey],
+    ) -> Vec<PeerKey> {
         let mut best: [(u64, PeerKey); REPLICAS] = [(0, PeerKey([0; 32])); REPLICAS];
         let mut n = 0usize;
         let mut consider = |score: u64, key: PeerKey| {
@@ -2432,16 +2444,16 @@ impl Overlay {
             best[..n].sort_by(|a, b| b.cmp(a));
         };
         for m in sn.members.live() {
-            if !skip.contains(&m.key) {
+            if !skip(&m.key) {
                 consider(mix64(obj ^ m.hrw), m.key);
             }
         }
         for k in extra {
-            if !skip.contains(k) && *k != self.me && !sn.members.is_live(k) {
+            if !skip(k) && *k != self.me && !sn.members.is_live(k) {
                 consider(mix64(obj ^ member_hrw(k)), *k);
             }
         }
-        if !sn.members.is_leaving() && !sn.handoff && !skip.contains(&self.me) {
+        if !sn.members.is_leaving() && !sn.handoff && !skip(&self.me) {
             consider(mix64(obj ^ self.my_hrw), self.me);
         }
         best[..n].iter().map(|(_, k)| *k).collect()
@@ -2559,6 +2571,8 @@ impl Overlay {
                 .map(member_hrw)
                 .collect();
             let mut placed: Map<u64, u64> = map(&mut self.rng);
+            let mut joined_set: Set<PeerKey> = set(&mut self.rng);
+            joined_set.extend(joined.iter().copied());
             for (user, bytes) in sn.store.iter() {
                 let mut objs = vec![user_obj(&user)];
                 if let Some(h) = view::handle(bytes) {
@@ -2575,7 +2589,7 @@ impl Overlay {
                     }
                     let new = self.placement(&sn, obj, &[], &[]);
                     placed.insert(obj, self.last_score(obj, &new));
-                    let old = self.placement(&sn, obj, &joined, &departed);
+                    let old = self.placement_by(&sn, obj, |k| joined_set.contains(k), &departed);
                     let targets: Vec<PeerKey> = new
                         .iter()
                         .copied()
@@ -3254,15 +3268,16 @@ impl Overlay {
             Query::User(u) => prefix64(u),
             Query::Handle(h) => handle_obj(h),
         };
-        let sn = self.sn.as_ref()?;
-        let mut next = self.placement(sn, obj, &asked, &[]);
         // Where the record sat before the latest joins: when the tier grows by
         // many members at once, its old storers may rank below the next few, and
         // they hold it until re-replication (batched, over new sessions) is done.
-        let mut skip = sn.members.alive_since(now - RECENT_JOIN);
-        if !skip.is_empty() {
-            skip.extend(asked.iter().copied());
-            for k in self.placement(sn, obj, &skip, &[]) {
+        let recent = self.sn.as_ref()?.members.alive_since(now - RECENT_JOIN);
+        let mut skip: Set<PeerKey> = set(&mut self.rng);
+        let sn = self.sn.as_ref()?;
+        let mut next = self.placement(sn, obj, &asked, &[]);
+        if !recent.is_empty() {
+            skip.extend(recent.into_iter().chain(asked.iter().copied()));
+            for k in self.placement_by(sn, obj, |k| skip.contains(k), &[]) {
                 if !next.contains(&k) {
                     next.push(k);
                 }
