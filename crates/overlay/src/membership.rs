@@ -45,6 +45,26 @@ pub const DEAD_RETAIN: Duration = Duration::from_secs(300);
 pub const LOAD_STEP_DIVISOR: u32 = 10;
 /// …at most this often.
 pub const LOAD_ANNOUNCE_MIN: Duration = Duration::from_secs(5);
+/// Each member exchanges its whole membership list with one random live member
+/// this often (push-pull anti-entropy, as memberlist does). Gossip alone is
+/// bounded by [`MAX_GOSSIP`] updates per probe message and sends the freshest
+/// first, so when a tier forms or grows by many members at once (and loads are
+/// re-announced meanwhile) older news can starve for minutes; the exchange makes
+/// every member's view converge within a few intervals whatever the backlog, at
+/// about 60 bytes per member each way.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(15);
+/// The next exchange comes this soon instead when the last one found the view
+/// still growing by at least [`SYNC_GROWTH_DIVISOR`]-th (a tier forming, or
+/// after a wave of promotions): each exchange about doubles what a sparse view
+/// holds, so a thousand members converge in seconds rather than minutes.
+pub const SYNC_FAST: Duration = Duration::from_secs(3);
+/// See [`SYNC_FAST`]: growth by a 50th of the view or more.
+pub const SYNC_GROWTH_DIVISOR: usize = 50;
+/// Sync requests a member answers per [`SYNC_INTERVAL`] at most (each answer is
+/// the whole list): a member is picked by about one other per interval on
+/// average, so this leaves room for
+/// chance while bounding what a misbehaving peer can make it send.
+pub const MAX_SYNC_ANSWERS: u32 = 4;
 
 /// A supernode as this member sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +136,10 @@ pub struct MembershipStats {
     pub refutations: u64,
     /// Members declared dead by this member.
     pub deaths: u64,
+    /// Membership exchanges this member started.
+    pub syncs: u64,
+    /// Membership exchanges asked of this member and answered.
+    pub syncs_answered: u64,
 }
 
 /// SWIM state of one supernode. See the module documentation.
@@ -141,6 +165,13 @@ pub struct Membership {
     probes: Map<u32, Probe>,
     /// Keys with gossip to send and how many more times.
     gossip: Vec<(PeerKey, u32)>,
+    /// When this member last exchanged its list (set at the first tick to a
+    /// random offset, so members do not sync in step).
+    last_sync: Option<Time>,
+    /// Members known (in any state) at the last exchange.
+    known_at_sync: usize,
+    /// The start of the current window of sync answers, and answers in it.
+    sync_window: (Time, u32),
     /// Messages to send: `(to, addr, msg)`.
     pub out: Vec<(PeerKey, SocketAddr, Msg)>,
     /// Members that came or went since the owner last drained this.
@@ -170,6 +201,9 @@ impl Membership {
             seq: 0,
             probes: map(rng),
             gossip: Vec::new(),
+            last_sync: None,
+            known_at_sync: 0,
+            sync_window: (Time::ZERO, 0),
             out: Vec::new(),
             changes: Vec::new(),
             stats: MembershipStats::default(),
@@ -207,6 +241,16 @@ impl Membership {
     /// A member by key.
     pub fn get(&self, key: &PeerKey) -> Option<&Member> {
         self.index.get(key).map(|&i| &self.members[i as usize])
+    }
+
+    /// Members alive that became so at `since` or later (joined, or refuted a
+    /// suspicion), as this member heard.
+    pub fn alive_since(&self, since: Time) -> Vec<PeerKey> {
+        self.members
+            .iter()
+            .filter(|m| m.state == MemberState::Alive && m.since >= since)
+            .map(|m| m.key)
+            .collect()
     }
 
     /// Members suspected now.
@@ -408,8 +452,23 @@ impl Membership {
         }
     }
 
-    /// Applies one update by SWIM's precedence rules.
+    /// Applies a page of the membership list (a join's answer or a sync): by the
+    /// same rules as gossip, but what it teaches is not gossiped on. The pages
+    /// carry old news as well as new, and gossip sends [`MAX_GOSSIP`] updates per
+    /// message: re-gossiping a thousand entries would queue fresh news (deaths,
+    /// promotions) behind them; every member syncs itself instead.
+    pub fn apply_page(&mut self, now: Time, updates: &[Update]) {
+        for u in updates {
+            self.apply_update(now, *u, false);
+        }
+    }
+
+    /// Applies one update by SWIM's precedence rules (and gossips what is new).
     pub fn apply(&mut self, now: Time, u: Update) {
+        self.apply_update(now, u, true);
+    }
+
+    fn apply_update(&mut self, now: Time, u: Update, spread: bool) {
         let key = PeerKey(u.key);
         if key == self.me {
             if u.state != MemberState::Alive && u.incarnation >= self.incarnation && !self.leaving {
@@ -441,7 +500,9 @@ impl Membership {
                 self.suspects.push(key);
             }
             self.changes.push(Change::Up(key));
-            self.queue_gossip(key);
+            if spread {
+                self.queue_gossip(key);
+            }
             return;
         };
         let m = &mut self.members[i as usize];
@@ -486,7 +547,9 @@ impl Membership {
             }
             _ => {}
         }
-        self.queue_gossip(key);
+        if spread {
+            self.queue_gossip(key);
+        }
     }
 
     fn suspicion_timeout(&self) -> Duration {
@@ -555,7 +618,51 @@ impl Membership {
         }
         if !self.leaving {
             self.probe_next(now, rng);
+            self.sync_tick(now, rng);
         }
+    }
+
+    /// Starts a push-pull exchange with a random live member when one is due:
+    /// sends it this member's list, then [`Msg::Sync`] for its list.
+    fn sync_tick(&mut self, now: Time, rng: &mut ChaCha20Rng) {
+        let first_ms = SYNC_FAST.as_millis() as usize;
+        let last = *self.last_sync.get_or_insert_with(|| {
+            now + Duration::from_millis(below(rng, first_ms) as u64) - SYNC_INTERVAL
+        });
+        let known = self.members.len();
+        let growing = known >= self.known_at_sync + (known / SYNC_GROWTH_DIVISOR).max(1);
+        let wait = if growing { SYNC_FAST } else { SYNC_INTERVAL };
+        if now < last + wait {
+            return;
+        }
+        self.known_at_sync = known;
+        self.last_sync = Some(now);
+        let Some(peer) = self.random_live(1, rng).pop() else {
+            return;
+        };
+        self.stats.syncs += 1;
+        self.send_members(peer.key, peer.addr);
+        self.send(peer.key, peer.addr, Msg::Sync);
+    }
+
+    /// Handles [`Msg::Sync`] from `from` at `addr` (an authenticated peer, not
+    /// necessarily in this view yet): answers with this member's whole list, at
+    /// most [`MAX_SYNC_ANSWERS`] times per [`SYNC_INTERVAL`]. Returns whether it
+    /// answered.
+    pub fn handle_sync(&mut self, now: Time, from: PeerKey, addr: SocketAddr) -> bool {
+        if from == self.me || self.leaving {
+            return false;
+        }
+        if now.saturating_since(self.sync_window.0) >= SYNC_INTERVAL {
+            self.sync_window = (now, 0);
+        }
+        if self.sync_window.1 >= MAX_SYNC_ANSWERS {
+            return false;
+        }
+        self.sync_window.1 += 1;
+        self.stats.syncs_answered += 1;
+        self.send_members(from, addr);
+        true
     }
 
     fn purge(&mut self, now: Time) {
@@ -882,5 +989,85 @@ mod tests {
         );
         assert_eq!(m.size(), 3);
         assert!(m.stats.indirect_probes > 0);
+    }
+
+    /// Delivers `from`'s queued messages to `to` (membership messages only).
+    fn deliver(from: &mut Membership, to: &mut Membership, now: Time) {
+        let out = std::mem::take(&mut from.out);
+        for (k, addr, msg) in out {
+            if k != to.me {
+                continue;
+            }
+            match msg {
+                Msg::Members { members } => to.apply_page(now, &members),
+                Msg::Sync => {
+                    to.handle_sync(now, from.me, addr);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_sync_exchange_merges_both_views_without_gossiping_them() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let now = Time::from_secs(10);
+        let mut a = Membership::new(key(0), 0, Load::default(), &mut rng);
+        let mut b = Membership::new(key(1), 0, Load::default(), &mut rng);
+        a.set_my_addr(addr(0));
+        b.set_my_addr(addr(1));
+        // `a` knows `b` and 2..=30; `b` knows nobody but 31..=60 (not even `a`).
+        a.apply(now, up(1, 0, MemberState::Alive));
+        for n in 2..=30 {
+            a.apply(now, up(n, 0, MemberState::Alive));
+        }
+        for n in 31..=60 {
+            b.apply(now, up(n, 0, MemberState::Alive));
+        }
+        a.gossip.clear();
+        b.gossip.clear();
+        // `a` syncs with a random live member every interval, until it picks `b`.
+        let mut t = now;
+        loop {
+            a.out.clear();
+            a.sync_tick(t, &mut rng);
+            if a.out
+                .iter()
+                .any(|(k, _, m)| *k == key(1) && *m == Msg::Sync)
+            {
+                break;
+            }
+            t = t + SYNC_INTERVAL;
+            assert!(a.stats.syncs < 200, "b is picked some time");
+        }
+        deliver(&mut a, &mut b, t);
+        // `b` did not know `a`; it answers the pull all the same, and learns `a`
+        // and what `a` knows from `a`'s pages.
+        assert_eq!(b.stats.syncs_answered, 1);
+        for n in (0..=30).filter(|&n| n != 1) {
+            assert!(b.is_live(&key(n)), "b learned {n} from a's list");
+        }
+        deliver(&mut b, &mut a, t);
+        for n in 31..=60 {
+            assert!(a.is_live(&key(n)), "a learned {n} from b's list");
+        }
+        assert!(
+            a.gossip.is_empty(),
+            "what a page teaches is not gossiped on"
+        );
+        assert!(b.gossip.is_empty());
+    }
+
+    #[test]
+    fn sync_answers_are_bounded_per_interval() {
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        let now = Time::from_secs(10);
+        let mut m = Membership::new(key(0), 0, Load::default(), &mut rng);
+        m.set_my_addr(addr(0));
+        let answered = (0..3 * MAX_SYNC_ANSWERS)
+            .filter(|_| m.handle_sync(now, key(9), addr(9)))
+            .count();
+        assert_eq!(answered, MAX_SYNC_ANSWERS as usize);
+        assert!(m.handle_sync(now + SYNC_INTERVAL, key(9), addr(9)));
     }
 }

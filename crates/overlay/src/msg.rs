@@ -341,6 +341,10 @@ pub enum Msg {
         /// The coordinator's epoch.
         epoch: u64,
     },
+    /// Anti-entropy: send me your whole membership list (the sender has just
+    /// sent its own, as [`Msg::Members`] pages). Answered a few times per
+    /// interval at most (`membership::MAX_SYNC_ANSWERS`).
+    Sync,
 }
 
 /// Why a message body was refused.
@@ -397,6 +401,7 @@ impl Msg {
             Msg::Nominate { .. } => "nominate",
             Msg::Promote { .. } => "promote",
             Msg::Demote { .. } => "demote",
+            Msg::Sync => "sync",
         }
     }
 

@@ -102,6 +102,10 @@ pub const MAX_SUBSCRIPTIONS: usize = 1_000;
 pub const MAINTAIN_INTERVAL: Duration = Duration::from_secs(5);
 /// Membership changes are batched this long before records are re-placed.
 pub const REPLICATE_DELAY: Duration = Duration::from_secs(1);
+/// A widened read also asks where the record was placed before the members that
+/// joined within this long (re-replication to them is batched and needs new
+/// sessions, so it takes a few seconds when many join at once).
+pub const RECENT_JOIN: Duration = Duration::from_secs(15);
 /// Lookups one client may make per second through its home, and burst.
 pub const CLIENT_LOOKUP_RATE: (u32, u32) = (10, 30);
 /// Publishes one client may make per second, and burst (it needs one a minute).
@@ -392,6 +396,12 @@ struct Super {
     /// Members that became suspect since the last re-placement.
     suspected: Vec<PeerKey>,
     least_loaded: Vec<SnInfo>,
+    /// For each object (user or handle) of a stored record, the HRW score of the
+    /// last of its `REPLICAS` storers as of the last re-placement (0 with fewer
+    /// members): a member that joins or leaves with a lower score cannot change
+    /// where the object goes, so re-placement scans the membership only for the
+    /// objects a change can move instead of for every record.
+    placed: Map<u64, u64>,
     handoff: bool,
     last_join: Time,
     /// Supernodes this one joined through (a promoted node's homes): their
@@ -614,7 +624,7 @@ impl Overlay {
                         Some(_) => {
                             // No valid answer yet: a storer is slow or gone (not
                             // yet known dead); the storers ranked next are asked.
-                            if let Some(query) = self.widen_fetch(req) {
+                            if let Some(query) = self.widen_fetch(now, req) {
                                 let local =
                                     self.sn.as_ref().and_then(|sn| Self::read_local(sn, &query));
                                 let me = self.me;
@@ -2082,7 +2092,7 @@ impl Overlay {
                         || sn.joined_via.contains(&from)
                         || self.bootstrap.iter().any(|b| b.key == Some(from)) =>
                 {
-                    sn.members.apply_all(now, &members);
+                    sn.members.apply_page(now, &members);
                     true
                 }
                 _ => false,
@@ -2133,6 +2143,15 @@ impl Overlay {
                 score,
             } => self.on_nominate(now, from, PeerKey(key), cand_addr, score),
             Msg::Demote { epoch: _ } => self.on_demote(now, from),
+            // Answered even when the asker is not (yet) in this view: it knows
+            // this member, so it accepts the list, and the pull is what lets
+            // sparse views converge. The list is no secret (host samples carry
+            // parts of it), travels on an authenticated session (no reflection)
+            // and is sent a few times per interval at most.
+            Msg::Sync => match self.sn.as_mut() {
+                Some(sn) if !sn.handoff => sn.members.handle_sync(now, from, addr),
+                _ => false,
+            },
         }
     }
 
@@ -2251,6 +2270,7 @@ impl Overlay {
             departed: Vec::new(),
             suspected: Vec::new(),
             least_loaded: Vec::new(),
+            placed: map(&mut self.rng),
             handoff: false,
             last_join: now,
             joined_via: self.homes.iter().map(|h| h.key).collect(),
@@ -2509,6 +2529,18 @@ impl Overlay {
     /// The `REPLICAS` members with the highest HRW score for `obj`: live members
     /// (minus `skip`) plus `extra`, plus this node unless it is leaving or skipped.
     fn placement(&self, sn: &Super, obj: u64, skip: &[PeerKey], extra: &[PeerKey]) -> Vec<PeerKey> {
+        self.placement_by(sn, obj, |k| skip.contains(k), extra)
+    }
+
+    /// [`Self::placement`] skipping the members `skip` says (a set's lookup when
+    /// the list is long: a tier forming reports hundreds of joins at once).
+    fn placement_by(
+        &self,
+        sn: &Super,
+        obj: u64,
+        skip: impl Fn(&PeerKey) -> bool,
+        extra: &[PeerKey],
+    ) -> Vec<PeerKey> {
         let mut best: [(u64, PeerKey); REPLICAS] = [(0, PeerKey([0; 32])); REPLICAS];
         let mut n = 0usize;
         let mut consider = |score: u64, key: PeerKey| {
@@ -2524,19 +2556,39 @@ impl Overlay {
             best[..n].sort_by(|a, b| b.cmp(a));
         };
         for m in sn.members.live() {
-            if !skip.contains(&m.key) {
+            if !skip(&m.key) {
                 consider(mix64(obj ^ m.hrw), m.key);
             }
         }
         for k in extra {
-            if !skip.contains(k) && *k != self.me && !sn.members.is_live(k) {
+            if !skip(k) && *k != self.me && !sn.members.is_live(k) {
                 consider(mix64(obj ^ member_hrw(k)), *k);
             }
         }
-        if !sn.members.is_leaving() && !sn.handoff && !skip.contains(&self.me) {
+        if !sn.members.is_leaving() && !sn.handoff && !skip(&self.me) {
             consider(mix64(obj ^ self.my_hrw), self.me);
         }
         best[..n].iter().map(|(_, k)| *k).collect()
+    }
+
+    /// The HRW score for `obj` of the last of `storers` (a full placement), or 0
+    /// when there are fewer than `REPLICAS` (any member would be placed).
+    fn last_score(&self, obj: u64, storers: &[PeerKey]) -> u64 {
+        if storers.len() < REPLICAS {
+            return 0;
+        }
+        storers
+            .iter()
+            .map(|k| {
+                let h = if *k == self.me {
+                    self.my_hrw
+                } else {
+                    member_hrw(k)
+                };
+                mix64(obj ^ h)
+            })
+            .min()
+            .unwrap_or(0)
     }
 
     fn storers_for_record(&self, sn: &Super, user: &UserId, bytes: &[u8]) -> Vec<PeerKey> {
@@ -2622,15 +2674,34 @@ impl Overlay {
         let newly_suspect = suspected.iter().any(|k| suspects.contains(k));
         let mut batches: Map<PeerKey, Vec<Vec<u8>>> = map(&mut self.rng);
         let mut local: Vec<Vec<u8>> = Vec::new();
-        if !sn.handoff && (!joined.is_empty() || !departed.is_empty()) {
+        if sn.handoff || sn.members.is_leaving() {
+            sn.placed.clear();
+        } else if !joined.is_empty() || !departed.is_empty() {
+            let changed: Vec<u64> = joined
+                .iter()
+                .chain(departed.iter())
+                .map(member_hrw)
+                .collect();
+            let mut placed: Map<u64, u64> = map(&mut self.rng);
+            let mut joined_set: Set<PeerKey> = set(&mut self.rng);
+            joined_set.extend(joined.iter().copied());
             for (user, bytes) in sn.store.iter() {
                 let mut objs = vec![user_obj(&user)];
                 if let Some(h) = view::handle(bytes) {
                     objs.push(handle_obj(h));
                 }
                 for obj in objs {
+                    // Unmoved unless a changed member scores at least the last
+                    // storer did (ties count as moved).
+                    if let Some(&last) = sn.placed.get(&obj)
+                        && changed.iter().all(|&h| mix64(obj ^ h) < last)
+                    {
+                        placed.insert(obj, last);
+                        continue;
+                    }
                     let new = self.placement(&sn, obj, &[], &[]);
-                    let old = self.placement(&sn, obj, &joined, &departed);
+                    placed.insert(obj, self.last_score(obj, &new));
+                    let old = self.placement_by(&sn, obj, |k| joined_set.contains(k), &departed);
                     let targets: Vec<PeerKey> = new
                         .iter()
                         .copied()
@@ -2652,6 +2723,7 @@ impl Overlay {
                     }
                 }
             }
+            sn.placed = placed;
         }
         if !sn.handoff {
             // As home: after storers depart, or become suspect, each client's
@@ -2668,7 +2740,15 @@ impl Overlay {
                     let Some(c) = sn.clients.get(&k) else {
                         continue;
                     };
-                    if c.record.is_empty() {
+                    // A record none of whose storers departed or is suspect
+                    // stays where it is (storers push it to members that join).
+                    if c.record.is_empty()
+                        || (!c.stored_at.is_empty()
+                            && !c
+                                .stored_at
+                                .iter()
+                                .any(|k| departed.contains(k) || suspects.contains(k)))
+                    {
                         continue;
                     }
                     let now_at = self.storers_skipping(&sn, &c.user, &c.record, &suspects);
@@ -3264,7 +3344,7 @@ impl Overlay {
             // Every storer missed: right after members joined, the record may
             // still sit only at the storers ranked next (re-replication is under
             // way), so they are asked before the answer is "not found".
-            local_next = self.widen_fetch(req);
+            local_next = self.widen_fetch(now, req);
             done = self
                 .sn
                 .as_ref()
@@ -3297,7 +3377,7 @@ impl Overlay {
 
     /// Asks the storers ranked after those asked (once per fetch); returns the
     /// query if this node is one of them (the caller reads its own share).
-    fn widen_fetch(&mut self, req: u32) -> Option<Query> {
+    fn widen_fetch(&mut self, now: Time, req: u32) -> Option<Query> {
         let sn = self.sn.as_mut()?;
         let f = sn.fetches.get_mut(&req)?;
         if f.widened || f.answered {
@@ -3309,8 +3389,21 @@ impl Overlay {
             Query::User(u) => prefix64(u),
             Query::Handle(h) => handle_obj(h),
         };
+        // Where the record sat before the latest joins: when the tier grows by
+        // many members at once, its old storers may rank below the next few, and
+        // they hold it until re-replication (batched, over new sessions) is done.
+        let recent = self.sn.as_ref()?.members.alive_since(now - RECENT_JOIN);
+        let mut skip: Set<PeerKey> = set(&mut self.rng);
         let sn = self.sn.as_ref()?;
-        let next = self.placement(sn, obj, &asked, &[]);
+        let mut next = self.placement(sn, obj, &asked, &[]);
+        if !recent.is_empty() {
+            skip.extend(recent.into_iter().chain(asked.iter().copied()));
+            for k in self.placement_by(sn, obj, |k| skip.contains(k), &[]) {
+                if !next.contains(&k) {
+                    next.push(k);
+                }
+            }
+        }
         if let Some(f) = self.sn.as_mut().and_then(|sn| sn.fetches.get_mut(&req)) {
             f.storers.extend(next.iter().copied());
         }

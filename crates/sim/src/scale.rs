@@ -749,6 +749,28 @@ impl<'a> Scenario<'a> {
                         homes[o.home_count().min(2)] += 1;
                     }
                 }
+                if std::env::var_os("SCALE_DEBUG").is_some() {
+                    // How complete the supernodes' views of the tier are.
+                    let (mut min, mut sum) = (u64::MAX, 0u64);
+                    for &i in &self.online {
+                        if self.supernode[i] {
+                            let m = self
+                                .sim
+                                .node(self.nodes[i].expect("online"))
+                                .overlay()
+                                .stats()
+                                .members;
+                            min = min.min(m);
+                            sum += m;
+                        }
+                    }
+                    eprintln!(
+                        "DEBUG views: {} supernodes know {} on average, {} at least",
+                        supers,
+                        sum / supers.max(1) as u64,
+                        min
+                    );
+                }
                 progress(&Progress {
                     homes,
                     mean_load: load / supers.max(1) as f64,
@@ -982,6 +1004,9 @@ impl<'a> Scenario<'a> {
                             result.as_ref().map(|f| f.hops),
                             p.started.saturating_since(self.online_since[asker]),
                         );
+                        if !ok {
+                            self.debug_placement(r.node, p.target);
+                        }
                     }
                     if ok && !p.by_handle && std::env::var_os("SCALE_LAT").is_some() {
                         self.print_ideal(r.node, p.target, took);
@@ -1025,6 +1050,9 @@ impl<'a> Scenario<'a> {
         }
     }
 
+    /// For `SCALE_LAT`: how long a lookup took against the fastest its homes and
+    /// the record's storers allow, and the round trips to its nearest home and to
+    /// the nearest supernode.
     fn print_ideal(&self, asker_id: NodeId, target: usize, took: Duration) {
         let key_index =
             |k: &peercall_crypto::PeerKey| self.ids.iter().position(|id| id.peer_key() == *k);
@@ -1081,6 +1109,56 @@ impl<'a> Scenario<'a> {
             all.first().copied().unwrap_or(f64::NAN),
             homes.len(),
             storers.len()
+        );
+    }
+
+    /// For `SCALE_DEBUG`: where the asker's homes place `target`'s record, and
+    /// which supernodes hold a copy.
+    fn debug_placement(&self, asker: NodeId, target: usize) {
+        let user = self.ids[target].user_id();
+        let by_key: HashMap<_, usize> = self
+            .online
+            .iter()
+            .filter(|&&i| self.supernode[i])
+            .map(|&i| (self.ids[i].peer_key(), i))
+            .collect();
+        let idx = |k: &peercall_crypto::PeerKey| by_key.get(k).copied();
+        let holders: Vec<usize> = by_key
+            .values()
+            .copied()
+            .filter(|&i| {
+                self.sim
+                    .node(self.nodes[i].expect("online"))
+                    .overlay()
+                    .stores(&user)
+            })
+            .collect();
+        let homes: Vec<String> = self
+            .sim
+            .node(asker)
+            .overlay()
+            .homes()
+            .iter()
+            .map(|(k, _)| match idx(k) {
+                Some(h) => {
+                    let o = self.sim.node(self.nodes[h].expect("online")).overlay();
+                    let st: Vec<Option<usize>> = o.storers_of(&user).iter().map(idx).collect();
+                    format!("home {h} ({} members) places at {st:?}", o.stats().members)
+                }
+                None => "home not an online supernode".into(),
+            })
+            .collect();
+        let thomes: Vec<Option<usize>> = self
+            .sim
+            .node(self.nodes[target].expect("online"))
+            .overlay()
+            .homes()
+            .iter()
+            .map(|(k, _)| idx(k))
+            .collect();
+        eprintln!(
+            "DEBUG   held by {holders:?}; target homes {thomes:?}; {}",
+            homes.join("; ")
         );
     }
 
@@ -1146,6 +1224,35 @@ impl<'a> Scenario<'a> {
             eprintln!(
                 "DEBUG nearest home rtt mean {:.1} ms over {n} (unknown {unknown}), hist/25ms {hist:?}",
                 sum / n.max(1) as f64
+            );
+            // Totals over the nodes running now (restarted nodes count from their
+            // restart), ordinary and supernodes apart.
+            let mut tot = [[0u64; 10]; 2];
+            for &i in &self.online {
+                let st = self.sim.node(self.nodes[i].expect("online")).stats();
+                let o = &st.overlay;
+                let row = &mut tot[usize::from(self.supernode[i])];
+                for (k, v) in [
+                    st.handshakes_initiated,
+                    st.handshakes_completed,
+                    st.datagrams_in,
+                    o.msgs_in,
+                    o.msgs_out,
+                    o.replicated,
+                    o.attach_attempts,
+                    o.attaches_redirected,
+                    o.stun_requests,
+                    o.read_repairs,
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    row[k] += v;
+                }
+            }
+            eprintln!(
+                "DEBUG totals [hs_init, hs_done, dgrams_in, msgs_in, msgs_out, replicated, attach_attempts, redirected, stun, read_repairs]: ordinary {:?} supernodes {:?}",
+                tot[0], tot[1]
             );
         }
         let t = &mut self.tally;
