@@ -906,6 +906,23 @@ impl Network {
             let r = client::request(admin, "GET", &path, Some(&token), None, HTTP_TIMEOUT).await?;
             anyhow::Ok(serde_json::from_str::<crate::calls::CallBody>(&r.body)?)
         };
+        // The callee's side of the call (ended calls stay listed a minute).
+        let heard = || async {
+            let r = client::request(
+                callee_admin,
+                "GET",
+                "/v1/calls",
+                Some(&callee_token),
+                None,
+                HTTP_TIMEOUT,
+            )
+            .await?;
+            anyhow::Ok(
+                serde_json::from_str::<crate::admin::CallsBody>(&r.body)
+                    .ok()
+                    .and_then(|b| b.calls.into_iter().max_by_key(|c| c.call)),
+            )
+        };
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let mut last = get().await?;
         while last.state != "active" && last.state != "ended" {
@@ -944,7 +961,10 @@ impl Network {
             last = get().await?;
             out.say(format!("  {}", call_line(&last)));
             if second == CUT_AFTER_SECS {
-                cut = Some(self.cut_path(out, caller, callee, connected, &get).await?);
+                cut = Some(
+                    self.cut_path(out, caller, callee, connected, &get, &heard)
+                        .await?,
+                );
             }
         }
         let _ = client::request(admin, "DELETE", &path, Some(&token), None, HTTP_TIMEOUT).await?;
@@ -955,19 +975,7 @@ impl Network {
         }
         let mut summary = crate::callcli::Summary::of(&last);
         summary.record = Some(self.recording.display().to_string());
-        // What desk-2 heard: its side of the call (ended calls stay listed a minute).
-        let r = client::request(
-            callee_admin,
-            "GET",
-            "/v1/calls",
-            Some(&callee_token),
-            None,
-            HTTP_TIMEOUT,
-        )
-        .await?;
-        let heard = serde_json::from_str::<crate::admin::CallsBody>(&r.body)
-            .ok()
-            .and_then(|b| b.calls.into_iter().max_by_key(|c| c.call));
+        let heard = heard().await?;
         if let Some(c) = &heard {
             out.say(format!(
                 "{name}'s side: {} switches over {}, {} ms concealed, longest gap {} ms, {} frames in",
@@ -1013,38 +1021,56 @@ impl Network {
     /// socket (its debug block list: every datagram to or from the callee's
     /// address is dropped both ways), then watches the call's statistics every
     /// [`SWITCH_POLL`] until the active path changes, or [`SWITCH_TIMEOUT`].
-    async fn cut_path<F, Fut>(
+    async fn cut_path<F, Fut, H, HFut>(
         &self,
         out: &Narrator,
         caller: usize,
         callee: usize,
         connected: Instant,
         get: &F,
+        heard: &H,
     ) -> anyhow::Result<PathCut>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<crate::calls::CallBody>>,
+        H: Fn() -> HFut,
+        HFut: std::future::Future<Output = anyhow::Result<Option<crate::calls::CallBody>>>,
     {
         let (from, to) = (&self.members[caller], &self.members[callee]);
         let ready = from.ready()?;
         let target = to.ready()?.udp;
+        let direct = |c: Option<&crate::calls::CallBody>| {
+            c.and_then(|c| c.path_kind.as_deref()) == Some("direct")
+        };
         let mut before = get().await?;
-        // Media starts on the first working path, which may be a relay: the cut is
-        // only shown on the direct one, so wait for the call to be on it.
-        if before.path_kind.as_deref() != Some("direct") {
+        let mut other = heard().await?;
+        // Media starts on the first working path, which may be a relay, and each
+        // side moves to the direct path on its own (after a few seconds of it
+        // scoring better): the cut is only shown on the direct path, so wait for
+        // both sides to be on it.
+        if !direct(Some(&before)) || !direct(other.as_ref()) {
+            let kind = |c: Option<&crate::calls::CallBody>| {
+                c.and_then(|c| c.path_kind.clone())
+                    .unwrap_or_else(|| "-".into())
+            };
             out.say(format!(
-                "the call is on {}, not yet on the punched direct path: waiting for it (up to {DIRECT_WAIT:?})",
-                before.path_kind.as_deref().unwrap_or("-")
+                "the call is on {} ({}'s side {}), not yet on the punched direct path both ways: waiting for it (up to {DIRECT_WAIT:?})",
+                kind(Some(&before)),
+                to.name,
+                kind(other.as_ref())
             ));
             let deadline = Instant::now() + DIRECT_WAIT;
-            while before.path_kind.as_deref() != Some("direct") && Instant::now() < deadline {
+            while !(direct(Some(&before)) && direct(other.as_ref())) && Instant::now() < deadline {
                 tokio::time::sleep(SWITCH_POLL).await;
                 before = get().await?;
+                other = heard().await?;
             }
-            if before.path_kind.as_deref() != Some("direct") {
+            if !direct(Some(&before)) || !direct(other.as_ref()) {
                 bail!(
-                    "the call never went direct within {DIRECT_WAIT:?} (paths: {})",
-                    before.paths_used.join(", ")
+                    "the call never went direct both ways within {DIRECT_WAIT:?} (paths: {}; {}'s side: {})",
+                    before.paths_used.join(", "),
+                    to.name,
+                    other.map_or_else(String::new, |c| c.paths_used.join(", "))
                 );
             }
             out.say(format!("  {}", call_line(&before)));
