@@ -2596,6 +2596,35 @@ impl Overlay {
     }
 
     /// [`Self::storers_for_record`] among the members not in `skip`.
+    /// Whether a member with one of the HRW keys `joined` now ranks among the
+    /// storers of the record `bytes` of `user` (by id or handle) above one of
+    /// `stored_at`, the storers it was sent to.
+    fn outranked(
+        &self,
+        user: &UserId,
+        bytes: &[u8],
+        stored_at: &[PeerKey],
+        joined: &[u64],
+    ) -> bool {
+        if joined.is_empty() {
+            return false;
+        }
+        let hrw = |k: &PeerKey| {
+            if *k == self.me {
+                self.my_hrw
+            } else {
+                member_hrw(k)
+            }
+        };
+        let objs = std::iter::once(user_obj(user)).chain(view::handle(bytes).map(handle_obj));
+        objs.into_iter().any(|obj| {
+            let mut scores: Vec<u64> = stored_at.iter().map(|k| mix64(obj ^ hrw(k))).collect();
+            scores.sort_unstable_by(|a, b| b.cmp(a));
+            let last = scores.get(REPLICAS - 1).copied().unwrap_or(0);
+            joined.iter().any(|&h| mix64(obj ^ h) > last)
+        })
+    }
+
     fn storers_skipping(
         &self,
         sn: &Super,
@@ -2734,21 +2763,23 @@ impl Overlay {
             // would leave a record whose storers all died unreadable for the
             // whole suspicion timeout. A suspect that refutes keeps its copy; the
             // extra one expires.
-            if !departed.is_empty() || newly_suspect {
+            // After joins, too, where a member that joined outranks one it was
+            // sent to: a home that placed it while its view was still filling in
+            // (a young tier, a newly promoted home) sent it to storers a full view
+            // does not name, and those do not push it on (they saw no join).
+            if !departed.is_empty() || newly_suspect || !joined.is_empty() {
+                let joined_hrw: Vec<u64> = joined.iter().map(member_hrw).collect();
                 let keys: Vec<PeerKey> = sn.clients.keys().copied().collect();
                 for k in keys {
                     let Some(c) = sn.clients.get(&k) else {
                         continue;
                     };
-                    // A record none of whose storers departed or is suspect
-                    // stays where it is (storers push it to members that join).
-                    if c.record.is_empty()
-                        || (!c.stored_at.is_empty()
-                            && !c
-                                .stored_at
-                                .iter()
-                                .any(|k| departed.contains(k) || suspects.contains(k)))
-                    {
+                    let moved = c.stored_at.is_empty()
+                        || c.stored_at
+                            .iter()
+                            .any(|k| departed.contains(k) || suspects.contains(k))
+                        || self.outranked(&c.user, &c.record, &c.stored_at, &joined_hrw);
+                    if c.record.is_empty() || !moved {
                         continue;
                     }
                     let now_at = self.storers_skipping(&sn, &c.user, &c.record, &suspects);
