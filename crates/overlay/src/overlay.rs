@@ -1562,12 +1562,13 @@ impl Overlay {
             && self.homes.len() == HOME_TARGET
             && self.attaching.is_empty()
             && self.homes.iter().all(|h| h.asked.is_none());
-        if settled && self.rehome_probed.take().is_none() {
-            if self.send_probes(now, REHOME_PROBES, REHOME_MEMORY) {
-                self.rehome_probed = Some(now);
-                self.arm(Periodic::Rehome, now + PROBE_WAIT);
-                return;
-            }
+        if settled
+            && self.rehome_probed.take().is_none()
+            && self.send_probes(now, REHOME_PROBES, REHOME_MEMORY)
+        {
+            self.rehome_probed = Some(now);
+            self.arm(Periodic::Rehome, now + PROBE_WAIT);
+            return;
         }
         let far = self
             .homes
