@@ -158,18 +158,26 @@ fn check_summary(summary: &Value) {
             assert_eq!(node["emulated"]["lost"], 0, "{name}");
         }
     }
-    // The promotion: one open desktop (the NATed ones fail the dial-back), elected
-    // by the tier within the demo.
-    assert_eq!(summary["supernodes"], 4, "{summary}");
+    // The promotion: an open desktop (the NATed ones fail the dial-back), elected
+    // by the tier within the demo; the tier may take both open ones in one round
+    // (enough to bring the load to the watermarks' midpoint).
     assert!(summary["promotions"].as_u64().expect("promotions") >= 1);
     let promoted = summary["promoted"]
         .as_str()
         .expect("a desktop was promoted");
     assert!(["desk-3", "desk-4"].contains(&promoted), "{promoted}");
+    let mut supernodes = 0;
     for node in nodes {
-        let supernode = node["role"] == "supernode" || node["name"] == promoted;
-        assert_eq!(node["supernode"], supernode, "{node}");
+        if node["role"] == "supernode" || node["name"] == promoted {
+            assert_eq!(node["supernode"], true, "{node}");
+        }
+        if node["nat"] == true {
+            assert_eq!(node["supernode"], false, "{node}");
+        }
+        supernodes += usize::from(node["supernode"] == true);
     }
+    assert!((4..=5).contains(&supernodes), "{summary}");
+    assert_eq!(summary["supernodes"], supernodes, "{summary}");
     let after = summary["promotion_s"].as_f64().expect("promotion_s");
     assert!(after > 0.0 && after < 40.0, "{after} s");
     let mut keys: Vec<&str> = nodes
