@@ -613,14 +613,11 @@ fn candidates_behind_nats_fail_the_dial_back() {
     assert_eq!(ok, 0);
 }
 
-/// In a tier of three seeds every candidate has probed (or been in session with)
-/// all of them when it first reports, so no stranger can dial it back; it reports
-/// again as soon as the first of them is forgotten, and is promoted then, not a
-/// whole report interval later.
-#[test]
-fn a_small_tier_promotes_once_a_probed_seed_is_forgotten() {
+/// The demo's network: three seeds of 3 places each and four open desktops that
+/// qualify at once (8 attachments over 9 places: load 0.89).
+fn small_tier() -> Spec {
     let mut spec = Spec::new(3, 4);
-    spec.capacity = 3; // 8 attachments over 9 places: load 0.89
+    spec.capacity = 3;
     spec.public_every = 1;
     spec.resources = Resources {
         bandwidth_kbps: 20_000,
@@ -628,7 +625,16 @@ fn a_small_tier_promotes_once_a_probed_seed_is_forgotten() {
     };
     spec.election.min_uptime = Duration::ZERO;
     spec.election.contact_memory = secs(5);
-    let mut w = World::new(40, spec);
+    spec
+}
+
+/// In a tier of three seeds every candidate has probed (or been in session with)
+/// all of them when it first reports, so no stranger can dial it back; it reports
+/// again as soon as the first of them is forgotten, and is promoted then, not a
+/// whole report interval later.
+#[test]
+fn a_small_tier_promotes_once_a_probed_seed_is_forgotten() {
+    let mut w = World::new(40, small_tier());
     w.run(secs(40));
     let promoted: Vec<usize> = w.supernodes().into_iter().filter(|&i| i >= 3).collect();
     assert!(
@@ -646,15 +652,7 @@ fn a_small_tier_promotes_once_a_probed_seed_is_forgotten() {
 /// desktop is promoted.
 #[test]
 fn a_client_short_of_a_home_counts_towards_promotion() {
-    let mut spec = Spec::new(3, 4);
-    spec.capacity = 3;
-    spec.public_every = 1;
-    spec.resources = Resources {
-        bandwidth_kbps: 20_000,
-        cpu_headroom_pct: 80,
-    };
-    spec.election.min_uptime = Duration::ZERO;
-    spec.election.contact_memory = secs(5);
+    let mut spec = small_tier();
     spec.election.high_watermark = 800; // the demo's: 7 of 9 places is below it
     spec.election.low_watermark = 450;
     let mut w = World::new(41, spec);
