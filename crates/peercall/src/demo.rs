@@ -1039,9 +1039,11 @@ impl Network {
         let (from, to) = (&self.members[caller], &self.members[callee]);
         let ready = from.ready()?;
         let target = to.ready()?.udp;
-        let direct = |c: Option<&crate::calls::CallBody>| {
-            c.and_then(|c| c.path_kind.as_deref()) == Some("direct")
+        let kind = |c: Option<&crate::calls::CallBody>| {
+            c.and_then(|c| c.path_kind.clone())
+                .unwrap_or_else(|| "-".into())
         };
+        let direct = |c: Option<&crate::calls::CallBody>| kind(c) == "direct";
         let mut before = get().await?;
         let mut other = heard().await?;
         // Media starts on the first working path, which may be a relay, and each
@@ -1049,10 +1051,6 @@ impl Network {
         // scoring better): the cut is only shown on the direct path, so wait for
         // both sides to be on it.
         if !direct(Some(&before)) || !direct(other.as_ref()) {
-            let kind = |c: Option<&crate::calls::CallBody>| {
-                c.and_then(|c| c.path_kind.clone())
-                    .unwrap_or_else(|| "-".into())
-            };
             out.say(format!(
                 "the call is on {} ({}'s side {}), not yet on the punched direct path both ways: waiting for it (up to {DIRECT_WAIT:?})",
                 kind(Some(&before)),
