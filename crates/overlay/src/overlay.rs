@@ -483,6 +483,15 @@ fn claimed_user(bytes: &[u8]) -> Option<UserId> {
     Some(UserId(Blake2s256::digest(&bytes[1..33]).into()))
 }
 
+/// The HRW score for `obj` of the last of the `REPLICAS` best of `storers` (all
+/// of them for a placement; a home's storers of a record by id and by handle are
+/// both), or 0 when there are fewer (any member would be placed).
+fn last_score(obj: u64, storers: &[PeerKey]) -> u64 {
+    let mut scores: Vec<u64> = storers.iter().map(|k| mix64(obj ^ member_hrw(k))).collect();
+    scores.sort_unstable_by(|a, b| b.cmp(a));
+    scores.get(REPLICAS - 1).copied().unwrap_or(0)
+}
+
 /// The homes a client lacks by its record, this supernode `me` counted as one.
 fn missing_homes(record: &Record, me: PeerKey) -> u32 {
     let named = &record.body.supernodes;
@@ -2572,31 +2581,10 @@ impl Overlay {
         best[..n].iter().map(|(_, k)| *k).collect()
     }
 
-    /// The HRW score for `obj` of the last of `storers` (a full placement), or 0
-    /// when there are fewer than `REPLICAS` (any member would be placed).
-    fn last_score(&self, obj: u64, storers: &[PeerKey]) -> u64 {
-        if storers.len() < REPLICAS {
-            return 0;
-        }
-        storers
-            .iter()
-            .map(|k| {
-                let h = if *k == self.me {
-                    self.my_hrw
-                } else {
-                    member_hrw(k)
-                };
-                mix64(obj ^ h)
-            })
-            .min()
-            .unwrap_or(0)
-    }
-
     fn storers_for_record(&self, sn: &Super, user: &UserId, bytes: &[u8]) -> Vec<PeerKey> {
         self.storers_skipping(sn, user, bytes, &[])
     }
 
-    /// [`Self::storers_for_record`] among the members not in `skip`.
     /// Whether a member with one of the HRW keys `joined` now ranks among the
     /// storers of the record `bytes` of `user` (by id or handle) above one of
     /// `stored_at`, the storers it was sent to.
@@ -2610,22 +2598,14 @@ impl Overlay {
         if joined.is_empty() {
             return false;
         }
-        let hrw = |k: &PeerKey| {
-            if *k == self.me {
-                self.my_hrw
-            } else {
-                member_hrw(k)
-            }
-        };
-        let objs = std::iter::once(user_obj(user)).chain(view::handle(bytes).map(handle_obj));
-        objs.into_iter().any(|obj| {
-            let mut scores: Vec<u64> = stored_at.iter().map(|k| mix64(obj ^ hrw(k))).collect();
-            scores.sort_unstable_by(|a, b| b.cmp(a));
-            let last = scores.get(REPLICAS - 1).copied().unwrap_or(0);
+        let mut objs = std::iter::once(user_obj(user)).chain(view::handle(bytes).map(handle_obj));
+        objs.any(|obj| {
+            let last = last_score(obj, stored_at);
             joined.iter().any(|&h| mix64(obj ^ h) > last)
         })
     }
 
+    /// [`Self::storers_for_record`] among the members not in `skip`.
     fn storers_skipping(
         &self,
         sn: &Super,
@@ -2730,7 +2710,7 @@ impl Overlay {
                         continue;
                     }
                     let new = self.placement(&sn, obj, &[], &[]);
-                    placed.insert(obj, self.last_score(obj, &new));
+                    placed.insert(obj, last_score(obj, &new));
                     let old = self.placement_by(&sn, obj, |k| joined_set.contains(k), &departed);
                     let targets: Vec<PeerKey> = new
                         .iter()

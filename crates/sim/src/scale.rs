@@ -1050,12 +1050,21 @@ impl<'a> Scenario<'a> {
         }
     }
 
+    /// The online supernodes by static key, for the diagnostics.
+    fn online_supernodes(&self) -> HashMap<peercall_crypto::PeerKey, usize> {
+        self.online
+            .iter()
+            .filter(|&&i| self.supernode[i])
+            .map(|&i| (self.ids[i].peer_key(), i))
+            .collect()
+    }
+
     /// For `SCALE_LAT`: how long a lookup took against the fastest its homes and
     /// the record's storers allow, and the round trips to its nearest home and to
     /// the nearest supernode.
     fn print_ideal(&self, asker_id: NodeId, target: usize, took: Duration) {
-        let key_index =
-            |k: &peercall_crypto::PeerKey| self.ids.iter().position(|id| id.peer_key() == *k);
+        let by_key = self.online_supernodes();
+        let key_index = |k: &peercall_crypto::PeerKey| by_key.get(k).copied();
         let asker = self.node_index(asker_id);
         let homes: Vec<usize> = self
             .sim
@@ -1116,12 +1125,7 @@ impl<'a> Scenario<'a> {
     /// which supernodes hold a copy.
     fn debug_placement(&self, asker: NodeId, target: usize) {
         let user = self.ids[target].user_id();
-        let by_key: HashMap<_, usize> = self
-            .online
-            .iter()
-            .filter(|&&i| self.supernode[i])
-            .map(|&i| (self.ids[i].peer_key(), i))
-            .collect();
+        let by_key = self.online_supernodes();
         let idx = |k: &peercall_crypto::PeerKey| by_key.get(k).copied();
         let holders: Vec<usize> = by_key
             .values()

@@ -331,13 +331,13 @@ impl<N: Drivable> Sim<N> {
         SocketAddr::V4(self.nodes[id.index()].addr)
     }
 
-    /// The host the node runs on.
     /// The fixed part of the one-way delay between nodes `a` and `b` (access and
     /// pair delays of their sites, without links' own delays or jitter).
     pub fn site_delay(&self, a: NodeId, b: NodeId) -> Duration {
         Duration::from_micros(self.net.site_delay(self.host_of(a), self.host_of(b)))
     }
 
+    /// The host the node runs on.
     pub fn host_of(&self, id: NodeId) -> HostId {
         self.nodes[id.index()].host
     }
